@@ -10,6 +10,7 @@ from apimeta.apis.base import (
 )
 from apimeta.apis.ledger import QueryLedger
 from apimeta.apis.local import LocalAPI
+from apimeta.apis.zoo import build_zoo, load_zoo, read_manifest
 
 __all__ = [
     "OUTPUT_MODES",
@@ -17,7 +18,10 @@ __all__ = [
     "BlackBoxAPI",
     "LocalAPI",
     "QueryLedger",
+    "build_zoo",
+    "load_zoo",
     "parse_output_mode",
+    "read_manifest",
     "restrict_output",
     "validate_query",
 ]

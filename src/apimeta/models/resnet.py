@@ -69,7 +69,7 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         del image_size, adaptive_pool  # global average pooling accepts every size
-        widths = [max(int(round(c * width)), 4) for c in (64, 128, 256, 512)]
+        widths = [max(round(c * width), 4) for c in (64, 128, 256, 512)]
         self.variant = variant
         if variant == "resnet12":
             stages, c = [], in_channels

@@ -1,0 +1,190 @@
+"""``apimeta zoo``: build a pool of black-box API classifiers and inspect it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from apimeta.cli import app
+from apimeta.cli.common import console, friendly_errors, set_threads
+
+zoo_app = typer.Typer(
+    help="Build and inspect API zoos: pools of trained classifiers served as black-box APIs.",
+    no_args_is_help=True,
+)
+app.add_typer(zoo_app, name="zoo")
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def zoo_table(apis: list[dict[str, Any]], title: str | None = None) -> Table:
+    """A rich table of manifest entries (name, arch, dataset, classes, holdout acc, time)."""
+    table = Table(title=title)
+    for col, kw in (
+        ("name", {}),
+        ("arch", {}),
+        ("width", {"justify": "right"}),
+        ("dataset", {}),
+        ("classes", {}),
+        ("holdout acc", {"justify": "right"}),
+        ("epochs", {"justify": "right"}),
+        ("train time", {"justify": "right"}),
+    ):
+        table.add_column(col, **kw)
+    for e in apis:
+        names = ", ".join(e.get("class_names") or map(str, e["classes"]))
+        if len(names) > 48:
+            names = names[:45] + "..."
+        acc = e.get("holdout_acc")
+        table.add_row(
+            e["name"],
+            e["arch"],
+            f"{e['width']:g}",
+            e["dataset"],
+            names,
+            "-" if acc is None else f"{100 * acc:.1f}%",
+            str(e.get("epochs_run", "-")),
+            f"{e.get('train_time_s', 0):.1f}s",
+        )
+    if apis:
+        accs = [e["holdout_acc"] for e in apis if e.get("holdout_acc") is not None]
+        total = sum(e.get("train_time_s", 0) for e in apis)
+        mean = f"{100 * sum(accs) / len(accs):.1f}%" if accs else "-"
+        table.add_section()
+        table.add_row(f"{len(apis)} APIs", "", "", "", "", f"mean {mean}", "", f"{total:.1f}s")
+    return table
+
+
+@zoo_app.command("build")
+def build(
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the zoo into."),
+    dataset: str = typer.Option(
+        "emoji",
+        "--dataset",
+        "-d",
+        help="Dataset name; several comma-separated (emoji,kanji) alternate between APIs (API-MH).",
+    ),
+    n_apis: int = typer.Option(20, "--n-apis", "-n", help="Number of API classifiers to train."),
+    archs: str = typer.Option(
+        "conv4",
+        "--archs",
+        "-a",
+        help="Comma-separated backbones, assigned round-robin (conv4 | conv4,resnet10,resnet18).",
+    ),
+    way: int = typer.Option(5, "--way", help="Classes per API (drawn from meta-train classes)."),
+    epochs: int = typer.Option(
+        20, "--epochs", help="Max training epochs per API (paper: 60); early stopping on holdout."
+    ),
+    patience: int = typer.Option(
+        10, "--patience", help="Stop an API after this many epochs without holdout gain (0: never)."
+    ),
+    seed: int = typer.Option(2022, "--seed", help="Zoo seed; API i depends only on (seed, i)."),
+    data_root: Path | None = typer.Option(
+        None, "--data-root", help="Where dataset files live (datasets that need files)."
+    ),
+    image_size: int | None = typer.Option(
+        None, "--image-size", help="Resize images to this many pixels (default: dataset's own)."
+    ),
+    conv4_width: int = typer.Option(32, "--conv4-width", help="Conv4 filters (paper: 32)."),
+    resnet_width: float = typer.Option(
+        0.25,
+        "--resnet-width",
+        help="ResNet width multiplier: 1.0 = paper (64-128-256-512); 0.25 (default) is CPU-sized.",
+    ),
+    augment: bool = typer.Option(
+        True, "--augment/--no-augment", help="Random crop + flip while training (paper: none)."
+    ),
+    device: str = typer.Option("cpu", "--device", help="Torch device to train on (cpu, cuda)."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads to use."),
+    force: bool = typer.Option(
+        False, "--force", help="Rebuild from scratch even if --out holds a different zoo."
+    ),
+) -> None:
+    """Train an API zoo (resumes an interrupted build with the same arguments)."""
+    from apimeta.apis.zoo import ZooProgress, build_zoo
+
+    with friendly_errors():
+        set_threads(threads)
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console) as bar:
+            apis_task = bar.add_task("APIs", total=n_apis, info="")
+            epoch_task = bar.add_task("epochs", total=epochs, info="")
+
+            def on_progress(p: ZooProgress) -> None:
+                if p.stage == "reused":
+                    bar.advance(apis_task)
+                    bar.update(apis_task, info=f"{p.name} reused")
+                elif p.stage == "start":
+                    bar.reset(epoch_task, total=p.epochs)
+                    bar.update(epoch_task, description=p.name, info=f"{p.arch} on {p.dataset}")
+                elif p.stage == "epoch":
+                    bar.update(
+                        epoch_task,
+                        completed=p.epoch,
+                        info=f"{p.arch} on {p.dataset}, holdout {100 * (p.holdout_acc or 0):.1f}%",
+                    )
+                elif p.stage == "done":
+                    bar.update(epoch_task, completed=p.epochs)
+                    bar.advance(apis_task)
+                    bar.update(
+                        apis_task, info=f"{p.name}: holdout {100 * (p.holdout_acc or 0):.1f}%"
+                    )
+
+            manifest = build_zoo(
+                _split(dataset),
+                n_apis,
+                _split(archs),
+                way,
+                out,
+                seed=seed,
+                epochs=epochs,
+                patience=patience or None,
+                augment=augment,
+                conv4_width=conv4_width,
+                resnet_width=resnet_width,
+                data_root=data_root,
+                image_size=image_size,
+                device=device,
+                threads=threads,
+                force=force,
+                progress=on_progress,
+            )
+        console.print(zoo_table(manifest.apis, title=f"API zoo {out}"))
+
+
+@zoo_app.command("show")
+def show(
+    path: Path = typer.Argument(..., help="Zoo directory (holding zoo.json)."),
+) -> None:
+    """Print the APIs of a zoo: architecture, dataset, classes, holdout accuracy, train time."""
+    from apimeta.apis.zoo import read_manifest
+
+    with friendly_errors():
+        data = read_manifest(path)
+        args = data.get("build_args", {})
+        console.print(
+            f"[bold]{path}[/]: datasets {','.join(args.get('datasets', []))}, "
+            f"archs {','.join(args.get('archs', []))}, way {args.get('way')}, "
+            f"seed {args.get('seed')}, epochs {args.get('epochs')}"
+        )
+        console.print(zoo_table(data["apis"]))

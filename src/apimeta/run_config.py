@@ -1,0 +1,96 @@
+"""The typed configuration of a training run (``apimeta train``), mirroring method.md section 7.
+
+Loaded from a preset YAML (``apimeta/presets/<name>.yaml``) and/or a user YAML, then overridden
+with ``--set key.sub=value``; the resolved config is written into every run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ZOConfig:
+    """Zero-order gradient estimation (method.md 4.3, 8.5)."""
+
+    enabled: bool = True  # false: white-box recovery with true gradients (upper bound)
+    estimator: str = "forward"  # forward | central | lowres (registry apimeta.zo.ESTIMATORS)
+    directions: str = "sphere"  # sphere | gaussian
+    mu: float = 0.005
+    q: int = 10
+    chunks: int = 1
+    lowres: int = 8  # r for the lowres estimator (3*r*r dims)
+    device: str = "data"  # "data": draw directions on the data's device; "cpu": reference
+
+
+@dataclass
+class MemoryConfig:
+    """Task memory replay (method.md 4.7)."""
+
+    enabled: bool = True
+    mem_batches: int = 20  # FIFO capacity per class, in recovery batches
+    quantize_uint8: bool = False
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs. Defaults = the ``cpu`` preset."""
+
+    method: str = "bidf-mkd"  # registry apimeta.methods.METHODS
+    dataset: str = "emoji"  # comma-separated for API-MH (emoji,kanji)
+    data_root: str | None = None
+    zoo: str | None = None  # zoo dir, ONNX dir or http(s)://host:port
+    scenario: str = "auto"  # auto | SS | SH | MH
+    seed: int = 2022
+    device: str = "cpu"
+    threads: int | None = None
+
+    # meta-model and episodes
+    backbone: str = "conv4"
+    width: float = 32
+    image_size: int = 32
+    way: int = 5
+    shot: int = 1
+    query: int = 15
+    episodes: int = 8000
+    meta_batch: int = 4
+    outer_lr: float = 1e-3
+    inner_steps: int = 5
+    kd_inner_steps: int = 10
+    test_steps: int = 10
+    inner_lr: float = 0.01
+    first_order: bool = False
+
+    # recovery
+    recover_per_class: int = 10
+    recover_iters: int = 50
+    gen_lr: float = 1e-3
+    nz: int = 256
+    ngf: int = 64
+    best_iterate: str = "true_loss"  # true_loss | surrogate | last
+    early_stop_prob: float | None = None  # stop recovery once every target prob exceeds this
+    zo: ZOConfig = field(default_factory=ZOConfig)
+
+    # bi-level KD
+    kd_loss: str = "kl"  # kl | neg_prob_dot (reference form)
+    kd_T: float = 1.0
+    adv: float = 1.0  # lambda_adv of the boundary term; 0 disables it
+    adv_start: int = 500  # meta-updates before the boundary term switches on
+    cache_api_outputs: bool = True
+
+    # API events and memory
+    api_patience: int = 25
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    query_budget: int | None = 5_000_000
+    on_budget_exhausted: str = "replay"  # replay: keep training on memory | stop
+
+    # evaluation and selection
+    eval_every: int = 1000  # episodes
+    eval_tasks: int = 100  # meta-val tasks during training
+    test_tasks: int = 600
+    select_split: str = "val"  # val | test (reference; optimistic)
+    transductive: bool = True
+
+    # bookkeeping
+    checkpoint_every: int = 250  # meta-updates
+    out: str | None = None  # run directory

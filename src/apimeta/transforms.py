@@ -1,0 +1,67 @@
+"""Differentiable, per-image, seeded image augmentations (no torchvision).
+
+All functions take float images (B, C, H, W) and an explicit ``torch.Generator``; the output is
+differentiable with respect to the input, so recovery can back-propagate through them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def random_crop(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
+    """Zero-pad by ``pad`` pixels, then take a random HxW crop per image."""
+    if pad <= 0:
+        return x
+    b, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+    rows = (dy.view(b, 1) + torch.arange(h, device=x.device).view(1, h)).view(b, 1, h, 1)
+    cols = (dx.view(b, 1) + torch.arange(w, device=x.device).view(1, w)).view(b, 1, 1, w)
+    c = x.shape[1]
+    idx_r = rows.expand(b, c, h, w + 2 * pad)
+    xr = xp.gather(2, idx_r)
+    idx_c = cols.expand(b, c, h, w)
+    return xr.gather(3, idx_c)
+
+
+def random_flip(x: Tensor, generator: torch.Generator, p: float = 0.5) -> Tensor:
+    """Flip each image horizontally with probability ``p``."""
+    flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device).view(-1, 1, 1, 1)
+    return torch.where(flip, x.flip(3), x)
+
+
+def crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
+    """The method's augmentation: random crop of the 4-px zero-padded image, random h-flip."""
+    return random_flip(random_crop(x, pad, generator), generator)
+
+
+def resize(x: Tensor, size: int) -> Tensor:
+    """Bilinear resize to ``size`` x ``size`` (antialiased when shrinking); identity if equal."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    shrink = size < x.shape[-1]
+    return F.interpolate(
+        x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink
+    )
+
+
+def center_or_random_crop(x: Tensor, size: int, generator: torch.Generator | None) -> Tensor:
+    """Crop ``size`` x ``size`` patches: random per image with a generator, else centered."""
+    b, _, h, w = x.shape
+    if h == size and w == size:
+        return x
+    if generator is None:
+        top, left = (h - size) // 2, (w - size) // 2
+        return x[:, :, top : top + size, left : left + size]
+    tops = torch.randint(0, h - size + 1, (b,), generator=generator).tolist()
+    lefts = torch.randint(0, w - size + 1, (b,), generator=generator).tolist()
+    return torch.stack(
+        [
+            x[i, :, t : t + size, left : left + size]
+            for i, (t, left) in enumerate(zip(tops, lefts, strict=True))
+        ]
+    )
