@@ -36,7 +36,7 @@ def test_learning_curve_and_report(tmp_path):
     assert Image.open(tmp_path / "curve.png").size[0] > 100
     assert not plot_learning_curve([], tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
-    table = markdown_table(["method", "1-shot"], [["random", fmt_acc({"mean": 0.3, "ci95": 0.01})]])
+    table = markdown_table(["method", "1-shot"], [["random", fmt_acc({"mean": 30.0, "ci95": 1.0})]])
     assert "| random | 30.00 ± 1.00 |" in table
     assert fmt_acc(None) == "—"
     write_report(tmp_path / "report.md", "Run", [("Results", table)])

@@ -114,10 +114,10 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def fmt_acc(result: dict[str, Any] | None) -> str:
-    """``{"mean": 0.4512, "ci95": 0.0081}`` -> ``"45.12 ± 0.81"`` (percent)."""
+    """``{"mean": 45.12, "ci95": 0.81}`` (percent, as the evaluator reports) -> ``"45.12 ± 0.81"``."""
     if not result:
         return "—"
-    return f"{100 * result['mean']:.2f} ± {100 * result['ci95']:.2f}"
+    return f"{result['mean']:.2f} ± {result['ci95']:.2f}"
 
 
 def write_report(path: Path, title: str, sections: Sequence[tuple[str, str]]) -> None:

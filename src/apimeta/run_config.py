@@ -41,6 +41,7 @@ class RunConfig:
     data_root: str | None = None
     zoo: str | None = None  # zoo dir, ONNX dir or http(s)://host:port
     scenario: str = "auto"  # auto | SS | SH | MH
+    api_output: str = "logits"  # output mode simulated by local/ONNX zoos (servers decide their own)
     seed: int = 2022
     device: str = "cpu"
     threads: int | None = None

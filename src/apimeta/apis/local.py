@@ -38,6 +38,14 @@ class LocalAPI:
         p = next(self._model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
+    def white_box_model(self) -> nn.Module:
+        """The wrapped module, for white-box *upper-bound* experiments only.
+
+        This breaks the black-box contract on purpose (``--white-box`` recovery uses true
+        gradients through it); black-box learners never call it.
+        """
+        return self._model
+
     def query(self, x: Tensor) -> Tensor:
         """(B, C, H, W) in [0, 1] -> (B, n_classes) scores in the API's output mode."""
         validate_query(x, self.info, self.check_range)

@@ -1,0 +1,198 @@
+"""``bbkd``: black-box knowledge distillation of every API into one model, no meta-learning.
+
+What a user would try first: recover data from the APIs (the same zero-order recovery and query
+budget as ``bidf-mkd``), then train one network with a head over the *union* of all the APIs'
+classes by KD — each API supervises only the logits of its own classes. For meta-test the
+union head is dropped: the evaluated model is the distilled feature extractor with a zero-
+initialized ``way``-output head, fine-tuned on each test task exactly like every other method.
+
+Schedule: an API event every ``api_patience`` meta-updates (the first update included) while the
+budget lasts; each meta-update trains on ``meta_batch`` batches drawn from the recovered pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from apimeta.apis.base import BlackBoxAPI
+from apimeta.apis.ledger import QueryLedger
+from apimeta.errors import ConfigError, QueryBudgetExceeded
+from apimeta.losses import kd_loss, output_kind
+from apimeta.methods.base import MetaTrainer
+from apimeta.methods.bidf_mkd import load_run_apis
+from apimeta.recovery import recover
+from apimeta.scenarios import APIPool
+from apimeta.transforms import crop_flip, resize
+from apimeta.zo import build_estimator
+
+log = logging.getLogger(__name__)
+
+
+def classifier_of(model: nn.Module) -> nn.Linear:
+    """The final linear layer of a backbone built by ``build_backbone``."""
+    head = getattr(getattr(model, "net", model), "classifier", None)
+    if not isinstance(head, nn.Linear):
+        raise TypeError("bbkd needs a backbone whose last layer is `net.classifier` (nn.Linear)")
+    return head
+
+
+class BBKD(MetaTrainer):
+    """Black-box KD of all APIs into one union-head model (see the module docstring)."""
+
+    name = "bbkd"
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.ledger = QueryLedger(cfg.query_budget)
+        self.apis = load_run_apis(cfg, self.ledger)
+        self.pool = APIPool(self.apis, cfg.scenario, self.generator("api-draws"))
+        self.estimator = build_estimator(cfg.zo) if cfg.zo.enabled else None
+        self.kd = kd_loss(cfg.kd_loss)
+        keys = sorted({(a.info.dataset, int(c)) for a in self.apis for c in a.info.classes})
+        self.column = {k: i for i, k in enumerate(keys)}
+        head = classifier_of(self.model)
+        # the evaluated model: distilled features + a zero head (uniform logits at meta-test)
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.zero_()
+        # the zero head gets no gradient here (the loss uses the union head), so Adam skips it
+        self.union_head = nn.Linear(head.in_features, len(keys)).to(self.device)
+        self.optimizer.add_param_group({"params": list(self.union_head.parameters())})
+        # recovered pool: per event (images in [0,1], API outputs on their augmented view)
+        self.pool_x: list[Tensor] = []
+        self.pool_t: list[Tensor] = []
+        self.pool_cols: list[Tensor] = []
+        self.pool_probs: list[bool] = []
+        self.budget_exhausted = False
+        self.n_events = 0
+        self._features: Tensor | None = None
+        head.register_forward_hook(self._grab)
+
+    def _grab(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        self._features = inputs[0]
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "ledger": self.ledger.state_dict(),
+            "union_head": {k: v.detach().cpu() for k, v in self.union_head.state_dict().items()},
+            "pool_x": list(self.pool_x),
+            "pool_t": list(self.pool_t),
+            "pool_cols": list(self.pool_cols),
+            "pool_probs": list(self.pool_probs),
+            "budget_exhausted": self.budget_exhausted,
+            "n_events": self.n_events,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.ledger.load_state_dict(state["ledger"])
+        self.union_head.load_state_dict(state["union_head"])
+        self.pool_x = list(state["pool_x"])
+        self.pool_t = list(state["pool_t"])
+        self.pool_cols = list(state["pool_cols"])
+        self.pool_probs = [bool(b) for b in state["pool_probs"]]
+        self.budget_exhausted = bool(state["budget_exhausted"])
+        self.n_events = int(state["n_events"])
+
+    def should_stop(self) -> bool:
+        return self.budget_exhausted and self.cfg.on_budget_exhausted == "stop"
+
+    def _event(self) -> None:
+        cfg = self.cfg
+        api: BlackBoxAPI = self.pool.draw()
+        b = cfg.recover_per_class * api.info.n_classes
+        per_iter = b if self.estimator is None else self.estimator.cost(b)
+        if not self.ledger.can_afford(2 * cfg.recover_iters * per_iter + 2 * b):
+            self.budget_exhausted = True
+            return
+        white = not cfg.zo.enabled
+        xs, ts = [], []
+        try:
+            # two recoveries per event, like bidf-mkd's S and Q, so both spend the same queries
+            for _ in range(2):
+                rec = recover(
+                    api,
+                    generator=self.generator("recovery"),
+                    n_per_class=cfg.recover_per_class,
+                    iters=cfg.recover_iters,
+                    estimator=self.estimator,
+                    gen_lr=cfg.gen_lr,
+                    nz=cfg.nz,
+                    ngf=cfg.ngf,
+                    best_iterate=cfg.best_iterate,
+                    early_stop_prob=cfg.early_stop_prob,
+                    white_box=white,
+                    white_box_model=api.white_box_model() if white else None,  # type: ignore[attr-defined]
+                    final_query=True,
+                    device=self.device,
+                )
+                if rec.budget_exhausted or rec.api_outputs is None:
+                    self.budget_exhausted = True
+                    return
+                xs.append(rec.images)
+                ts.append(rec.api_outputs)
+        except QueryBudgetExceeded:
+            self.budget_exhausted = True
+            return
+        cols = torch.tensor([self.column[(api.info.dataset, int(c))] for c in api.info.classes])
+        self.pool_x.append(torch.cat(xs).cpu())
+        self.pool_t.append(torch.cat(ts).cpu())
+        self.pool_cols.append(cols)
+        self.pool_probs.append(output_kind(api.info.output) != "logits")
+        self.n_events += 1
+        self.run.log(
+            {
+                "phase": "event",
+                "event": self.n_events - 1,
+                "api": api.info.name,
+                "fidelity": rec.fidelity,
+                "queries_total": self.ledger.used,
+            }
+        )
+
+    def meta_batch_loss(self, step: int) -> tuple[Tensor, dict[str, Any]]:
+        cfg = self.cfg
+        if step % max(cfg.api_patience, 1) == 0 and not self.budget_exhausted:
+            self._event()
+        if not self.pool_x:
+            raise ConfigError(
+                f"the query budget ({self.ledger.budget}) cannot pay for a single API event; "
+                "raise --query-budget or lower recover_iters / zo.q / recover_per_class"
+            )
+        g = self.generator("batches")
+        total: Tensor | None = None
+        correct = seen = 0
+        for _ in range(cfg.meta_batch):
+            i = int(torch.randint(len(self.pool_x), (1,), generator=g))
+            x, t = self.pool_x[i], self.pool_t[i]
+            idx = torch.randperm(x.shape[0], generator=g)[: cfg.way * (cfg.shot + cfg.query)]
+            xb = crop_flip(x[idx], g).to(self.device)
+            self.model(resize(xb, cfg.image_size))  # fills self._features through the hook
+            assert self._features is not None
+            logits = self.union_head(self._features)[:, self.pool_cols[i].to(self.device)]
+            teacher = t[idx].to(self.device)
+            loss = self.kd(logits, teacher, T=cfg.kd_T, teacher_is_probs=self.pool_probs[i])
+            total = loss if total is None else total + loss
+            correct += int((logits.argmax(1) == teacher.argmax(1)).sum())
+            seen += len(idx)
+        assert total is not None
+        return total, {
+            "train_acc": 100.0 * correct / max(seen, 1),
+            "api_events": self.n_events,
+            "queries": self.ledger.used,
+        }
+
+
+def _register() -> None:
+    from apimeta.methods import METHODS
+
+    if BBKD.name not in METHODS:
+        METHODS.add(BBKD.name, BBKD)
+
+
+_register()
+
+__all__ = ["BBKD", "classifier_of"]

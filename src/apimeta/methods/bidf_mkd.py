@@ -1,0 +1,362 @@
+"""``bidf-mkd``: Bi-level Data-free Meta Knowledge Distillation from black-box APIs.
+
+The method of Hu et al. (ICML 2023) as specified in method.md, with our corrections
+(proper KL, true-loss iterate selection, cached API outputs, meta-val selection, query budget).
+
+One meta-update sums ``cfg.meta_batch`` episode losses (method.md 4.8). An episode is either
+
+* an **API episode** (the first one, then one whenever memory-task accuracy has not improved for
+  ``cfg.api_patience`` meta-updates): draw an API for the scenario, recover a support set S by
+  zero-order inversion (CE), adapt the meta-model by ``kd_inner_steps`` KD steps on S (inner
+  level), recover a query set Q near the adapted model's decision boundary (past ``adv_start``),
+  and distil the API into the adapted model on Q (outer level; the meta-gradient flows through
+  the inner steps). S and Q go into the task memory under the API's global class ids; or
+* a **memory episode**: an interpolated N-way task composed across APIs from the task memory,
+  trained with MAML + CE.
+
+Ablations: ``adv=0`` (no boundary term), ``memory.enabled=false`` (no replay: every episode is an
+API episode until the budget runs out), ``zo.enabled=false`` (white-box recovery with true
+gradients through local APIs; an upper bound, NOT black-box).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from apimeta.apis.base import BlackBoxAPI
+from apimeta.apis.ledger import QueryLedger
+from apimeta.episodes import Episode
+from apimeta.errors import ConfigError, EpisodeError, QueryBudgetExceeded
+from apimeta.losses import kd_loss, output_kind
+from apimeta.maml import functional_forward, inner_adapt, maml_outer_loss, named_params
+from apimeta.memory import TaskMemory
+from apimeta.methods.base import MetaTrainer, dataset_names
+from apimeta.recovery import Recovered, recover
+from apimeta.report import save_image_grid
+from apimeta.scenarios import APIPool
+from apimeta.transforms import crop_flip, resize
+from apimeta.zo import ZOEstimator, build_estimator
+
+log = logging.getLogger(__name__)
+
+
+def load_run_apis(cfg: Any, ledger: QueryLedger) -> list[BlackBoxAPI]:
+    """The zoo of ``cfg.zoo`` (directory, ONNX folder or http(s) URL) behind one ledger."""
+    from apimeta.apis.zoo import load_zoo
+
+    if not cfg.zoo:
+        raise ConfigError(
+            "this method learns from APIs: pass --zoo DIR (build one with `apimeta zoo build`) "
+            "or --zoo http://host:port (a server started with `apimeta serve`)"
+        )
+    apis = load_zoo(cfg.zoo, ledger=ledger, output=cfg.api_output, device=cfg.device)
+    wanted = set(dataset_names(cfg))
+    have = {a.info.dataset for a in apis}
+    if not have & wanted:
+        raise ConfigError(
+            f"the zoo's APIs cover datasets {sorted(have)}, but the run evaluates on "
+            f"{sorted(wanted)}; pass --dataset {','.join(sorted(have))}"
+        )
+    if have - wanted:
+        log.warning("zoo datasets %s are not evaluated (run datasets: %s)", have - wanted, wanted)
+    return apis
+
+
+class BiDfMKD(MetaTrainer):
+    """BiDf-MKD on a zoo of black-box APIs (see the module docstring)."""
+
+    name = "bidf-mkd"
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.ledger = QueryLedger(cfg.query_budget)
+        self.apis = load_run_apis(cfg, self.ledger)
+        self.pool = APIPool(self.apis, cfg.scenario, self.generator("api-draws"))
+        self.memory = TaskMemory(cfg.memory.mem_batches, cfg.memory.quantize_uint8)
+        self.estimator: ZOEstimator | None = build_estimator(cfg.zo) if cfg.zo.enabled else None
+        self.kd = kd_loss(cfg.kd_loss)
+        self.in_channels = int(self.spec["in_channels"])
+        if not cfg.zo.enabled:
+            log.warning("zo.enabled=false: WHITE-BOX recovery (true gradients); not black-box")
+            for api in self.apis:
+                if not hasattr(api, "white_box_model"):
+                    raise ConfigError(
+                        f"white-box recovery needs in-process APIs; {api.info.name!r} is "
+                        f"{type(api).__name__}. Use a local zoo directory or zo.enabled=true."
+                    )
+        if cfg.memory.enabled and cfg.recover_per_class * 2 < cfg.shot + cfg.query:
+            raise ConfigError(
+                f"one API event stores {2 * cfg.recover_per_class} images per class, fewer than "
+                f"the {cfg.shot + cfg.query} a {cfg.shot}-shot {cfg.query}-query memory task "
+                "needs; raise recover_per_class"
+            )
+        # plateau-triggered API events (method.md 4.8)
+        self.event_due = True
+        self.running_max = -1.0
+        self.plateau = 0
+        self.events: list[dict[str, Any]] = []
+        self.budget_exhausted = False
+        self._warned_boundary = False
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "ledger": self.ledger.state_dict(),
+            "memory": self.memory.state_dict(),
+            "event_due": self.event_due,
+            "running_max": self.running_max,
+            "plateau": self.plateau,
+            "events": self.events,
+            "budget_exhausted": self.budget_exhausted,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.ledger.load_state_dict(state["ledger"])
+        self.memory.load_state_dict(state["memory"])
+        self.event_due = bool(state["event_due"])
+        self.running_max = float(state["running_max"])
+        self.plateau = int(state["plateau"])
+        self.events = list(state["events"])
+        self.budget_exhausted = bool(state["budget_exhausted"])
+
+    def should_stop(self) -> bool:
+        if not self.budget_exhausted:
+            return False
+        if self.cfg.on_budget_exhausted == "stop" or not self.cfg.memory.enabled:
+            log.info("query budget exhausted (%s); stopping", self.ledger)
+            return True
+        return False
+
+    # ------------------------------------------------------------------ helpers
+    def _to_model(self, x: Tensor) -> Tensor:
+        """API-spec images -> the meta-model's input size (channels adapt inside the model)."""
+        return resize(x, self.cfg.image_size)
+
+    def _kd_fn(self, api: BlackBoxAPI) -> Callable[[Tensor, Tensor], Tensor]:
+        is_probs = output_kind(api.info.output) != "logits"
+        T = self.cfg.kd_T
+
+        def fn(logits: Tensor, teacher: Tensor) -> Tensor:
+            return self.kd(logits, teacher, T=T, teacher_is_probs=is_probs)
+
+        return fn
+
+    def _recover(
+        self, api: BlackBoxAPI, mode: str, student: Callable[[Tensor], Tensor] | None = None
+    ) -> Recovered:
+        cfg = self.cfg
+        white = not cfg.zo.enabled
+        return recover(
+            api,
+            generator=self.generator("recovery"),
+            n_per_class=cfg.recover_per_class,
+            iters=cfg.recover_iters,
+            mode=mode,
+            student=student,
+            adv=cfg.adv,
+            estimator=self.estimator,
+            gen_lr=cfg.gen_lr,
+            nz=cfg.nz,
+            ngf=cfg.ngf,
+            best_iterate=cfg.best_iterate,
+            early_stop_prob=cfg.early_stop_prob,
+            white_box=white,
+            white_box_model=api.white_box_model() if white else None,  # type: ignore[attr-defined]
+            final_query=False,  # KD queries the augmented view once instead (4.4, 4.6)
+            device=self.device,
+        )
+
+    def event_cost(self, api: BlackBoxAPI) -> int:
+        """Worst-case queries of one API event: two recoveries plus the two KD target queries."""
+        cfg = self.cfg
+        b = cfg.recover_per_class * api.info.n_classes
+        per_iter = b if self.estimator is None else self.estimator.cost(b)
+        kd = 2 * b if cfg.cache_api_outputs else (cfg.kd_inner_steps + 1) * b
+        return 2 * cfg.recover_iters * per_iter + kd
+
+    # ------------------------------------------------------------------ episodes
+    def api_episode(self, step: int) -> tuple[Tensor, float] | None:
+        """One API event (method.md 4.1-4.6); None when the query budget cannot pay for it."""
+        cfg = self.cfg
+        api = self.pool.draw()
+        if not self.ledger.can_afford(self.event_cost(api)):
+            self.budget_exhausted = True
+            log.info("query budget cannot pay another API event (%s)", self.ledger)
+            return None
+        used0 = self.ledger.used
+        kd = self._kd_fn(api)
+        aug = self.generator("kd-augment")
+        try:
+            sup = self._recover(api, "support")
+            s_aug = crop_flip(sup.images, aug)
+            # inner level: KD on the support set; API outputs queried once and cached (4.4)
+            if cfg.cache_api_outputs:
+                t_s = api.query(s_aug)
+                inner_loss = kd
+            else:  # reference behaviour: the API is re-queried at every inner step
+
+                def inner_loss(logits: Tensor, _: Tensor | None) -> Tensor:
+                    return kd(logits, api.query(s_aug))
+
+                t_s = None
+            theta = named_params(self.model)
+            fast = inner_adapt(
+                self.model,
+                theta,
+                self._to_model(s_aug),
+                t_s,
+                loss_fn=inner_loss,
+                steps=cfg.kd_inner_steps,
+                lr=cfg.inner_lr,
+                first_order=cfg.first_order,
+            )
+            # boundary query set (4.5), against the adapted student held fixed
+            mode = "support"
+            if cfg.adv > 0 and step >= cfg.adv_start:
+                if output_kind(api.info.output) in ("logits", "probs"):
+                    mode = "boundary"
+                elif not self._warned_boundary:
+                    self._warned_boundary = True
+                    log.warning(
+                        "API output %r does not support the boundary term; recovering query "
+                        "sets with CE only",
+                        api.info.output,
+                    )
+            frozen = {k: v.detach() for k, v in fast.items()}
+
+            def student(x: Tensor) -> Tensor:
+                with torch.no_grad():
+                    return functional_forward(self.model, frozen, self._to_model(x))
+
+            qry = self._recover(api, mode, student if mode == "boundary" else None)
+            q_aug = crop_flip(qry.images, aug)
+            t_q = api.query(q_aug)
+        except QueryBudgetExceeded:
+            self.budget_exhausted = True
+            return None
+        if sup.budget_exhausted or qry.budget_exhausted:
+            self.budget_exhausted = True
+            return None
+        # outer level: KD on the boundary query set through the adapted weights (4.6)
+        logits = functional_forward(self.model, fast, self._to_model(q_aug))
+        loss = kd(logits, t_q)
+        acc = float((logits.detach().argmax(1) == qry.targets).float().mean())
+        if cfg.memory.enabled:
+            for rec in (sup, qry):
+                for i, cid in enumerate(api.info.classes):
+                    self.memory.add((api.info.dataset, int(cid)), rec.images[rec.targets == i])
+        event = {
+            "event": len(self.events),
+            "step": step,
+            "api": api.info.name,
+            "arch": str(api.info.tags.get("arch", "")),
+            "dataset": api.info.dataset,
+            "queries": self.ledger.used - used0,
+            "fidelity_support": sup.fidelity,
+            "fidelity_query": qry.fidelity,
+            "query_mode": mode,
+            "outer_acc": acc,
+        }
+        self.events.append(event)
+        self.run.log({"phase": "event", **event, "queries_total": self.ledger.used})
+        grid = torch.cat([sup.images[sup.targets == i][:8] for i in range(api.info.n_classes)])
+        save_image_grid(grid, self.run.file(f"recovered/event-{len(self.events) - 1:04d}.png"), 8)
+        log.debug("API event %s", event)
+        return loss, acc
+
+    def memory_episode(self) -> Episode | None:
+        cfg = self.cfg
+        if not cfg.memory.enabled:
+            return None
+        try:
+            ep = self.memory.sample_task(
+                cfg.way,
+                cfg.shot,
+                cfg.query,
+                self.generator("memory-tasks"),
+                image_size=cfg.image_size,
+                channels=self.in_channels,
+            )
+        except EpisodeError:
+            return None
+        return ep.to(self.device)
+
+    # ------------------------------------------------------------------ one meta-update
+    def meta_batch_loss(self, step: int) -> tuple[Tensor, dict[str, Any]]:
+        cfg = self.cfg
+        total: Tensor | None = None
+        accs: list[float] = []
+        n_api = n_mem = 0
+        for _ in range(cfg.meta_batch):
+            res = None
+            want_api = self.event_due or not cfg.memory.enabled
+            if want_api and not self.budget_exhausted:
+                res = self.api_episode(step)
+                if res is not None:
+                    self.event_due = False
+                    n_api += 1
+            if res is None:
+                ep = self.memory_episode()
+                if ep is None and not self.budget_exhausted:
+                    res = self.api_episode(step)  # memory too small yet: learn from an API
+                    n_api += res is not None
+                elif ep is not None:
+                    out = maml_outer_loss(
+                        self.model,
+                        None,
+                        ep,
+                        steps=cfg.inner_steps,
+                        lr=cfg.inner_lr,
+                        first_order=cfg.first_order,
+                    )
+                    res = (out.loss, out.accuracy)
+                    n_mem += 1
+            if res is None:
+                continue
+            total = res[0] if total is None else total + res[0]
+            accs.append(res[1])
+        if total is None:
+            if self.budget_exhausted:
+                # nothing left to learn from: a zero loss keeps the loop consistent; should_stop
+                # ends the run after this update when the memory is off or on_budget=stop
+                total = sum(p.sum() * 0.0 for p in self.model.parameters())
+            else:
+                raise EpisodeError("no episode could be built (empty memory and no API event)")
+        acc = sum(accs) / len(accs) if accs else 0.0
+        self._update_plateau(acc)
+        return total, {
+            "train_acc": 100.0 * acc,
+            "api_episodes": n_api,
+            "memory_episodes": n_mem,
+            "api_events": len(self.events),
+            "queries": self.ledger.used,
+            "memory_classes": len(self.memory.classes()),
+        }
+
+    def _update_plateau(self, acc: float) -> None:
+        """method.md 4.8: an API event is due after ``api_patience`` updates without a new max."""
+        if acc > self.running_max:
+            self.running_max, self.plateau = acc, 0
+            return
+        self.plateau += 1
+        if self.plateau >= self.cfg.api_patience:
+            self.event_due = True
+            self.running_max, self.plateau = -1.0, 0
+
+
+__all__ = ["BiDfMKD", "load_run_apis"]
+
+
+def _register() -> None:
+    from apimeta.methods import METHODS
+
+    if BiDfMKD.name not in METHODS:
+        METHODS.add(BiDfMKD.name, BiDfMKD)
+
+
+_register()
