@@ -7,6 +7,7 @@ every image sent is charged to a :class:`~apimeta.apis.ledger.QueryLedger` first
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -124,9 +125,11 @@ def validate_query(x: Tensor, info: APIInfo, check_range: bool = True) -> None:
             f"got {tuple(x.shape)}; resize or convert channels before querying"
         )
     if check_range and x.numel():
-        if not torch.isfinite(x).all():
+        # one pass: aminmax propagates NaN, and inf shows up as an extreme (cheaper than isfinite)
+        lo_t, hi_t = torch.aminmax(x.detach())
+        lo, hi = float(lo_t), float(hi_t)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise InvalidQueryError(f"query to {info.name!r} contains NaN or inf values")
-        lo, hi = float(x.min()), float(x.max())
         if lo < -1e-4 or hi > 1 + 1e-4:
             raise InvalidQueryError(
                 f"query to {info.name!r} must lie in [0, 1], got [{lo:.4f}, {hi:.4f}]; "

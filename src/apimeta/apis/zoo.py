@@ -335,12 +335,17 @@ def build_zoo(
     filters (32 = paper); ``resnet_width``: ResNet width multiplier (1.0 = paper 64-128-256-512;
     default 0.25 keeps CPU builds fast). ``epochs``: upper bound (paper: 60), with early stopping
     after ``patience`` epochs without holdout improvement; the best-holdout weights are kept.
-    ``augment``: crop+flip during training (the paper used none). ``dataset_options``: extra
-    keyword arguments for :func:`apimeta.data.load_dataset`.
+    ``augment``: crop+flip during training (the paper used none). ``batch_size``: 128 = paper;
+    with 20 images per class a 5-way API has 80 training images (one step per epoch at 128), so
+    small datasets want a smaller batch or more epochs. ``dataset_options``: extra keyword
+    arguments for :func:`apimeta.data.load_dataset` (same for every dataset); datasets are loaded
+    with ``seed``.
 
     Resumable: finished APIs (entry in ``zoo.json`` and file on disk) are reused. A directory
     built with different arguments raises ConfigError; ``force`` rebuilds from scratch.
-    ``zoo.json`` is rewritten atomically after every API. ``progress`` gets :class:`ZooProgress`.
+    ``zoo.json`` is rewritten atomically after every API and lists exactly the first ``n_apis``
+    APIs (asking for fewer than a directory holds leaves the other weight files unlisted).
+    ``progress`` gets :class:`ZooProgress`.
     """
     from apimeta.data import DATASETS, load_dataset
     from apimeta.models import BACKBONES
@@ -424,9 +429,21 @@ def build_zoo(
             continue
         if dataset not in loaded:
             logger.info("loading dataset %s", dataset)
-            loaded[dataset] = load_dataset(
-                dataset, root=data_root, image_size=image_size, seed=seed, **(dataset_options or {})
-            )
+            try:
+                loaded[dataset] = load_dataset(
+                    dataset,
+                    root=data_root,
+                    image_size=image_size,
+                    seed=seed,
+                    **build_args["dataset_options"],
+                )
+            except TypeError as e:
+                if "unexpected keyword" not in str(e):
+                    raise
+                raise ConfigError(
+                    f"dataset {dataset!r} does not take option(s) {build_args['dataset_options']}"
+                    f" ({e}); check --dataset-option"
+                ) from None
         ds = loaded[dataset]
         split = ds.split("train")
         pool = torch.tensor(split.classes)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich import box
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -30,41 +31,47 @@ def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _options(items: list[str]) -> dict[str, Any]:
+    """``["per_class=60"]`` -> ``{"per_class": 60}`` (values read as YAML scalars)."""
+    from apimeta.config import parse_overrides
+
+    return parse_overrides(items)
+
+
 def zoo_table(apis: list[dict[str, Any]], title: str | None = None) -> Table:
-    """A rich table of manifest entries (name, arch, dataset, classes, holdout acc, time)."""
-    table = Table(title=title)
+    """A rich table of manifest entries (name, arch@width, dataset, holdout acc, epochs, time,
+    classes)."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    right: dict[str, Any] = {"justify": "right", "no_wrap": True}
     for col, kw in (
-        ("name", {}),
-        ("arch", {}),
-        ("width", {"justify": "right"}),
-        ("dataset", {}),
-        ("classes", {}),
-        ("holdout acc", {"justify": "right"}),
-        ("epochs", {"justify": "right"}),
-        ("train time", {"justify": "right"}),
+        ("name", {"no_wrap": True}),
+        ("arch", {"no_wrap": True}),
+        ("dataset", {"no_wrap": True}),
+        ("holdout", right),
+        ("ep", right),
+        ("time", right),
+        ("classes", {"no_wrap": True, "overflow": "ellipsis"}),
     ):
         table.add_column(col, **kw)
     for e in apis:
-        names = ", ".join(e.get("class_names") or map(str, e["classes"]))
-        if len(names) > 48:
-            names = names[:45] + "..."
+        names = ",".join(e.get("class_names") or map(str, e["classes"]))
+        names = names if len(names) <= 18 else names[:17] + "…"
         acc = e.get("holdout_acc")
         table.add_row(
             e["name"],
-            e["arch"],
-            f"{e['width']:g}",
+            f"{e['arch']}@{e['width']:g}",
             e["dataset"],
-            names,
             "-" if acc is None else f"{100 * acc:.1f}%",
             str(e.get("epochs_run", "-")),
             f"{e.get('train_time_s', 0):.1f}s",
+            names,
         )
     if apis:
         accs = [e["holdout_acc"] for e in apis if e.get("holdout_acc") is not None]
         total = sum(e.get("train_time_s", 0) for e in apis)
         mean = f"{100 * sum(accs) / len(accs):.1f}%" if accs else "-"
         table.add_section()
-        table.add_row(f"{len(apis)} APIs", "", "", "", "", f"mean {mean}", "", f"{total:.1f}s")
+        table.add_row(f"{len(apis)} APIs", "", "mean", mean, "", f"{total:.1f}s", "")
     return table
 
 
@@ -88,6 +95,12 @@ def build(
     epochs: int = typer.Option(
         20, "--epochs", help="Max training epochs per API (paper: 60); early stopping on holdout."
     ),
+    batch_size: int = typer.Option(
+        128,
+        "--batch-size",
+        help="Training batch (paper: 128). With 20 images/class a 5-way API has 80 training "
+        "images, i.e. one step per epoch at 128: use 32 or more epochs for better APIs.",
+    ),
     patience: int = typer.Option(
         10, "--patience", help="Stop an API after this many epochs without holdout gain (0: never)."
     ),
@@ -103,6 +116,11 @@ def build(
         0.25,
         "--resnet-width",
         help="ResNet width multiplier: 1.0 = paper (64-128-256-512); 0.25 (default) is CPU-sized.",
+    ),
+    dataset_option: list[str] = typer.Option(
+        [],
+        "--dataset-option",
+        help="Extra dataset loader option KEY=VALUE (repeatable), e.g. per_class=60.",
     ),
     augment: bool = typer.Option(
         True, "--augment/--no-augment", help="Random crop + flip while training (paper: none)."
@@ -159,6 +177,8 @@ def build(
                 seed=seed,
                 epochs=epochs,
                 patience=patience or None,
+                batch_size=batch_size,
+                dataset_options=_options(dataset_option),
                 augment=augment,
                 conv4_width=conv4_width,
                 resnet_width=resnet_width,

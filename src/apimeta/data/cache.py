@@ -58,9 +58,7 @@ def save_dataset(ds: FewShotDataset, path: Path) -> None:
         "meta": ds.meta,
     }
     tensors = {"images": images, "labels": labels}
-    atomic_write(
-        path, lambda p: save_file(tensors, str(p), metadata={"apimeta": json.dumps(meta)})
-    )
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"apimeta": json.dumps(meta)}))
 
 
 def load_cached(path: Path) -> FewShotDataset | None:

@@ -9,12 +9,15 @@ processes and reports progress; the result is cached (see :mod:`apimeta.data.cac
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from importlib import resources
 from multiprocessing import get_context
 from typing import Any
@@ -67,8 +70,55 @@ def select_classes(
     return out
 
 
-def _render_chunk(fn: RenderFn, keys: list[str], seed: int, per_class: int, size: int) -> list:
-    return [fn(k, seed, per_class, size) for k in keys]
+def _map_chunk(fn: Callable[[Any], np.ndarray], items: list) -> list[np.ndarray]:
+    return [fn(x) for x in items]
+
+
+def parallel_map(
+    fn: Callable[[Any], np.ndarray],
+    items: Sequence[Any],
+    workers: int | None = None,
+    progress: Progress | None = None,
+    what: str = "classes",
+) -> list[np.ndarray]:
+    """``[fn(x) for x in items]`` over up to ``workers`` processes, in order.
+
+    ``fn`` must be picklable (a module-level function or a ``functools.partial`` of one).
+    ``workers=None`` uses one process per CPU (at most 8) for large jobs and none for small
+    ones; ``workers=0`` or ``1`` runs in this process. The result does not depend on it.
+    ``progress(done, total)`` is called as items finish.
+    """
+    items = list(items)
+    total = len(items)
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if total >= _PARALLEL_MIN_CLASSES else 1
+    chunk = max(1, min(32, total // max(1, 8 * workers)))
+    chunks = [items[i : i + chunk] for i in range(0, total, chunk)]
+    out: list[np.ndarray] = []
+    done = 0  # chunks finished
+    t0 = time.perf_counter()
+    if workers > 1 and multiprocessing.parent_process() is None:
+        try:
+            # spawn: never fork a process that may hold torch/OpenMP threads.
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
+                futures = [ex.submit(_map_chunk, fn, c) for c in chunks]
+                for f in futures:
+                    out.extend(f.result())
+                    done += 1
+                    if progress is not None:
+                        progress(len(out), total)
+        except BrokenProcessPool as e:  # e.g. a script without an `if __name__ == "__main__"`
+            log.warning("worker processes failed (%s); continuing in this process", e)
+    else:
+        workers = 1
+    for c in chunks[done:]:
+        out.extend(_map_chunk(fn, c))
+        if progress is not None:
+            progress(len(out), total)
+    log.info(
+        "processed %d %s in %.1f s (%d workers)", total, what, time.perf_counter() - t0, workers
+    )
+    return out
 
 
 def render_classes(
@@ -80,33 +130,13 @@ def render_classes(
     workers: int | None = None,
     progress: Progress | None = None,
 ) -> list[np.ndarray]:
-    """``[fn(k, seed, per_class, image_size) for k in keys]``, over ``workers`` processes.
+    """``[fn(k, seed, per_class, image_size) for k in keys]`` via :func:`parallel_map`."""
+    job = functools.partial(_call_render, fn, seed=seed, per_class=per_class, size=image_size)
+    return parallel_map(job, keys, workers, progress)
 
-    ``workers=None`` uses up to 2 processes (one per CPU) for large jobs and none for small
-    ones; ``workers=0`` or ``1`` renders in this process. The result does not depend on it.
-    """
-    total = len(keys)
-    if workers is None:
-        workers = min(2, os.cpu_count() or 1) if total >= _PARALLEL_MIN_CLASSES else 1
-    chunk = max(1, min(32, total // max(1, 8 * workers)))
-    chunks = [keys[i : i + chunk] for i in range(0, total, chunk)]
-    out: list[np.ndarray] = []
-    t0 = time.perf_counter()
-    if workers <= 1:
-        for c in chunks:
-            out.extend(_render_chunk(fn, c, seed, per_class, image_size))
-            if progress is not None:
-                progress(len(out), total)
-    else:
-        # spawn: never fork a process that may hold torch/OpenMP threads.
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
-            futures = [ex.submit(_render_chunk, fn, c, seed, per_class, image_size) for c in chunks]
-            for f in futures:
-                out.extend(f.result())
-                if progress is not None:
-                    progress(len(out), total)
-    log.info("rendered %d classes in %.1f s (%d workers)", total, time.perf_counter() - t0, workers)
-    return out
+
+def _call_render(fn: RenderFn, key: str, seed: int, per_class: int, size: int) -> np.ndarray:
+    return fn(key, seed, per_class, size)
 
 
 def assemble(
@@ -168,13 +198,17 @@ def load_rendered(
         per_class=per_class,
         image_size=image_size,
         classes=split_keys,
+        mean=mean,
+        std=std,
     )
     if cache:
         ds = load_cached(path)
         if ds is not None:
             log.debug("loaded %s from cache %s", name, path)
             return ds
-    log.info("rendering %s: %d classes x %d images (first use; cached after)", name, len(keys), per_class)
+    log.info(
+        "rendering %s: %d classes x %d images (first use; cached after)", name, len(keys), per_class
+    )
     arrays = render_classes(fn, keys, seed, per_class, image_size, workers, progress)
     ds = assemble(name, split_keys, arrays, class_names, mean, std, meta)
     if cache:

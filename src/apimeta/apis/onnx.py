@@ -1,0 +1,280 @@
+"""ONNX export of API classifiers and ``OnnxAPI``: the black-box contract on onnxruntime.
+
+The exported graph takes ``input`` (B, C, H, W) float32 images in [0, 1] (normalization is
+inside the graph; the batch axis is dynamic) and returns ``scores`` (B, n_classes) logits; the
+output restriction is applied after onnxruntime, as in :class:`~apimeta.apis.local.LocalAPI`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from apimeta.apis.base import APIInfo, parse_output_mode, restrict_output, validate_query
+from apimeta.apis.ledger import QueryLedger
+from apimeta.errors import CheckpointError, ConfigError
+from apimeta.io import atomic_write, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "scores"
+OPSET = 18
+
+
+_NOISY_LOGGERS = (
+    "torch.onnx",
+    "torch.export",
+    "torch._export",
+    "torch.fx",
+    "onnxscript",
+    "onnx_ir",
+)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporters' chatter (INFO logs, progress prints, deprecation warnings)."""
+    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    channels: int,
+    image_size: int,
+    *,
+    dynamo: bool = True,
+    check: bool = True,
+) -> Path:
+    """Export ``model`` ((B, C, S, S) in [0, 1] -> (B, n) logits) to ONNX at ``path``, atomically.
+
+    Uses the ``torch.export``-based exporter (``dynamo=True``) and falls back to the TorchScript
+    exporter if it fails. ``check``: run the file once with onnxruntime at batch sizes 1 and 3 and
+    compare with the torch model (raises :class:`CheckpointError` above 1e-4).
+    """
+    path = Path(path)
+    model = model.eval()
+    example = torch.rand(
+        2, channels, image_size, image_size, generator=torch.Generator().manual_seed(0)
+    )
+
+    def write_dynamo(tmp: Path) -> None:
+        batch = torch.export.Dim("batch", min=1, max=1 << 20)
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                model,
+                (example,),
+                None,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=OPSET,
+                dynamo=True,
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+            )
+        program.save(str(tmp))
+
+    def write_legacy(tmp: Path) -> None:
+        with _quiet_exporter():
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=OPSET,
+                dynamo=False,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+
+    with torch.no_grad():
+        if dynamo:
+            try:
+                atomic_write(path, write_dynamo)
+            except Exception as e:  # exporter bugs vary by model/platform: use the other one
+                logger.warning("dynamo ONNX export failed (%s); using the TorchScript exporter", e)
+                atomic_write(path, write_legacy)
+        else:
+            atomic_write(path, write_legacy)
+    if check:
+        sess = _session(path, threads=1)
+        for b in (1, 3):
+            x = torch.rand(
+                b, channels, image_size, image_size, generator=torch.Generator().manual_seed(b)
+            )
+            with torch.no_grad():
+                ref = model(x).float().numpy()
+            got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+            err = float(np.abs(got - ref).max())
+            if not err <= 1e-4:
+                path.unlink(missing_ok=True)
+                raise CheckpointError(
+                    f"ONNX export of {path.name} disagrees with torch by {err:.2e} at batch {b}; "
+                    "try export_onnx(..., dynamo=False)"
+                )
+    return path
+
+
+def _session(path: str | Path, threads: int | None = 1) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise CheckpointError(
+            f"onnxruntime cannot load {path} ({e}); re-export it with `apimeta zoo export-onnx`"
+        ) from None
+
+
+class OnnxAPI:
+    """An exported classifier on onnxruntime (CPU), as a :class:`BlackBoxAPI`.
+
+    ``threads``: onnxruntime intra-op threads (None: onnxruntime's default, all cores).
+    ``max_batch``: images per ``run`` call.
+    """
+
+    platform = "onnxruntime_onnx"
+
+    def __init__(
+        self,
+        path: str | Path,
+        info: APIInfo,
+        ledger: QueryLedger | None = None,
+        *,
+        threads: int | None = 1,
+        max_batch: int = 4096,
+        check_range: bool = True,
+    ):
+        parse_output_mode(info.output)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(
+                f"ONNX file {self.path} of API {info.name!r} is missing; run "
+                "`apimeta zoo export-onnx DIR` to write it"
+            )
+        self.info = info
+        self.ledger = ledger if ledger is not None else QueryLedger()
+        self.max_batch = max_batch
+        self.check_range = check_range
+        self._sess = _session(self.path, threads)
+
+    def query(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) in [0, 1] -> (B, n_classes) scores in the API's output mode."""
+        validate_query(x, self.info, self.check_range)
+        self.ledger.charge(self.info.name, int(x.shape[0]))
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        outs = [
+            self._sess.run([OUTPUT_NAME], {INPUT_NAME: arr[i : i + self.max_batch]})[0]
+            for i in range(0, arr.shape[0], self.max_batch)
+        ]
+        logits = torch.from_numpy(np.concatenate(outs) if len(outs) > 1 else outs[0])
+        return restrict_output(logits.float(), self.info.output).to(x.device)
+
+    def __repr__(self) -> str:
+        return f"OnnxAPI({self.info.name!r}, {self.path.name!r})"
+
+
+def export_zoo_onnx(
+    zoo_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    dynamo: bool = True,
+    progress: Any = None,
+) -> Path:
+    """Write ``<api>.onnx`` for every API of the zoo and a ``zoo.json`` with ``onnx_file`` keys.
+
+    ``out_dir``: None updates ``zoo_dir`` in place; another folder receives a complete zoo (the
+    ONNX files, the weight files copied over and the updated manifest). ``progress``: called
+    with (index, n, name) after each API. Returns the folder written.
+    """
+    from apimeta.apis.zoo import MANIFEST, load_api_model, read_manifest
+
+    src = Path(zoo_dir)
+    if src.is_file():
+        src = src.parent
+    data = read_manifest(src)
+    out = Path(out_dir) if out_dir is not None else src
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, entry in enumerate(data["apis"]):
+        model = load_api_model(src, entry)
+        onnx_file = f"{Path(entry['file']).stem}.onnx"
+        export_onnx(
+            model, out / onnx_file, int(entry["channels"]), int(entry["image_size"]), dynamo=dynamo
+        )
+        if out.resolve() != src.resolve():
+            target = out / entry["file"]
+            if not target.exists():
+                shutil.copy2(src / entry["file"], target)
+        entries.append({**entry, "onnx_file": onnx_file})
+        if progress is not None:
+            progress(i, len(data["apis"]), entry["name"])
+    atomic_write_json(out / MANIFEST, {**data, "apis": entries})
+    return out
+
+
+def load_onnx_zoo(
+    path: str | Path,
+    ledger: QueryLedger | None = None,
+    output: str = "logits",
+    *,
+    threads: int | None = 1,
+    max_batch: int = 4096,
+) -> list[OnnxAPI]:
+    """Every API of an exported zoo as :class:`OnnxAPI` s sharing one ledger."""
+    from apimeta.apis.zoo import entry_info, read_manifest
+
+    parse_output_mode(output)
+    root = Path(path)
+    if root.is_file():
+        root = root.parent
+    data = read_manifest(root)
+    missing = [e["name"] for e in data["apis"] if "onnx_file" not in e]
+    if missing or not data["apis"]:
+        raise ConfigError(
+            f"the zoo at {root} has no ONNX files for {len(missing)} APIs "
+            f"({', '.join(missing[:3])}...); run `apimeta zoo export-onnx {root}` first"
+            if missing
+            else f"the zoo at {root} has no APIs; run `apimeta zoo build`"
+        )
+    ledger = ledger if ledger is not None else QueryLedger()
+    return [
+        OnnxAPI(
+            root / e["onnx_file"],
+            entry_info(e, output),
+            ledger,
+            threads=threads,
+            max_batch=max_batch,
+        )
+        for e in data["apis"]
+    ]
+
+
+__all__ = ["OnnxAPI", "export_onnx", "export_zoo_onnx", "load_onnx_zoo"]

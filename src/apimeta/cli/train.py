@@ -1,0 +1,212 @@
+"""``apimeta train``: meta-train an initialization with a registered method."""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+from rich import box
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from apimeta.cli import app
+from apimeta.cli.common import console, friendly_errors, set_threads
+from apimeta.config import from_dict, load_config, merge, parse_overrides, to_dict
+from apimeta.errors import ConfigError
+from apimeta.run_config import RunConfig
+
+
+def available_presets() -> list[str]:
+    """Names of the preset YAML files shipped in ``apimeta/presets``."""
+    root = importlib.resources.files("apimeta") / "presets"
+    if not root.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The mapping in ``apimeta/presets/<name>.yaml``; ConfigError listing presets if absent."""
+    res = importlib.resources.files("apimeta") / "presets" / f"{name}.yaml"
+    if not res.is_file():
+        have = ", ".join(available_presets()) or "(none installed)"
+        raise ConfigError(f"no preset named {name!r}; available presets: {have}")
+    data = yaml.safe_load(res.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {name!r} must hold a YAML mapping")
+    return data
+
+
+def resolve_config(
+    *,
+    preset: str | None = None,
+    config: Path | None = None,
+    direct: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+    resume_from: Path | None = None,
+) -> RunConfig:
+    """RunConfig defaults <- preset <- --config file <- direct options <- --set (last wins).
+
+    ``resume_from``: a run directory whose ``config.yaml`` replaces defaults/preset/file.
+    """
+    if resume_from is not None:
+        cfg = load_config(RunConfig, Path(resume_from) / "config.yaml")
+    else:
+        base = load_preset(preset) if preset else None
+        cfg = load_config(RunConfig, config, base=base)
+    data = to_dict(cfg)
+    if direct:
+        data = merge(data, {k: v for k, v in direct.items() if v is not None})
+    if sets:
+        data = merge(data, parse_overrides(sets))
+    return from_dict(RunConfig, data)
+
+
+def _methods_help() -> str:
+    from apimeta.methods import METHODS
+
+    return "Method to train: " + ", ".join(METHODS.names()) + " (default: the config's `method`)."
+
+
+def result_table(metrics: dict[str, Any], title: str) -> Table:
+    """Rows: checkpoint (best/final) x dataset x shot; mean ± 95% CI."""
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    for col in ("checkpoint", "dataset", "shots", "accuracy %", "± 95% CI", "tasks"):
+        table.add_column(col, justify="right" if col in ("accuracy %", "± 95% CI") else "left")
+    for which, per_ds in metrics.get("test", {}).items():
+        for ds, res in per_ds.items():
+            for shot, r in res.items():
+                table.add_row(which, ds, shot, f"{r['mean']:.2f}", f"{r['ci95']:.2f}", str(r["n"]))
+    return table
+
+
+class _Bar:
+    """Rich progress for the training loop (train / val / test phases)."""
+
+    def __init__(self, progress: Progress):
+        self.p = progress
+        self.tasks: dict[str, TaskID] = {}
+
+    def __call__(self, done: int, total: int, info: dict[str, Any]) -> None:
+        phase = info.get("phase", "train")
+        if phase == "train":
+            desc = f"train  loss {info.get('loss', float('nan')):.3f}"
+            if "train_acc" in info:
+                desc += f"  acc {info['train_acc']:.1f}%"
+        else:
+            desc = f"{phase} {info.get('dataset', '')} {info.get('shot', '')}-shot"
+        key = phase if phase == "train" else f"{phase}:{info.get('dataset')}:{info.get('shot')}"
+        if key not in self.tasks:
+            if phase != "train":  # a new eval pass replaces the previous one
+                for k in [k for k in self.tasks if k != "train"]:
+                    self.p.remove_task(self.tasks.pop(k))
+            self.tasks[key] = self.p.add_task(desc, total=total)
+        self.p.update(self.tasks[key], completed=done, total=total, description=desc)
+        if phase != "train" and done >= total:
+            self.p.remove_task(self.tasks.pop(key))
+
+
+@app.command("train")
+def train(
+    method: str | None = typer.Option(
+        None, "--method", "-m", help=_methods_help(), show_default=False
+    ),
+    preset: str | None = typer.Option(
+        None, "--preset", "-p", help="Preset config from apimeta/presets (e.g. cpu, paper)."
+    ),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config file."),
+    sets: list[str] = typer.Option(
+        [], "--set", "-s", help="Override a config key: --set zo.q=20 (repeatable)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Run directory (default runs/<method>-<UTC timestamp>)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out from its last.pt (exact resume)."
+    ),
+    dataset: str | None = typer.Option(
+        None, "--dataset", "-d", help="Dataset(s), comma-separated for API-MH."
+    ),
+    data_root: str | None = typer.Option(None, "--data-root", help="Root of local datasets."),
+    zoo: str | None = typer.Option(None, "--zoo", help="API zoo dir, ONNX dir or http(s) URL."),
+    episodes: int | None = typer.Option(None, "--episodes", help="Training episodes."),
+    shot: int | None = typer.Option(None, "--shot", help="K shots per class."),
+    seed: int | None = typer.Option(None, "--seed", help="Master seed."),
+    query_budget: int | None = typer.Option(
+        None, "--query-budget", help="Hard API query budget (images)."
+    ),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps ..."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),
+) -> None:
+    """Meta-train an initialization with a registered method.
+
+    Writes config.yaml, metrics.jsonl, last.pt, best.pt and test.json into the run directory
+    and prints the meta-test table.
+    """
+    with friendly_errors():
+        from apimeta.methods import METHODS
+        from apimeta.runs import RunDir
+
+        if resume and out is None:
+            raise ConfigError("--resume needs --out DIR (the run directory to continue)")
+        if resume and (preset or config):
+            raise ConfigError("--resume reads the run's config.yaml; drop --preset/--config")
+        direct = {
+            "method": method,
+            "dataset": dataset,
+            "data_root": data_root,
+            "zoo": zoo,
+            "episodes": episodes,
+            "shot": shot,
+            "seed": seed,
+            "query_budget": query_budget,
+            "device": device,
+            "threads": threads,
+            "out": str(out) if out is not None else None,
+        }
+        cfg = resolve_config(
+            preset=preset,
+            config=config,
+            direct=direct,
+            sets=sets,
+            resume_from=out if resume else None,
+        )
+        impl = METHODS.get(cfg.method)
+        set_threads(cfg.threads)
+        run = RunDir.create(cfg, resume=resume)
+        console.print(
+            f"[bold]{cfg.method}[/] on [bold]{cfg.dataset}[/] "
+            f"({cfg.way}-way {cfg.shot}-shot, {cfg.episodes} episodes) -> [cyan]{run.path}[/]"
+            + (" [yellow](resumed)[/]" if resume else "")
+        )
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console, transient=True) as progress:
+            result = impl().train(cfg, run, _Bar(progress), resume=resume)
+        m = result.metrics
+        console.print(
+            result_table(
+                m,
+                f"{cfg.method}: meta-test, {m.get('test_tasks')} tasks "
+                f"(best = step {m.get('best_step')} on {m.get('select_split')})",
+            )
+        )
+        console.print(f"run directory: [cyan]{run.path}[/]")
+
+
+__all__ = ["available_presets", "load_preset", "resolve_config", "result_table"]

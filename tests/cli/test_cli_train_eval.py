@@ -1,0 +1,100 @@
+"""``apimeta train`` / ``apimeta eval`` through typer's CliRunner on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from apimeta.cli import app
+from apimeta.cli.train import available_presets, resolve_config
+from apimeta.errors import ConfigError
+
+runner = CliRunner()
+TINY = [
+    "--dataset", "synthetic", "--set", "width=8", "--set", "query=3", "--set", "meta_batch=2",
+    "--set", "inner_steps=1", "--set", "eval_tasks=2", "--set", "test_tasks=2",
+    "--set", "test_steps=1", "--set", "eval_every=2", "--threads", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    res = runner.invoke(
+        app, ["train", "--method", "maml-real", "--episodes", "4", "--out", str(out), *TINY]
+    )
+    assert res.exit_code == 0, res.output
+    return out, res.output
+
+
+def test_train_writes_run_directory(trained):
+    out, output = trained
+    for name in ("config.yaml", "metrics.jsonl", "best.pt", "last.pt", "test.json"):
+        assert (out / name).is_file(), name
+    assert "maml-real" in output and "synthetic" in output and "best" in output
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["phase"] == "train"] == [1, 2]
+    assert "episodes: 4" in (out / "config.yaml").read_text()
+
+
+def test_train_resume_extends_the_run(trained, tmp_path):
+    out, _ = trained
+    res = runner.invoke(
+        app, ["train", "--out", str(out), "--resume", "--episodes", "6", "--threads", "1"]
+    )
+    assert res.exit_code == 0, res.output
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["phase"] == "train"] == [1, 2, 3]
+    assert "episodes: 6" in (out / "config.yaml").read_text()
+
+
+def test_eval_checkpoint_and_random(trained, tmp_path):
+    out, _ = trained
+    js = tmp_path / "e.json"
+    common = ["--tasks", "2", "--query", "3", "--steps", "1", "--threads", "1"]
+    res = runner.invoke(
+        app, ["eval", "--init", str(out / "best.pt"), "--shots", "1,2", "--json", str(js), *common]
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(js.read_text())
+    assert set(data["results"]["synthetic"]) == {"1-shot", "2-shot"}
+    assert data["protocol"]["transductive"] is True
+    res = runner.invoke(
+        app,
+        ["eval", "--init", "random", "--dataset", "synthetic", "--width", "8",
+         "--non-transductive", "--shots", "1", "--json", str(js), *common],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "1-shot" in res.output
+    assert json.loads(js.read_text())["protocol"]["transductive"] is False
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--method", "nope"], "unknown method"),
+        (["train", "--preset", "nope"], "no preset named"),
+        (["train", "--resume"], "--resume needs --out"),
+        (["train", "--method", "maml-real", "--set", "bogus=1"], "unknown config key"),
+        (["eval", "--init", "missing.pt"], "neither"),
+        (["eval", "--init", "random", "--shots", "a,b"], "--shots"),
+        (["eval", "--init", "random", "--dataset", "synthetic", "--split", "dev"], "--split"),
+    ],
+)
+def test_bad_inputs_exit_2(args, message, tmp_path):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+
+
+def test_config_resolution_order(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("episodes: 10\nshot: 5\nzo:\n  q: 3\n")
+    cfg = resolve_config(config=f, direct={"shot": 1, "seed": None}, sets=["zo.q=7"])
+    assert (cfg.episodes, cfg.shot, cfg.zo.q, cfg.seed) == (10, 1, 7, 2022)
+    for name in available_presets():
+        assert resolve_config(preset=name).way >= 2
+    with pytest.raises(ConfigError):
+        resolve_config(preset="definitely-not-a-preset")

@@ -1,0 +1,150 @@
+"""BiDf-MKD mechanics on a tiny synthetic zoo: query accounting, resume, budget, ablations."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from apimeta.apis.zoo import build_zoo
+from apimeta.checkpoint import load_checkpoint
+from apimeta.errors import ConfigError
+from apimeta.methods import METHODS
+from apimeta.run_config import MemoryConfig, RunConfig, ZOConfig
+from apimeta.runs import RunDir
+
+B_PER_CLASS, ITERS, Q, WAY = 4, 2, 2, 5
+B = B_PER_CLASS * WAY
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoo")
+    build_zoo(["synthetic"], 3, ["conv4"], WAY, out, epochs=2, conv4_width=8, seed=1)
+    return out
+
+
+def tiny_cfg(zoo, tmp_path, **kw) -> RunConfig:
+    base = dict(
+        method="bidf-mkd",
+        dataset="synthetic",
+        zoo=str(zoo),
+        width=8,
+        way=WAY,
+        shot=1,
+        query=3,
+        episodes=4,
+        meta_batch=2,
+        recover_per_class=B_PER_CLASS,
+        recover_iters=ITERS,
+        zo=ZOConfig(q=Q),
+        adv_start=1,
+        api_patience=1,
+        eval_every=1000,
+        eval_tasks=3,
+        test_tasks=3,
+        checkpoint_every=1,
+        query_budget=None,
+        out=str(tmp_path / "run"),
+    )
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def train(cfg: RunConfig, resume: bool = False):
+    method = METHODS.get(cfg.method)()
+    run = RunDir.create(cfg, resume=resume)
+    result = method.train(cfg, run, resume=resume)
+    return method, result
+
+
+def test_one_event_costs_two_recoveries_plus_two_cached_kd_queries(zoo, tmp_path):
+    cfg = tiny_cfg(zoo, tmp_path, episodes=1, meta_batch=1)
+    m, _ = train(cfg)
+    recovery = ITERS * B * (1 + Q)  # forward differences: base + q perturbed per image
+    assert len(m.events) == 1
+    assert m.events[0]["queries"] == 2 * recovery + 2 * B
+    assert m.ledger.used == 2 * recovery + 2 * B
+
+
+def test_reference_requeries_support_outputs_every_inner_step(zoo, tmp_path):
+    cfg = tiny_cfg(zoo, tmp_path, episodes=1, meta_batch=1, cache_api_outputs=False)
+    m, _ = train(cfg)
+    recovery = ITERS * B * (1 + Q)
+    assert m.ledger.used == 2 * recovery + (cfg.kd_inner_steps + 1) * B
+
+
+def test_first_update_has_api_event_then_memory_episodes(zoo, tmp_path):
+    m, result = train(tiny_cfg(zoo, tmp_path, episodes=4, meta_batch=2, api_patience=100))
+    rows = [r for r in m.run.read_metrics() if r.get("phase") == "train"]
+    assert rows[0]["api_episodes"] == 1 and rows[0]["memory_episodes"] == 1
+    assert all(r["api_episodes"] == 0 for r in rows[1:])  # patience 100: no new event
+    assert rows[0]["memory_classes"] == WAY
+    assert (m.run.path / "recovered" / "event-0000.png").exists()
+    assert set(result.metrics["test"]["best"]) == {"synthetic"}
+
+
+def test_resume_gives_the_same_model_as_an_uninterrupted_run(zoo, tmp_path):
+    full, _ = train(tiny_cfg(zoo, tmp_path / "a", episodes=8))
+    part, _ = train(tiny_cfg(zoo, tmp_path / "b", episodes=4))
+    assert part.step == 2
+    resumed, _ = train(tiny_cfg(zoo, tmp_path / "b", episodes=8), resume=True)
+    assert resumed.step == 4
+    a = load_checkpoint(full.run.last_checkpoint)
+    b = load_checkpoint(resumed.run.last_checkpoint)
+    for k, v in a["model"].items():
+        torch.testing.assert_close(v, b["model"][k], rtol=0, atol=0)
+    assert a["extra"]["ledger"] == b["extra"]["ledger"]
+    assert len(a["extra"]["events"]) == len(b["extra"]["events"])
+
+
+def test_budget_exhaustion_stops_cleanly_with_a_checkpoint(zoo, tmp_path):
+    event = 2 * ITERS * B * (1 + Q) + 2 * B
+    cfg = tiny_cfg(
+        zoo, tmp_path, episodes=40, query_budget=event + event // 2, on_budget_exhausted="stop"
+    )
+    m, result = train(cfg)
+    assert len(m.events) == 1
+    assert m.ledger.used <= cfg.query_budget
+    assert m.step < cfg.episodes // cfg.meta_batch  # stopped early
+    ckpt = load_checkpoint(m.run.last_checkpoint)
+    assert ckpt["step"] == m.step and ckpt["extra"]["budget_exhausted"]
+    assert "test" in result.metrics
+
+
+def test_budget_exhaustion_keeps_replaying_memory(zoo, tmp_path):
+    event = 2 * ITERS * B * (1 + Q) + 2 * B
+    cfg = tiny_cfg(zoo, tmp_path, episodes=12, query_budget=event, on_budget_exhausted="replay")
+    m, _ = train(cfg)
+    assert m.step == 6 and len(m.events) == 1 and m.ledger.used <= event
+
+
+def test_ablations_no_memory_no_boundary_white_box(zoo, tmp_path):
+    no_mem = tiny_cfg(zoo, tmp_path / "nm", episodes=2, memory=MemoryConfig(enabled=False))
+    m, _ = train(no_mem)
+    assert len(m.events) == 2 and len(m.memory.classes()) == 0
+    no_adv, _ = train(tiny_cfg(zoo, tmp_path / "na", episodes=4, adv=0.0))
+    assert {e["query_mode"] for e in no_adv.events} == {"support"}
+    adv, _ = train(tiny_cfg(zoo, tmp_path / "ad", episodes=4, adv_start=0))
+    assert {e["query_mode"] for e in adv.events} == {"boundary"}
+    white = tiny_cfg(zoo, tmp_path / "wb", episodes=1, meta_batch=1, zo=ZOConfig(enabled=False))
+    wb, _ = train(white)
+    assert wb.ledger.used == 2 * ITERS * B + 2 * B  # forward queries only, no perturbations
+
+
+def test_missing_zoo_and_too_few_images_are_config_errors(zoo, tmp_path):
+    with pytest.raises(ConfigError, match="--zoo"):
+        train(dataclasses.replace(tiny_cfg(zoo, tmp_path / "x"), zoo=None))
+    with pytest.raises(ConfigError, match="recover_per_class"):
+        train(tiny_cfg(zoo, tmp_path / "y", query=15))
+
+
+def test_bbkd_spends_queries_and_keeps_a_zero_head(zoo, tmp_path):
+    cfg = dataclasses.replace(tiny_cfg(zoo, tmp_path, method="bbkd", episodes=4), api_patience=1)
+    m, result = train(cfg)
+    assert m.n_events == 2
+    assert m.ledger.used == 2 * (2 * ITERS * B * (1 + Q) + 2 * B) - 2 * B * 0
+    head = load_checkpoint(m.run.last_checkpoint)["model"]
+    assert torch.count_nonzero(head["net.classifier.weight"]) == 0
+    assert result.metrics["test"]["final"]["synthetic"]

@@ -1,0 +1,131 @@
+"""maml-real mechanics: exact resume, checkpoints, run directory, meta-model builder."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+from apimeta.checkpoint import load_checkpoint, save_checkpoint
+from apimeta.errors import CheckpointError, ConfigError
+from apimeta.methods import METHODS, build_meta_model, load_meta_model
+from apimeta.methods.base import meta_model_spec
+from apimeta.run_config import RunConfig
+from apimeta.runs import RunDir
+
+TINY = dict(
+    method="maml-real",
+    dataset="synthetic",
+    width=8,
+    query=3,
+    meta_batch=2,
+    inner_steps=2,
+    eval_every=4,  # episodes -> every 2 meta-updates
+    eval_tasks=2,
+    test_tasks=2,
+    test_steps=2,
+    checkpoint_every=1,
+)
+
+
+def _cfg(tmp_path, name, **kw) -> RunConfig:
+    return RunConfig(**{**TINY, "out": str(tmp_path / name), **kw})
+
+
+def _train(cfg: RunConfig, resume: bool = False):
+    run = RunDir.create(cfg, resume=resume)
+    return METHODS.get(cfg.method)().train(cfg, run, resume=resume), run
+
+
+def test_resume_is_exact(tmp_path):
+    full, run_full = _train(_cfg(tmp_path, "full", episodes=8))  # 4 meta-updates
+    half = _cfg(tmp_path, "half", episodes=4)  # 2 meta-updates, then resume to 4
+    _train(half)
+    resumed, run_half = _train(dataclasses.replace(half, episodes=8), resume=True)
+    a = load_checkpoint(full.final_checkpoint)
+    b = load_checkpoint(resumed.final_checkpoint)
+    assert a["step"] == b["step"] == 4
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert torch.equal(a["rng"]["tasks:synthetic"], b["rng"]["tasks:synthetic"])
+    loss = lambda run: [r["loss"] for r in run.read_metrics() if r["phase"] == "train"]  # noqa: E731
+    assert loss(run_full) == loss(run_half) and len(loss(run_full)) == 4
+    # and training did change the init
+    init = build_meta_model(_cfg(tmp_path, "x"), 3, 32, (0.5,) * 3, (0.25,) * 3).state_dict()
+    assert any(not torch.equal(init[k], v) for k, v in a["model"].items())
+
+
+def test_run_outputs_and_checkpoint_roundtrip(tmp_path):
+    res, run = _train(_cfg(tmp_path, "r", episodes=4))
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "test.json"):
+        assert (run.path / name).is_file(), name
+    phases = [r["phase"] for r in run.read_metrics()]
+    assert phases.count("train") == 2 and phases.count("val") == 1 and phases[-1] == "test"
+    assert run.load_config() == _cfg(tmp_path, "r", episodes=4)
+    model, cfg, ckpt = load_meta_model(res.best_checkpoint)
+    assert cfg.method == "maml-real" and ckpt["best_step"] == 2
+    assert set(res.metrics["test"]) == {"best", "final"}
+    assert res.metrics["test"]["best"]["synthetic"]["1-shot"]["n"] == 2
+    x = torch.rand(4, 3, 32, 32)
+    ref = build_meta_model(cfg, 3, 32, (0.5,) * 3, (0.25,) * 3)
+    ref.load_state_dict(ckpt["model"])
+    torch.testing.assert_close(model(x), ref(x))
+
+
+def test_first_order_differs_from_second_order(tmp_path):
+    so, _ = _train(_cfg(tmp_path, "so", episodes=2))
+    fo, _ = _train(_cfg(tmp_path, "fo", episodes=2, first_order=True))
+    a, b = load_checkpoint(so.final_checkpoint), load_checkpoint(fo.final_checkpoint)
+    assert any(not torch.allclose(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_random_method_and_test_selection_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        res, _ = _train(_cfg(tmp_path, "rnd", method="random", select_split="test"))
+    assert "optimistic" in caplog.text
+    assert res.metrics["steps"] == 0 and res.best_checkpoint is not None
+    ckpt = load_checkpoint(res.final_checkpoint)
+    init = build_meta_model(_cfg(tmp_path, "y"), 3, 32, (0.5,) * 3, (0.25,) * 3).state_dict()
+    for k, v in init.items():
+        assert torch.equal(ckpt["model"][k], v)
+
+
+def test_build_meta_model_is_seeded_and_leaves_global_rng_alone(tmp_path):
+    cfg = _cfg(tmp_path, "s")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = build_meta_model(cfg, 3, 32)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = build_meta_model(cfg, 3, 32)
+    c = build_meta_model(dataclasses.replace(cfg, seed=1), 3, 32)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    bn = [m for m in a.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and all(not m.track_running_stats for m in bn)  # transductive BN
+    assert meta_model_spec(dataclasses.replace(cfg, dataset="a,b"), 3, 32)["adaptive_pool"]
+
+
+def test_run_dir_and_checkpoint_errors(tmp_path):
+    cfg = _cfg(tmp_path, "e", episodes=2)
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        RunDir.create(cfg, resume=True)
+    _train(cfg)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        RunDir.create(cfg)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    # non-plain objects are refused by weights_only loading
+    torch.save({"format": 1, "obj": RunDir(tmp_path / "o")}, tmp_path / "obj.pt")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "obj.pt")
+    save_checkpoint(tmp_path / "ok.pt", {"x": torch.ones(2), "n": 3, "d": {"a": [1, 2.0]}})
+    assert load_checkpoint(tmp_path / "ok.pt")["d"] == {"a": [1, 2.0]}
+    with pytest.raises(ConfigError, match="meta_batch"):
+        _train(_cfg(tmp_path, "mb", meta_batch=0))

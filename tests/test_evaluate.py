@@ -1,0 +1,141 @@
+"""Few-shot evaluator: fixed seeded tasks, CI formula, transductive vs non-transductive BN."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from apimeta.data import load_dataset
+from apimeta.errors import ConfigError
+from apimeta.evaluate import (
+    ci95,
+    evaluate,
+    format_result,
+    predict_non_transductive,
+    summary_score,
+    task_list,
+)
+from apimeta.maml import named_params
+from apimeta.models import build_backbone
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("synthetic", n_classes=(6, 6, 6), per_class=8, image_size=32)
+
+
+def _model(seed: int, width: int = 8):
+    torch.manual_seed(seed)
+    return build_backbone("conv4", num_classes=5, image_size=32, width=width)
+
+
+def _fingerprint(ep):
+    return (ep.class_ids, float(ep.support_x.sum()), float(ep.query_x.sum()))
+
+
+def test_every_init_sees_identical_episodes(data):
+    seen: dict[int, list] = {0: [], 1: []}
+
+    def factory_for(key):
+        def factory(split, way, shot, query, generator):
+            sampler = data.sampler(split, way, shot, query, generator)
+            orig = sampler.sample
+
+            def sample():
+                ep = orig()
+                seen[key].append(_fingerprint(ep))
+                return ep
+
+            sampler.sample = sample
+            return sampler
+
+        return factory
+
+    kw = dict(shots=(1, 2), query=3, tasks=4, steps=1, seed=7)
+    evaluate(_model(0), factory_for(0), **kw)
+    evaluate(_model(1, width=4), factory_for(1), **kw)
+    assert len(seen[0]) == 8 and seen[0] == seen[1]
+    # the 1-shot and 2-shot lists are different draws; a new seed gives new tasks
+    assert seen[0][:4] != seen[0][4:]
+    other = [_fingerprint(e) for e in task_list(data, shot=1, query=3, tasks=4, seed=8)]
+    assert other != seen[0][:4]
+    again = [_fingerprint(e) for e in task_list(data, shot=1, query=3, tasks=4, seed=7)]
+    assert again == seen[0][:4]
+
+
+def test_ci95_uses_population_std():
+    accs = [50.0, 60.0, 70.0, 80.0]
+    mean, ci, std = ci95(accs)
+    pop = math.sqrt(sum((a - 65.0) ** 2 for a in accs) / 4)
+    assert mean == pytest.approx(65.0)
+    assert std == pytest.approx(pop)
+    assert ci == pytest.approx(1.96 * pop / 2.0)
+    assert ci95([42.0]) == (42.0, 0.0, 0.0)
+
+
+def test_scoring_with_a_constant_classifier_is_exact(data):
+    model = _model(0)
+    with torch.no_grad():
+        model.net.classifier.weight.zero_()
+        model.net.classifier.bias.zero_()
+    res = evaluate(model, data, shots=(1,), query=3, tasks=5, steps=0, keep_accs=True)
+    r = res["1-shot"]
+    # all logits equal -> argmax picks class 0 -> accuracy = 1/way on every task
+    assert r["accs"] == [20.0] * 5 and r["mean"] == 20.0 and r["ci95"] == 0.0 and r["n"] == 5
+    assert summary_score(res) == 20.0
+    assert format_result(res) == "1-shot 20.00 ± 0.00"
+
+
+def test_evaluate_leaves_the_model_untouched(data):
+    model = _model(0).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = evaluate(model, data, shots=(1, 2), query=3, tasks=3, steps=2, lr=0.1, split="val")
+    assert set(res) == {"1-shot", "2-shot"}
+    assert model.training
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    for r in res.values():
+        assert 0.0 <= r["mean"] <= 100.0 and r["n"] == 3
+
+
+def test_adaptation_changes_the_result(data):
+    model = _model(3)
+    kw = dict(shots=(2,), query=3, tasks=4, keep_accs=True)
+    a = evaluate(model, data, steps=0, **kw)["2-shot"]["accs"]
+    b = evaluate(model, data, steps=5, lr=0.5, **kw)["2-shot"]["accs"]
+    assert a != b
+
+
+def test_non_transductive_prediction_ignores_other_queries():
+    model = _model(0).eval()
+    params = {k: v.detach() for k, v in named_params(model).items()}
+    g = torch.Generator().manual_seed(0)
+    support = torch.rand(5, 3, 32, 32, generator=g)
+    query = torch.rand(4, 3, 32, 32, generator=g)
+    other = query.clone()
+    other[1:] = torch.rand(3, 3, 32, 32, generator=g)
+    nt_a = predict_non_transductive(model, params, support, query)
+    nt_b = predict_non_transductive(model, params, support, other)
+    torch.testing.assert_close(nt_a[0], nt_b[0])  # query 0 only sees support + itself
+    expected = model(torch.cat([support, query[:1]]))[-1]
+    torch.testing.assert_close(nt_a[0], expected.detach())
+    with torch.no_grad():  # transductive BN: query 0's logits depend on the other queries
+        assert not torch.allclose(model(query)[0], model(other)[0])
+
+
+def test_transductive_and_non_transductive_both_run(data):
+    model = _model(0)
+    kw = dict(shots=(1,), query=3, tasks=3, steps=1, keep_accs=True)
+    t = evaluate(model, data, transductive=True, **kw)["1-shot"]
+    n = evaluate(model, data, transductive=False, **kw)["1-shot"]
+    assert t["n"] == n["n"] == 3
+    assert all(0.0 <= a <= 100.0 for a in t["accs"] + n["accs"])
+
+
+def test_bad_arguments(data):
+    with pytest.raises(ConfigError):
+        evaluate(_model(0), data, tasks=0)
+    with pytest.raises(ConfigError):
+        evaluate(_model(0), data, shots=())
