@@ -9,6 +9,7 @@ from typing import Any
 import typer
 import yaml
 from rich import box
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,10 +22,13 @@ from rich.progress import (
 from rich.table import Table
 
 from apimeta.cli import app
-from apimeta.cli.common import console, friendly_errors, set_threads
+from apimeta.cli.common import console, err_console, friendly_errors, set_threads
 from apimeta.config import from_dict, load_config, merge, parse_overrides, to_dict
-from apimeta.errors import ConfigError
+from apimeta.errors import APIUnavailableError, ConfigError
 from apimeta.run_config import RunConfig
+
+#: exit status of a run stopped by an unreachable API with a resumable checkpoint (EX_TEMPFAIL)
+EXIT_RESUMABLE = 75
 
 
 def available_presets() -> list[str]:
@@ -90,7 +94,7 @@ def result_table(metrics: dict[str, Any], title: str) -> Table:
     return table
 
 
-class _Bar:
+class TrainProgress:
     """Rich progress for the training loop (train / val / test phases)."""
 
     def __init__(self, progress: Progress):
@@ -103,6 +107,10 @@ class _Bar:
             desc = f"train  loss {info.get('loss', float('nan')):.3f}"
             if "train_acc" in info:
                 desc += f"  acc {info['train_acc']:.1f}%"
+            if info.get("queries"):
+                desc += (
+                    f"  queries {info['queries'] / 1e6:.2f}M ({info.get('api_events', 0)} events)"
+                )
         else:
             desc = f"{phase} {info.get('dataset', '')} {info.get('shot', '')}-shot"
         key = phase if phase == "train" else f"{phase}:{info.get('dataset')}:{info.get('shot')}"
@@ -147,6 +155,21 @@ def train(
     ),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps ..."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),
+    no_boundary: bool = typer.Option(
+        False,
+        "--no-boundary",
+        help="Ablation: recover query sets without the boundary term (adv=0).",
+    ),
+    no_memory: bool = typer.Option(
+        False,
+        "--no-memory",
+        help="Ablation: no task-memory replay (every episode is an API episode until the budget ends).",
+    ),
+    white_box: bool = typer.Option(
+        False,
+        "--white-box",
+        help="Upper bound, NOT black-box: recover with true gradients through local APIs.",
+    ),
 ) -> None:
     """Meta-train an initialization with a registered method.
 
@@ -174,6 +197,12 @@ def train(
             "threads": threads,
             "out": str(out) if out is not None else None,
         }
+        if no_boundary:
+            direct["adv"] = 0.0
+        if no_memory:
+            direct["memory"] = {"enabled": False}
+        if white_box:
+            direct["zo"] = {"enabled": False}
         cfg = resolve_config(
             preset=preset,
             config=config,
@@ -196,8 +225,12 @@ def train(
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         )
-        with Progress(*columns, console=console, transient=True) as progress:
-            result = impl().train(cfg, run, _Bar(progress), resume=resume)
+        try:
+            with Progress(*columns, console=console, transient=True) as progress:
+                result = impl().train(cfg, run, TrainProgress(progress), resume=resume)
+        except APIUnavailableError as e:  # checkpointed: tell how to resume, exit 75
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}")
+            raise typer.Exit(EXIT_RESUMABLE) from None
         m = result.metrics
         console.print(
             result_table(
@@ -209,4 +242,11 @@ def train(
         console.print(f"run directory: [cyan]{run.path}[/]")
 
 
-__all__ = ["available_presets", "load_preset", "resolve_config", "result_table"]
+__all__ = [
+    "EXIT_RESUMABLE",
+    "TrainProgress",
+    "available_presets",
+    "load_preset",
+    "resolve_config",
+    "result_table",
+]

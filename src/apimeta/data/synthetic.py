@@ -23,9 +23,10 @@ def load_synthetic(
     n_classes: tuple[int, int, int] | list[int] = (20, 8, 8),
     per_class: int = 20,
     channels: int = 3,
+    progress: object = None,
 ) -> FewShotDataset:
     """``n_classes`` for (train, val, test); ``per_class`` images each; (C, s, s) uint8 images."""
-    del root
+    del root, progress  # generated in milliseconds: nothing to report
     s = image_size or 32
     g = make_generator(seed, "synthetic")
     total = sum(n_classes)
