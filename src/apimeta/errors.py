@@ -43,5 +43,17 @@ class APIError(ApimetaError, RuntimeError):
     """An API backend failed (unreachable, protocol mismatch, bad output)."""
 
 
+class APIUnavailableError(APIError):
+    """A training run stopped because an API kept failing; ``last.pt`` holds the state before the
+    failed meta-update, so ``apimeta train --resume --out DIR`` continues exactly.
+
+    ``step``: the meta-update the checkpoint resumes at; ``run_dir``: the run directory.
+    """
+
+    def __init__(self, message: str, step: int, run_dir: str):
+        super().__init__(message)
+        self.step, self.run_dir = step, run_dir
+
+
 class CheckpointError(ApimetaError, RuntimeError):
     """A checkpoint is missing, corrupt or incompatible."""

@@ -33,6 +33,30 @@ class MemoryConfig:
 
 
 @dataclass
+class HttpConfig:
+    """Client settings for a zoo served over HTTP (``zoo: http://host:port``).
+
+    ``api_key_file``: a file holding the server's API key (else ``$APIMETA_API_KEY``).
+    ``max_retries``: re-sends of a failed request (connection errors, timeouts, 429, 502-504)
+    with exponential backoff ``backoff * 2**k`` capped at ``max_backoff`` seconds; when they run
+    out the run stops with ``last.pt`` and can be resumed. ``bill_retries``: count re-sent images
+    against ``query_budget`` too (they are always recorded under ``ledger.retries``).
+    ``query_cache``: an on-disk query cache (SQLite) so a resumed run does not pay again for
+    queries answered before an interruption; ``"auto"`` = ``<run dir>/query-cache.sqlite``.
+    Also used by local and ONNX zoos.
+    """
+
+    api_key_file: str | None = None
+    timeout: float = 30.0  # seconds per request
+    max_retries: int = 5
+    backoff: float = 0.5  # seconds
+    max_backoff: float = 20.0
+    concurrency: int = 1  # request chunks in flight at once
+    bill_retries: bool = False
+    query_cache: str | None = None  # path | "auto" | None
+
+
+@dataclass
 class RunConfig:
     """Everything a training run needs. Defaults = the ``cpu`` preset."""
 
@@ -41,7 +65,9 @@ class RunConfig:
     data_root: str | None = None
     zoo: str | None = None  # zoo dir, ONNX dir or http(s)://host:port
     scenario: str = "auto"  # auto | SS | SH | MH
-    api_output: str = "logits"  # output mode simulated by local/ONNX zoos (servers decide their own)
+    api_output: str = (
+        "logits"  # output mode simulated by local/ONNX zoos (servers decide their own)
+    )
     seed: int = 2022
     device: str = "cpu"
     threads: int | None = None
@@ -84,6 +110,7 @@ class RunConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     query_budget: int | None = 5_000_000
     on_budget_exhausted: str = "replay"  # replay: keep training on memory | stop
+    http: HttpConfig = field(default_factory=HttpConfig)  # zoo over HTTP; query cache
 
     # evaluation and selection
     eval_every: int = 1000  # episodes

@@ -32,12 +32,19 @@ class QueryCache:
 
     ``path``: the database file (created with its folder). Usable from several threads and
     processes at once; ``close()`` when done (or use as a context manager).
+
+    Resume accounting: a checkpoint stores :meth:`high_water`; a run resumed from it sets
+    ``bill_after`` to that mark. Rows stored after the mark were answered (and paid) after the
+    checkpoint, so they are missing from the restored ledger: :func:`cached_query` bills a hit on
+    such a row once (:meth:`owed`) instead of reporting it as a free cache hit.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self.bill_after: int | None = None
+        self._settled: set[str] = set()
         self._db = sqlite3.connect(str(self.path), timeout=60.0, check_same_thread=False)
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -80,6 +87,45 @@ class QueryCache:
         with self._lock, self._db:
             self._db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?)", rows)
 
+    def high_water(self) -> int:
+        """The newest row id (0 when empty): everything stored so far is at or below it."""
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(MAX(rowid), 0) FROM scores").fetchone()[0])
+
+    def set_bill_after(self, mark: int | None) -> None:
+        """Bill hits on rows stored after ``mark`` (None: never); forgets what was billed."""
+        with self._lock:
+            self.bill_after = None if mark is None else int(mark)
+            self._settled.clear()
+
+    def settle_after(self, mark: int) -> None:
+        """Count rows stored after ``mark`` as billed (e.g. those of a rolled-back meta-update
+        whose queries the ledger kept). No-op unless ``bill_after`` is set."""
+        if self.bill_after is None:
+            return
+        with self._lock:
+            rows = self._db.execute("SELECT key FROM scores WHERE rowid > ?", [int(mark)])
+            self._settled.update(k for (k,) in rows.fetchall())
+
+    def owed(self, keys: list[str]) -> int:
+        """How many of ``keys`` (cache hits, repeats counted) hit rows stored after
+        ``bill_after`` and not billed yet; they count as billed from now on."""
+        if self.bill_after is None or not keys:
+            return 0
+        fresh: set[str] = set()
+        uniq = [k for k in dict.fromkeys(keys) if k not in self._settled]
+        with self._lock:
+            for i in range(0, len(uniq), 500):
+                part = uniq[i : i + 500]
+                marks = ",".join("?" * len(part))
+                rows = self._db.execute(
+                    f"SELECT key FROM scores WHERE rowid > ? AND key IN ({marks})",
+                    [self.bill_after, *part],
+                ).fetchall()
+                fresh.update(k for (k,) in rows)
+            self._settled |= fresh
+        return sum(k in fresh for k in keys)
+
     def __len__(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM scores").fetchone()[0])
@@ -107,13 +153,18 @@ def cached_query(
 ) -> Tensor:
     """Answer (B, C, H, W) ``x`` from ``cache`` where possible; ``fetch`` (which charges the
     ledger) computes the misses, which are then stored. Returns (B, n_classes) float32 on x's
-    device. Hits go to ``ledger.record_cache_hit``."""
+    device. Hits go to ``ledger.record_cache_hit``, except hits that :meth:`QueryCache.owed`
+    says were paid after the checkpoint a run resumed from: those are charged."""
     keys = QueryCache.keys(model_key(info), info.output, x)
     hits = cache.get_many(keys)
     miss = [i for i, k in enumerate(keys) if k not in hits]
     out = torch.empty(x.shape[0], info.n_classes, dtype=torch.float32)
     if len(miss) < len(keys):
-        ledger.record_cache_hit(info.name, len(keys) - len(miss))
+        owed = cache.owed([k for k in keys if k in hits])
+        if owed:
+            ledger.charge(info.name, owed)
+        if len(keys) - len(miss) - owed:
+            ledger.record_cache_hit(info.name, len(keys) - len(miss) - owed)
         for i, k in enumerate(keys):
             if k in hits:
                 out[i] = torch.from_numpy(hits[k])
@@ -138,6 +189,12 @@ class CachedAPI:
         """(B, C, H, W) in [0, 1] -> (B, n_classes); cached rows are not sent or billed."""
         validate_query(x, self.info)
         return cached_query(self.cache, self.info, self.ledger, x, self.api.query)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        """Other attributes (``white_box_model``, ``stats``, ``close`` ...) of the wrapped API."""
+        if name in ("api", "cache"):
+            raise AttributeError(name)
+        return getattr(self.api, name)
 
     def __repr__(self) -> str:
         return f"CachedAPI({self.api!r}, {self.cache!r})"

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apimeta.apis.base import APIInfo, BlackBoxAPI, parse_output_mode
+from apimeta.apis.cache import CachedAPI, QueryCache
 from apimeta.apis.ledger import QueryLedger
 from apimeta.apis.local import LocalAPI
 from apimeta.errors import CheckpointError, ConfigError, EpisodeError
@@ -528,19 +529,33 @@ def load_zoo(
     device: str = "cpu",
     backend: str = "auto",
     max_batch: int = 4096,
+    cache: QueryCache | str | Path | None = None,
+    **client_options: Any,
 ) -> list[BlackBoxAPI]:
     """Open a zoo as black-box APIs sharing one :class:`QueryLedger` (created if None).
 
     ``source``: a zoo directory (``zoo.json``), or ``http(s)://host:port`` of an API server.
     ``backend``: ``"auto"`` (ONNX when the zoo has ONNX files, else torch), ``"torch"`` or
     ``"onnx"``. ``output``: the output restriction (logits | probs | topk:K | label).
+    ``cache``: a :class:`~apimeta.apis.cache.QueryCache` (or the path of its SQLite file) that
+    answers repeated queries without sending or billing them (HTTP: inside :class:`HttpAPI`;
+    local/ONNX: each API wrapped in :class:`~apimeta.apis.cache.CachedAPI`).
+    ``client_options``: :class:`~apimeta.apis.http.HttpAPI` keyword arguments (api_key, timeout,
+    max_retries, backoff, max_backoff, concurrency, bill_retries, ...); HTTP sources only.
     """
     parse_output_mode(output)
     ledger = ledger if ledger is not None else QueryLedger()
+    if cache is not None and not isinstance(cache, QueryCache):
+        cache = QueryCache(cache)
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         from apimeta.apis.http import load_http_zoo
 
-        return load_http_zoo(source, ledger=ledger, output=output)
+        return load_http_zoo(source, ledger=ledger, output=output, cache=cache, **client_options)
+    if client_options:
+        raise ConfigError(
+            f"HTTP client options ({', '.join(sorted(client_options))}) only apply to a zoo "
+            f"served over HTTP; {source} is a local zoo"
+        )
     if backend not in ("auto", "torch", "onnx"):
         raise ConfigError(f"backend must be auto, torch or onnx; got {backend!r}")
     path = Path(source)
@@ -548,16 +563,21 @@ def load_zoo(
     if path.is_file():
         path = path.parent
     has_onnx = any("onnx_file" in e for e in data["apis"]) or any(path.glob("*.onnx"))
+    apis: list[BlackBoxAPI] = []
     if backend == "onnx" or (backend == "auto" and has_onnx):
         from apimeta.apis.onnx import load_onnx_zoo
 
-        return load_onnx_zoo(path, ledger=ledger, output=output)
-    if not data["apis"]:
-        raise ConfigError(f"the zoo at {path} has no finished APIs yet; run `apimeta zoo build`")
-    apis: list[BlackBoxAPI] = []
-    for entry in data["apis"]:
-        model = load_api_model(path, entry).to(device)
-        apis.append(LocalAPI(model, entry_info(entry, output), ledger, max_batch=max_batch))
+        apis = list(load_onnx_zoo(path, ledger=ledger, output=output))
+    else:
+        if not data["apis"]:
+            raise ConfigError(
+                f"the zoo at {path} has no finished APIs yet; run `apimeta zoo build`"
+            )
+        for entry in data["apis"]:
+            model = load_api_model(path, entry).to(device)
+            apis.append(LocalAPI(model, entry_info(entry, output), ledger, max_batch=max_batch))
+    if cache is not None:
+        apis = [CachedAPI(api, cache) for api in apis]  # type: ignore[misc]
     return apis
 
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from apimeta.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from apimeta.config import from_dict, to_dict
 from apimeta.data.base import FewShotDataset, load_dataset
-from apimeta.errors import CheckpointError, ConfigError
+from apimeta.errors import APIUnavailableError, CheckpointError, ConfigError
 from apimeta.evaluate import DEFAULT_EVAL_SEED, evaluate, format_result, summary_score
 from apimeta.models import build_backbone
 from apimeta.run_config import RunConfig
@@ -212,6 +212,12 @@ class MetaTrainer(Method):
     ``step`` (meta-updates done), ``device``.
     """
 
+    #: errors of :meth:`meta_batch_loss` that stop the run *resumably*: the partial update is
+    #: discarded, ``last.pt`` is written with the state from the start of that update and
+    #: :class:`~apimeta.errors.APIUnavailableError` is raised (API methods: ``(APIError,)``).
+    #: Empty (the default): errors propagate unchanged.
+    resumable_errors: ClassVar[tuple[type[Exception], ...]] = ()
+
     def __init__(self) -> None:
         self._generators: dict[str, torch.Generator] = {}
 
@@ -234,6 +240,15 @@ class MetaTrainer(Method):
     def should_stop(self) -> bool:
         """Return True to end training early (after the current meta-update)."""
         return False
+
+    def rollback_update(self, extra: dict[str, Any]) -> None:
+        """Undo a failed meta-update: restore the :meth:`extra_state` taken at its start.
+
+        Called only for :attr:`resumable_errors`; generators are restored by the caller. The
+        default reloads ``extra``; API methods keep their current ledger (the images of the
+        failed update were sent and stay counted).
+        """
+        self.load_extra_state(extra)
 
     def total_updates(self) -> int:
         """Number of meta-updates: ``cfg.episodes // cfg.meta_batch``."""
@@ -295,6 +310,37 @@ class MetaTrainer(Method):
             "extra": self.extra_state(),
             "elapsed": self.elapsed,
         }
+
+    def _update_snapshot(self) -> dict[str, Any]:
+        """What a failed meta-update may have changed: generator states and method state.
+
+        Cheap: ``extra_state`` returns fresh containers of tensors that are never modified in
+        place; the model and optimizer only change in ``optimizer.step()``, after the loss.
+        """
+        return {"rng": rng_states(self._generators), "extra": self.extra_state()}
+
+    def _stop_resumable(self, snapshot: dict[str, Any], error: Exception) -> APIUnavailableError:
+        """Roll back to ``snapshot`` (the start of meta-update ``self.step``), write ``last.pt``
+        and return the error to raise. Resuming redoes that update from the same generator
+        states, so the run continues as if never interrupted."""
+        for key in [k for k in self._generators if k not in snapshot["rng"]]:
+            del self._generators[key]  # created during the failed update: recreated fresh
+        restore_rng_states(self._generators, snapshot["rng"])
+        self.rollback_update(snapshot["extra"])
+        self.optimizer.zero_grad(set_to_none=True)
+        save_checkpoint(self.run.last_checkpoint, self._state())
+        self.run.truncate_metrics(self.step)  # records of the discarded update
+        ledger = getattr(self, "ledger", None)
+        spent = f" Queries so far: {ledger.used} (kept in the checkpoint)." if ledger else ""
+        log.error("meta-update %d failed (%s); checkpointed", self.step + 1, error)
+        return APIUnavailableError(
+            f"{error}\nThe run stopped at meta-update {self.step} of {self.total_updates()} and "
+            f"saved its state before the failed update in {self.run.last_checkpoint}; nothing "
+            f"trained is lost.{spent} When the API is back, continue with: "
+            f"apimeta train --resume --out {self.run.path}",
+            self.step,
+            str(self.run.path),
+        )
 
     def _resume(self) -> None:
         ckpt = load_checkpoint(self.run.last_checkpoint, map_location=self.device)
@@ -378,7 +424,12 @@ class MetaTrainer(Method):
             t0 = time.perf_counter()
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
-            loss, metrics = self.meta_batch_loss(self.step)
+            snapshot = self._update_snapshot() if self.resumable_errors else None
+            try:
+                loss, metrics = self.meta_batch_loss(self.step)
+            except self.resumable_errors as e:
+                assert snapshot is not None
+                raise self._stop_resumable(snapshot, e) from e
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"meta-loss is {loss.item()} at meta-update {self.step}; "

@@ -20,10 +20,16 @@ from torch import Tensor, nn
 
 from apimeta.apis.base import BlackBoxAPI
 from apimeta.apis.ledger import QueryLedger
-from apimeta.errors import ConfigError, QueryBudgetExceeded
+from apimeta.errors import APIError, ConfigError, QueryBudgetExceeded
 from apimeta.losses import kd_loss, output_kind
 from apimeta.methods.base import MetaTrainer
-from apimeta.methods.bidf_mkd import load_run_apis
+from apimeta.methods.bidf_mkd import (
+    cache_mark,
+    load_run_apis,
+    resume_cache_billing,
+    rollback_keeping_ledger,
+    run_query_cache,
+)
 from apimeta.recovery import recover
 from apimeta.scenarios import APIPool
 from apimeta.transforms import crop_flip, resize
@@ -44,11 +50,13 @@ class BBKD(MetaTrainer):
     """Black-box KD of all APIs into one union-head model (see the module docstring)."""
 
     name = "bbkd"
+    resumable_errors = (APIError,)
 
     def setup(self) -> None:
         cfg = self.cfg
         self.ledger = QueryLedger(cfg.query_budget)
-        self.apis = load_run_apis(cfg, self.ledger)
+        self.apis = load_run_apis(cfg, self.ledger, self.run.path)
+        self.query_cache = run_query_cache(self.apis)
         self.pool = APIPool(self.apis, cfg.scenario, self.generator("api-draws"))
         self.estimator = build_estimator(cfg.zo) if cfg.zo.enabled else None
         self.kd = kd_loss(cfg.kd_loss)
@@ -85,6 +93,7 @@ class BBKD(MetaTrainer):
             "pool_probs": list(self.pool_probs),
             "budget_exhausted": self.budget_exhausted,
             "n_events": self.n_events,
+            "cache_mark": cache_mark(self.query_cache),
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -96,6 +105,11 @@ class BBKD(MetaTrainer):
         self.pool_probs = [bool(b) for b in state["pool_probs"]]
         self.budget_exhausted = bool(state["budget_exhausted"])
         self.n_events = int(state["n_events"])
+        resume_cache_billing(self.query_cache, state.get("cache_mark"))
+
+    def rollback_update(self, extra: dict[str, Any]) -> None:
+        """Undo a failed meta-update but keep the ledger (its images were sent)."""
+        rollback_keeping_ledger(self, extra)
 
     def should_stop(self) -> bool:
         return self.budget_exhausted and self.cfg.on_budget_exhausted == "stop"
@@ -146,6 +160,7 @@ class BBKD(MetaTrainer):
         self.run.log(
             {
                 "phase": "event",
+                "step": self.step + 1,  # the meta-update it belongs to (dropped with it on resume)
                 "event": self.n_events - 1,
                 "api": api.info.name,
                 "fidelity": rec.fidelity,

@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from apimeta.apis.base import BlackBoxAPI
+from apimeta.apis.cache import QueryCache
 from apimeta.apis.ledger import QueryLedger
 from apimeta.episodes import Episode
-from apimeta.errors import ConfigError, EpisodeError, QueryBudgetExceeded
+from apimeta.errors import APIError, ConfigError, EpisodeError, QueryBudgetExceeded
 from apimeta.losses import kd_loss, output_kind
 from apimeta.maml import functional_forward, inner_adapt, maml_outer_loss, named_params
 from apimeta.memory import TaskMemory
@@ -39,14 +41,61 @@ from apimeta.methods.base import MetaTrainer, dataset_names
 from apimeta.recovery import Recovered, recover
 from apimeta.report import save_image_grid
 from apimeta.scenarios import APIPool
+from apimeta.seeding import derive_seed
 from apimeta.transforms import crop_flip, resize
 from apimeta.zo import ZOEstimator, build_estimator
 
 log = logging.getLogger(__name__)
 
 
-def load_run_apis(cfg: Any, ledger: QueryLedger) -> list[BlackBoxAPI]:
-    """The zoo of ``cfg.zoo`` (directory, ONNX folder or http(s) URL) behind one ledger."""
+def http_client_options(cfg: Any) -> dict[str, Any]:
+    """``HttpAPI`` keyword arguments from ``cfg.http`` (the API key read from ``api_key_file``;
+    without one, ``HttpAPI`` reads ``$APIMETA_API_KEY``)."""
+    h = cfg.http
+    opts: dict[str, Any] = {
+        "timeout": h.timeout,
+        "max_retries": h.max_retries,
+        "backoff": h.backoff,
+        "max_backoff": h.max_backoff,
+        "concurrency": h.concurrency,
+        "bill_retries": h.bill_retries,
+        "seed": derive_seed(cfg.seed, "http-jitter"),
+    }
+    if h.api_key_file:
+        path = Path(h.api_key_file).expanduser()
+        try:
+            key = path.read_text().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read http.api_key_file {path}: {e.strerror}; give a file holding the "
+                "server's API key (or set $APIMETA_API_KEY)"
+            ) from None
+        if not key:
+            raise ConfigError(f"http.api_key_file {path} is empty; put the API key in it")
+        opts["api_key"] = key
+    return opts
+
+
+def query_cache_path(cfg: Any, run_dir: str | Path | None) -> Path | None:
+    """Where ``cfg.http.query_cache`` puts the query cache (``"auto"``: in the run directory)."""
+    where = cfg.http.query_cache
+    if not where:
+        return None
+    if where == "auto":
+        if run_dir is None:
+            raise ConfigError("http.query_cache=auto needs the run directory; give a path instead")
+        return Path(run_dir) / "query-cache.sqlite"
+    return Path(where).expanduser()
+
+
+def load_run_apis(
+    cfg: Any, ledger: QueryLedger, run_dir: str | Path | None = None
+) -> list[BlackBoxAPI]:
+    """The zoo of ``cfg.zoo`` (directory, ONNX folder or http(s) URL) behind one ledger.
+
+    HTTP zoos use the client settings of ``cfg.http``; ``cfg.http.query_cache`` (any zoo) adds
+    an on-disk query cache (``"auto"``: ``<run_dir>/query-cache.sqlite``).
+    """
     from apimeta.apis.zoo import load_zoo
 
     if not cfg.zoo:
@@ -54,7 +103,17 @@ def load_run_apis(cfg: Any, ledger: QueryLedger) -> list[BlackBoxAPI]:
             "this method learns from APIs: pass --zoo DIR (build one with `apimeta zoo build`) "
             "or --zoo http://host:port (a server started with `apimeta serve`)"
         )
-    apis = load_zoo(cfg.zoo, ledger=ledger, output=cfg.api_output, device=cfg.device)
+    is_http = str(cfg.zoo).startswith(("http://", "https://"))
+    options = http_client_options(cfg) if is_http else {}
+    cache_path = query_cache_path(cfg, run_dir)
+    apis = load_zoo(
+        cfg.zoo,
+        ledger=ledger,
+        output=cfg.api_output,
+        device=cfg.device,
+        cache=QueryCache(cache_path) if cache_path is not None else None,
+        **options,
+    )
     wanted = set(dataset_names(cfg))
     have = {a.info.dataset for a in apis}
     if not have & wanted:
@@ -67,16 +126,64 @@ def load_run_apis(cfg: Any, ledger: QueryLedger) -> list[BlackBoxAPI]:
     return apis
 
 
+def run_query_cache(apis: list[BlackBoxAPI]) -> QueryCache | None:
+    """The :class:`QueryCache` behind ``apis`` (None without one)."""
+    return next((a.cache for a in apis if getattr(a, "cache", None) is not None), None)  # type: ignore[attr-defined]
+
+
+def cache_mark(cache: QueryCache | None) -> int:
+    """What a checkpoint stores about the query cache: its newest row id (-1: no cache)."""
+    return cache.high_water() if cache is not None else -1
+
+
+def resume_cache_billing(cache: QueryCache | None, mark: int | None) -> None:
+    """On resume from a checkpoint holding ``mark``: bill cache hits on rows stored after it
+    (answered after the checkpoint, so paid but missing from the restored ledger)."""
+    if cache is not None and mark is not None:
+        cache.set_bill_after(int(mark) if int(mark) >= 0 else None)
+
+
+def rollback_keeping_ledger(method: Any, extra: dict[str, Any]) -> None:
+    """``load_extra_state(extra)`` except the ledger, which keeps what was actually sent.
+
+    Why resuming does not pay twice or lose count (HTTP zoos): a failed or killed meta-update is
+    redone from ``last.pt`` with the generator states from its start, so it recovers the same
+    images and sends the same queries.
+
+    * Failed update (server down past the retry policy): rolled back in memory with the ledger
+      as it is, so images sent during it stay counted; with a query cache the redo takes the
+      answers it already got from the cache (not billed again). Re-sent: only the request that
+      failed.
+    * SIGKILL: the ledger comes from the last checkpoint, so images sent after it were paid to
+      the server but are missing from it. With a query cache (``http.query_cache``) every answer
+      received before the kill was stored (one SQLite transaction per batch), so the redo takes
+      it from the cache without sending it; and since the checkpoint holds the cache's newest row
+      id (:func:`cache_mark`), those hits on rows stored after the checkpoint are charged to the
+      ledger once (:meth:`QueryCache.owed`): the ledger again counts every image the server was
+      paid for, except requests in flight at the kill (at most ``http.concurrency``), whose
+      answers never arrived: those are paid twice and counted once. Without a cache, everything
+      sent after the checkpoint is paid twice (counted once).
+    """
+    sent = method.ledger.state_dict()
+    method.load_extra_state({**extra, "cache_mark": None})  # keep the cache's billing state
+    method.ledger.load_state_dict(sent)
+    cache = getattr(method, "query_cache", None)
+    if cache is not None and extra.get("cache_mark") is not None:
+        cache.settle_after(int(extra["cache_mark"]))  # the kept ledger counts those rows
+
+
 class BiDfMKD(MetaTrainer):
     """BiDf-MKD on a zoo of black-box APIs (see the module docstring)."""
 
     name = "bidf-mkd"
+    resumable_errors = (APIError,)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
         self.ledger = QueryLedger(cfg.query_budget)
-        self.apis = load_run_apis(cfg, self.ledger)
+        self.apis = load_run_apis(cfg, self.ledger, self.run.path)
+        self.query_cache = run_query_cache(self.apis)
         self.pool = APIPool(self.apis, cfg.scenario, self.generator("api-draws"))
         self.memory = TaskMemory(cfg.memory.mem_batches, cfg.memory.quantize_uint8)
         self.estimator: ZOEstimator | None = build_estimator(cfg.zo) if cfg.zo.enabled else None
@@ -111,8 +218,9 @@ class BiDfMKD(MetaTrainer):
             "event_due": self.event_due,
             "running_max": self.running_max,
             "plateau": self.plateau,
-            "events": self.events,
+            "events": list(self.events),
             "budget_exhausted": self.budget_exhausted,
+            "cache_mark": cache_mark(self.query_cache),
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -123,6 +231,11 @@ class BiDfMKD(MetaTrainer):
         self.plateau = int(state["plateau"])
         self.events = list(state["events"])
         self.budget_exhausted = bool(state["budget_exhausted"])
+        resume_cache_billing(self.query_cache, state.get("cache_mark"))
+
+    def rollback_update(self, extra: dict[str, Any]) -> None:
+        """Undo a failed meta-update but keep the ledger: its images were sent (and paid)."""
+        rollback_keeping_ledger(self, extra)
 
     def should_stop(self) -> bool:
         if not self.budget_exhausted:
@@ -263,7 +376,11 @@ class BiDfMKD(MetaTrainer):
             "outer_acc": acc,
         }
         self.events.append(event)
-        self.run.log({"phase": "event", **event, "queries_total": self.ledger.used})
+        # logged under the meta-update it belongs to (as train records count), so a resume
+        # from the checkpoint before that update drops it with the update
+        self.run.log(
+            {"phase": "event", **event, "step": step + 1, "queries_total": self.ledger.used}
+        )
         grid = torch.cat([sup.images[sup.targets == i][:8] for i in range(api.info.n_classes)])
         save_image_grid(grid, self.run.file(f"recovered/event-{len(self.events) - 1:04d}.png"), 8)
         log.debug("API event %s", event)
@@ -349,7 +466,16 @@ class BiDfMKD(MetaTrainer):
             self.running_max, self.plateau = -1.0, 0
 
 
-__all__ = ["BiDfMKD", "load_run_apis"]
+__all__ = [
+    "BiDfMKD",
+    "cache_mark",
+    "http_client_options",
+    "load_run_apis",
+    "query_cache_path",
+    "resume_cache_billing",
+    "rollback_keeping_ledger",
+    "run_query_cache",
+]
 
 
 def _register() -> None:
