@@ -19,21 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from apimeta.apis.base import BlackBoxAPI
-from apimeta.apis.ledger import QueryLedger
-from apimeta.errors import APIError, ConfigError, QueryBudgetExceeded
-from apimeta.losses import kd_loss, output_kind
-from apimeta.methods.base import MetaTrainer
-from apimeta.methods.bidf_mkd import (
-    cache_mark,
-    load_run_apis,
-    resume_cache_billing,
-    rollback_keeping_ledger,
-    run_query_cache,
-)
-from apimeta.recovery import recover
-from apimeta.scenarios import APIPool
+from apimeta.errors import ConfigError, QueryBudgetExceeded
+from apimeta.losses import output_kind
+from apimeta.methods.bidf_mkd import APILearner
 from apimeta.transforms import crop_flip, resize
-from apimeta.zo import build_estimator
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +35,13 @@ def classifier_of(model: nn.Module) -> nn.Linear:
     return head
 
 
-class BBKD(MetaTrainer):
+class BBKD(APILearner):
     """Black-box KD of all APIs into one union-head model (see the module docstring)."""
 
     name = "bbkd"
-    resumable_errors = (APIError,)
 
     def setup(self) -> None:
-        cfg = self.cfg
-        self.ledger = QueryLedger(cfg.query_budget)
-        self.apis = load_run_apis(cfg, self.ledger, self.run.path)
-        self.query_cache = run_query_cache(self.apis)
-        self.pool = APIPool(self.apis, cfg.scenario, self.generator("api-draws"))
-        self.estimator = build_estimator(cfg.zo) if cfg.zo.enabled else None
-        self.kd = kd_loss(cfg.kd_loss)
+        self.setup_apis()
         keys = sorted({(a.info.dataset, int(c)) for a in self.apis for c in a.info.classes})
         self.column = {k: i for i, k in enumerate(keys)}
         head = classifier_of(self.model)
@@ -85,7 +67,7 @@ class BBKD(MetaTrainer):
 
     def extra_state(self) -> dict[str, Any]:
         return {
-            "ledger": self.ledger.state_dict(),
+            **self.api_state(),
             "union_head": {k: v.detach().cpu() for k, v in self.union_head.state_dict().items()},
             "pool_x": list(self.pool_x),
             "pool_t": list(self.pool_t),
@@ -93,11 +75,10 @@ class BBKD(MetaTrainer):
             "pool_probs": list(self.pool_probs),
             "budget_exhausted": self.budget_exhausted,
             "n_events": self.n_events,
-            "cache_mark": cache_mark(self.query_cache),
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.ledger.load_state_dict(state["ledger"])
+        self.load_api_state(state)
         self.union_head.load_state_dict(state["union_head"])
         self.pool_x = list(state["pool_x"])
         self.pool_t = list(state["pool_t"])
@@ -105,44 +86,22 @@ class BBKD(MetaTrainer):
         self.pool_probs = [bool(b) for b in state["pool_probs"]]
         self.budget_exhausted = bool(state["budget_exhausted"])
         self.n_events = int(state["n_events"])
-        resume_cache_billing(self.query_cache, state.get("cache_mark"))
-
-    def rollback_update(self, extra: dict[str, Any]) -> None:
-        """Undo a failed meta-update but keep the ledger (its images were sent)."""
-        rollback_keeping_ledger(self, extra)
 
     def should_stop(self) -> bool:
         return self.budget_exhausted and self.cfg.on_budget_exhausted == "stop"
 
     def _event(self) -> None:
-        cfg = self.cfg
         api: BlackBoxAPI = self.pool.draw()
-        b = cfg.recover_per_class * api.info.n_classes
-        per_iter = b if self.estimator is None else self.estimator.cost(b)
-        if not self.ledger.can_afford(2 * cfg.recover_iters * per_iter + 2 * b):
+        b = self.cfg.recover_per_class * api.info.n_classes
+        if not self.ledger.can_afford(2 * (self.recovery_cost(api) + b)):
             self.budget_exhausted = True
             return
-        white = not cfg.zo.enabled
         xs, ts = [], []
         try:
-            # two recoveries per event, like bidf-mkd's S and Q, so both spend the same queries
+            # two recoveries per event, like bidf-mkd's S and Q, so both spend the same queries;
+            # teacher outputs: one query of the kept (un-augmented) images each
             for _ in range(2):
-                rec = recover(
-                    api,
-                    generator=self.generator("recovery"),
-                    n_per_class=cfg.recover_per_class,
-                    iters=cfg.recover_iters,
-                    estimator=self.estimator,
-                    gen_lr=cfg.gen_lr,
-                    nz=cfg.nz,
-                    ngf=cfg.ngf,
-                    best_iterate=cfg.best_iterate,
-                    early_stop_prob=cfg.early_stop_prob,
-                    white_box=white,
-                    white_box_model=api.white_box_model() if white else None,  # type: ignore[attr-defined]
-                    final_query=True,
-                    device=self.device,
-                )
+                rec = self.recover_from(api, final_query=True)
                 if rec.budget_exhausted or rec.api_outputs is None:
                     self.budget_exhausted = True
                     return

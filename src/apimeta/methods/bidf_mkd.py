@@ -172,23 +172,25 @@ def rollback_keeping_ledger(method: Any, extra: dict[str, Any]) -> None:
         cache.settle_after(int(extra["cache_mark"]))  # the kept ledger counts those rows
 
 
-class BiDfMKD(MetaTrainer):
-    """BiDf-MKD on a zoo of black-box APIs (see the module docstring)."""
+class APILearner(MetaTrainer):
+    """Shared machinery of methods that learn from a zoo of black-box APIs.
 
-    name = "bidf-mkd"
+    ``setup_apis`` builds the ledger (``cfg.query_budget``), the APIs (with the optional query
+    cache), the scenario's :class:`APIPool`, the ZO estimator and the KD loss; ``recover_from``
+    runs one recovery with the run's settings. A failed API call inside a meta-update rolls the
+    update back (keeping the ledger) and raises :class:`APIUnavailableError` (``resumable_errors``).
+    """
+
     resumable_errors = (APIError,)
 
-    # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
+    def setup_apis(self) -> None:
         cfg = self.cfg
         self.ledger = QueryLedger(cfg.query_budget)
         self.apis = load_run_apis(cfg, self.ledger, self.run.path)
         self.query_cache = run_query_cache(self.apis)
         self.pool = APIPool(self.apis, cfg.scenario, self.generator("api-draws"))
-        self.memory = TaskMemory(cfg.memory.mem_batches, cfg.memory.quantize_uint8)
         self.estimator: ZOEstimator | None = build_estimator(cfg.zo) if cfg.zo.enabled else None
         self.kd = kd_loss(cfg.kd_loss)
-        self.in_channels = int(self.spec["in_channels"])
         if not cfg.zo.enabled:
             log.warning("zo.enabled=false: WHITE-BOX recovery (true gradients); not black-box")
             for api in self.apis:
@@ -197,6 +199,67 @@ class BiDfMKD(MetaTrainer):
                         f"white-box recovery needs in-process APIs; {api.info.name!r} is "
                         f"{type(api).__name__}. Use a local zoo directory or zo.enabled=true."
                     )
+
+    def api_state(self) -> dict[str, Any]:
+        return {"ledger": self.ledger.state_dict(), "cache_mark": cache_mark(self.query_cache)}
+
+    def load_api_state(self, state: dict[str, Any]) -> None:
+        self.ledger.load_state_dict(state["ledger"])
+        resume_cache_billing(self.query_cache, state.get("cache_mark"))
+
+    def rollback_update(self, extra: dict[str, Any]) -> None:
+        """Undo a failed meta-update but keep the ledger: its images were sent (and paid)."""
+        rollback_keeping_ledger(self, extra)
+
+    def recover_from(
+        self,
+        api: BlackBoxAPI,
+        mode: str = "support",
+        student: Callable[[Tensor], Tensor] | None = None,
+        final_query: bool = False,
+    ) -> Recovered:
+        """One recovery from ``api`` with the run's settings (white-box when ``zo.enabled`` is
+        off). ``final_query=False``: callers query the augmented view themselves (4.4, 4.6)."""
+        cfg = self.cfg
+        white = not cfg.zo.enabled
+        return recover(
+            api,
+            generator=self.generator("recovery"),
+            n_per_class=cfg.recover_per_class,
+            iters=cfg.recover_iters,
+            mode=mode,
+            student=student,
+            adv=cfg.adv,
+            estimator=self.estimator,
+            gen_lr=cfg.gen_lr,
+            nz=cfg.nz,
+            ngf=cfg.ngf,
+            best_iterate=cfg.best_iterate,
+            early_stop_prob=cfg.early_stop_prob,
+            white_box=white,
+            white_box_model=api.white_box_model() if white else None,  # type: ignore[attr-defined]
+            final_query=final_query,
+            device=self.device,
+        )
+
+    def recovery_cost(self, api: BlackBoxAPI) -> int:
+        """Worst-case queries of one recovery (no early stop), final query excluded."""
+        b = self.cfg.recover_per_class * api.info.n_classes
+        per_iter = b if self.estimator is None else self.estimator.cost(b)
+        return self.cfg.recover_iters * per_iter
+
+
+class BiDfMKD(APILearner):
+    """BiDf-MKD on a zoo of black-box APIs (see the module docstring)."""
+
+    name = "bidf-mkd"
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.setup_apis()
+        self.memory = TaskMemory(cfg.memory.mem_batches, cfg.memory.quantize_uint8)
+        self.in_channels = int(self.spec["in_channels"])
         if cfg.memory.enabled and cfg.recover_per_class * 2 < cfg.shot + cfg.query:
             raise ConfigError(
                 f"one API event stores {2 * cfg.recover_per_class} images per class, fewer than "
@@ -213,29 +276,23 @@ class BiDfMKD(MetaTrainer):
 
     def extra_state(self) -> dict[str, Any]:
         return {
-            "ledger": self.ledger.state_dict(),
+            **self.api_state(),
             "memory": self.memory.state_dict(),
             "event_due": self.event_due,
             "running_max": self.running_max,
             "plateau": self.plateau,
             "events": list(self.events),
             "budget_exhausted": self.budget_exhausted,
-            "cache_mark": cache_mark(self.query_cache),
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.ledger.load_state_dict(state["ledger"])
+        self.load_api_state(state)
         self.memory.load_state_dict(state["memory"])
         self.event_due = bool(state["event_due"])
         self.running_max = float(state["running_max"])
         self.plateau = int(state["plateau"])
         self.events = list(state["events"])
         self.budget_exhausted = bool(state["budget_exhausted"])
-        resume_cache_billing(self.query_cache, state.get("cache_mark"))
-
-    def rollback_update(self, extra: dict[str, Any]) -> None:
-        """Undo a failed meta-update but keep the ledger: its images were sent (and paid)."""
-        rollback_keeping_ledger(self, extra)
 
     def should_stop(self) -> bool:
         if not self.budget_exhausted:
@@ -259,38 +316,11 @@ class BiDfMKD(MetaTrainer):
 
         return fn
 
-    def _recover(
-        self, api: BlackBoxAPI, mode: str, student: Callable[[Tensor], Tensor] | None = None
-    ) -> Recovered:
-        cfg = self.cfg
-        white = not cfg.zo.enabled
-        return recover(
-            api,
-            generator=self.generator("recovery"),
-            n_per_class=cfg.recover_per_class,
-            iters=cfg.recover_iters,
-            mode=mode,
-            student=student,
-            adv=cfg.adv,
-            estimator=self.estimator,
-            gen_lr=cfg.gen_lr,
-            nz=cfg.nz,
-            ngf=cfg.ngf,
-            best_iterate=cfg.best_iterate,
-            early_stop_prob=cfg.early_stop_prob,
-            white_box=white,
-            white_box_model=api.white_box_model() if white else None,  # type: ignore[attr-defined]
-            final_query=False,  # KD queries the augmented view once instead (4.4, 4.6)
-            device=self.device,
-        )
-
     def event_cost(self, api: BlackBoxAPI) -> int:
         """Worst-case queries of one API event: two recoveries plus the two KD target queries."""
-        cfg = self.cfg
-        b = cfg.recover_per_class * api.info.n_classes
-        per_iter = b if self.estimator is None else self.estimator.cost(b)
-        kd = 2 * b if cfg.cache_api_outputs else (cfg.kd_inner_steps + 1) * b
-        return 2 * cfg.recover_iters * per_iter + kd
+        b = self.cfg.recover_per_class * api.info.n_classes
+        kd = 2 * b if self.cfg.cache_api_outputs else (self.cfg.kd_inner_steps + 1) * b
+        return 2 * self.recovery_cost(api) + kd
 
     # ------------------------------------------------------------------ episodes
     def api_episode(self, step: int) -> tuple[Tensor, float] | None:
@@ -305,7 +335,7 @@ class BiDfMKD(MetaTrainer):
         kd = self._kd_fn(api)
         aug = self.generator("kd-augment")
         try:
-            sup = self._recover(api, "support")
+            sup = self.recover_from(api, "support")
             s_aug = crop_flip(sup.images, aug)
             # inner level: KD on the support set; API outputs queried once and cached (4.4)
             if cfg.cache_api_outputs:
@@ -346,7 +376,7 @@ class BiDfMKD(MetaTrainer):
                 with torch.no_grad():
                     return functional_forward(self.model, frozen, self._to_model(x))
 
-            qry = self._recover(api, mode, student if mode == "boundary" else None)
+            qry = self.recover_from(api, mode, student if mode == "boundary" else None)
             q_aug = crop_flip(qry.images, aug)
             t_q = api.query(q_aug)
         except QueryBudgetExceeded:
@@ -467,6 +497,7 @@ class BiDfMKD(MetaTrainer):
 
 
 __all__ = [
+    "APILearner",
     "BiDfMKD",
     "cache_mark",
     "http_client_options",
