@@ -57,3 +57,27 @@ def test_bench_rejects_bad_scenario_and_variant(tmp_path):
         app, ["bench", "--scenario", f"SS={tmp_path}:synthetic", "--methods", "magic"]
     )
     assert res.exit_code == 2 and "unknown method variant" in res.output
+
+
+def test_train_bidf_mkd_then_eval_checkpoint(tmp_path):
+    zoo = tmp_path / "zoo"
+    build_zoo(["synthetic"], 2, ["conv4"], 5, zoo, epochs=1, conv4_width=8)
+    run = tmp_path / "run"
+    res = runner.invoke(
+        app,
+        ["train", "--method", "bidf-mkd", "--dataset", "synthetic", "--zoo", str(zoo),
+         "--episodes", "4", "--query-budget", "100000", "--out", str(run), "--no-boundary",
+         "--set", "test_tasks=2", "--set", "meta_batch=2", *TINY],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "run directory" in res.output
+    cfg = (run / "config.yaml").read_text()
+    assert "adv: 0.0" in cfg and "query_budget: 100000" in cfg
+    out = tmp_path / "eval.json"
+    res = runner.invoke(
+        app,
+        ["eval", "--init", str(run / "best.pt"), "--dataset", "synthetic", "--shots", "1",
+         "--tasks", "3", "--json", str(out)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())
