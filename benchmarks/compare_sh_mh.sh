@@ -9,6 +9,6 @@ SH=runs/zoos/emoji-mixed; MH=runs/zoos/emoji-kanji
 [ -f "$MH/zoo.json" ] && [ "$(grep -c api- "$MH/zoo.json")" -ge 20 ] || \
   $A zoo build --dataset emoji,kanji --archs conv4,resnet10 --n-apis 20 --way 5 --batch-size 32 --out "$MH" --threads 1
 $A bench --scenario "SH=$SH:emoji" --scenario "MH=$MH:emoji,kanji" --methods "${METHODS:-random,bbkd,bidf-mkd}" \
-  --preset cpu --set episodes=1200 --set api_patience=20 --set query_budget=1000000 \
+  --preset cpu --set episodes=1200 --set api_patience=20 --set adv_start=75 --set query_budget=1000000 \
   --set eval_every=400 --set eval_tasks=100 --set test_tasks=600 --tasks 600 \
   --out runs/bench/compare --table runs/bench/compare/SH-MH.md --threads 1

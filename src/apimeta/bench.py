@@ -131,15 +131,19 @@ def run_one(
     method, overrides = variant(name)
     path = run_dir_for(out, scenario, name)
     done = path / "eval.json"
-    if done.exists():
-        row = json.loads(done.read_text())
-        if row.get("tasks") == tasks and row.get("shots") == list(shots):
-            log.info("reusing %s", done)
-            return row
     data = merge(base, {"method": method, "zoo": scenario.zoo, "dataset": scenario.dataset})
     data = merge(data, overrides)
     data["out"] = str(path)
     cfg = from_dict(RunConfig, data)
+    if done.exists():
+        row = json.loads(done.read_text())
+        if row.get("tasks") == tasks and row.get("shots") == list(shots):
+            row["config_diff"] = config_diff(row.get("config", {}), to_dict(cfg))
+            if row["config_diff"]:
+                log.warning(
+                    "reusing %s, trained with a different config: %s", done, row["config_diff"]
+                )
+            return row
     t0 = time.perf_counter()
     queries = 0
     ckpt: Path | None = None
@@ -173,6 +177,20 @@ def run_one(
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_json(done, row)
     return row
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Keys whose values differ (``{"adv_start": [500, 75]}``), ignoring run-local keys."""
+    out: dict[str, Any] = {}
+    for k in sorted(set(old) | set(new)):
+        if k in ("out", "threads"):
+            continue
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(config_diff(a, b, prefix + k + "."))
+        elif a != b:
+            out[prefix + k] = [a, b]
+    return out
 
 
 def _queries_used(run: RunDir) -> int:
@@ -225,7 +243,16 @@ def comparison_table(
                 t.append(f"{r['train_seconds'] / 60:.1f}")
         line += [" / ".join(q) or "—", " / ".join(ev) or "—", " / ".join(t) or "—"]
         table.append(line)
-    return markdown_table(header, table)
+    notes = [
+        f"- {r['scenario']} {r['variant']}: reused run trained with "
+        + ", ".join(f"{k}={a!r} (table: {b!r})" for k, (a, b) in r["config_diff"].items())
+        for r in rows
+        if r.get("config_diff")
+    ]
+    text = markdown_table(header, table)
+    if notes:
+        text += "\nConfig differences of reused runs:\n\n" + "\n".join(notes) + "\n"
+    return text
 
 
 def per_dataset_table(rows: Sequence[dict[str, Any]], shots: Sequence[int]) -> str:
@@ -269,6 +296,7 @@ __all__ = [
     "Scenario",
     "base_config",
     "comparison_table",
+    "config_diff",
     "evaluate_init",
     "machine_line",
     "mean_over_datasets",

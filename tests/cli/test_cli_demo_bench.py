@@ -48,6 +48,12 @@ def test_bench_table_reuses_finished_runs(tmp_path):
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert (tmp_path / "b" / "SS" / "bidf-mkd" / "eval.json").stat().st_mtime_ns == first
+    assert "Config differences" not in (tmp_path / "b" / "results.md").read_text()
+    # a reused run trained with other settings is reported, never silently mixed in
+    res = runner.invoke(app, [*args, "--set", "adv_start=3"])
+    assert res.exit_code == 0, res.output
+    table = (tmp_path / "b" / "results.md").read_text()
+    assert "SS bidf-mkd: reused run trained with adv_start=500 (table: 3)" in table
 
 
 def test_bench_rejects_bad_scenario_and_variant(tmp_path):
