@@ -431,11 +431,12 @@ def build_zoo(
         if dataset not in loaded:
             logger.info("loading dataset %s", dataset)
             try:
+                # the dataset's own rendering seed stays at its default, as for every method
+                # (methods.base.load_run_datasets): the zoo seed draws classes and trains APIs
                 loaded[dataset] = load_dataset(
                     dataset,
                     root=data_root,
                     image_size=image_size,
-                    seed=seed,
                     **build_args["dataset_options"],
                 )
             except TypeError as e:
