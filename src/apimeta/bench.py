@@ -25,10 +25,14 @@ import torch
 
 from apimeta.config import from_dict, merge, parse_overrides, to_dict
 from apimeta.errors import ConfigError
-from apimeta.evaluate import DEFAULT_EVAL_SEED, evaluate
 from apimeta.io import atomic_write_json
 from apimeta.methods import METHODS
-from apimeta.methods.base import load_meta_model, load_run_datasets, meta_model_for_datasets
+from apimeta.methods.base import (
+    evaluate_with_config,
+    load_meta_model,
+    load_run_datasets,
+    meta_model_for_datasets,
+)
 from apimeta.report import fmt_acc, markdown_table
 from apimeta.run_config import RunConfig
 from apimeta.runs import RunDir
@@ -97,24 +101,12 @@ def evaluate_init(
         model, _ = meta_model_for_datasets(cfg, datasets)
     else:
         model, _, _ = load_meta_model(checkpoint, device=cfg.device)
-    out = {}
-    for ds in datasets:
-        out[ds.name] = evaluate(
-            model,
-            ds,
-            split="test",
-            way=cfg.way,
-            shots=tuple(shots),
-            query=cfg.query,
-            tasks=tasks,
-            steps=cfg.test_steps,
-            lr=cfg.inner_lr,
-            transductive=cfg.transductive,
-            seed=DEFAULT_EVAL_SEED,
-            device=cfg.device,
-            progress=progress,
+    return {
+        ds.name: evaluate_with_config(
+            model, ds, cfg, split="test", shots=tuple(shots), tasks=tasks, progress=progress
         )
-    return out
+        for ds in datasets
+    }
 
 
 def run_one(

@@ -171,6 +171,35 @@ def load_meta_model(
     return model.to(device), cfg, ckpt
 
 
+def evaluate_with_config(
+    model: nn.Module,
+    dataset: FewShotDataset,
+    cfg: RunConfig,
+    *,
+    split: str,
+    shots: tuple[int, ...],
+    tasks: int,
+    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The meta-test protocol with a run's settings (way, query, test_steps, inner_lr,
+    transductive BN) on the shared seeded task list: ``{"1-shot": {...}, ...}``."""
+    return evaluate(
+        model,
+        dataset,
+        split=split,
+        way=cfg.way,
+        shots=shots,
+        query=cfg.query,
+        tasks=tasks,
+        steps=cfg.test_steps,
+        lr=cfg.inner_lr,
+        transductive=cfg.transductive,
+        seed=DEFAULT_EVAL_SEED,
+        device=cfg.device,
+        progress=progress,
+    )
+
+
 # ----------------------------------------------------------------------------- interface
 
 
@@ -277,20 +306,8 @@ class MetaTrainer(Method):
         out: dict[str, dict[str, Any]] = {}
         for ds in self.datasets:
             cb = _eval_progress(self._progress, phase or split, ds.name)
-            out[ds.name] = evaluate(
-                model,
-                ds,
-                split=split,
-                way=cfg.way,
-                shots=(cfg.shot,),
-                query=cfg.query,
-                tasks=tasks,
-                steps=cfg.test_steps,
-                lr=cfg.inner_lr,
-                transductive=cfg.transductive,
-                seed=DEFAULT_EVAL_SEED,
-                device=self.device,
-                progress=cb,
+            out[ds.name] = evaluate_with_config(
+                model, ds, cfg, split=split, shots=(cfg.shot,), tasks=tasks, progress=cb
             )
         score = sum(summary_score(r) for r in out.values()) / len(out)
         return score, out
@@ -533,6 +550,7 @@ __all__ = [
     "build_from_spec",
     "build_meta_model",
     "dataset_names",
+    "evaluate_with_config",
     "load_meta_model",
     "load_run_datasets",
     "meta_model_for_datasets",
