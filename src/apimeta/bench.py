@@ -130,7 +130,9 @@ def run_one(
     if done.exists():
         row = json.loads(done.read_text())
         if row.get("tasks") == tasks and row.get("shots") == list(shots):
-            row["config_diff"] = config_diff(row.get("config", {}), to_dict(cfg))
+            row["scenario"] = scenario.name  # zoo-free rows are shared by scenarios
+            ignore = ("zoo", "scenario") if name in ZOO_FREE else ()
+            row["config_diff"] = config_diff(row.get("config", {}), to_dict(cfg), ignore=ignore)
             if row["config_diff"]:
                 log.warning(
                     "reusing %s, trained with a different config: %s", done, row["config_diff"]
@@ -171,11 +173,14 @@ def run_one(
     return row
 
 
-def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Keys whose values differ (``{"adv_start": [500, 75]}``), ignoring run-local keys."""
+def config_diff(
+    old: dict[str, Any], new: dict[str, Any], prefix: str = "", ignore: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Keys whose values differ (``{"adv_start": [500, 75]}``), ignoring run-local keys and
+    the top-level keys in ``ignore``."""
     out: dict[str, Any] = {}
     for k in sorted(set(old) | set(new)):
-        if k in ("out", "threads"):
+        if k in ("out", "threads") or (not prefix and k in ignore):
             continue
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):

@@ -56,6 +56,20 @@ def test_bench_table_reuses_finished_runs(tmp_path):
     assert "SS bidf-mkd: reused run trained with adv_start=500 (table: 3)" in table
 
 
+def test_zoo_free_rows_are_shared_by_scenarios(tmp_path):
+    zoo = tmp_path / "zoo"
+    build_zoo(["synthetic"], 2, ["conv4"], 5, zoo, epochs=1, conv4_width=8)
+    args = ["bench", "--scenario", f"A={zoo}:synthetic", "--scenario", f"B={zoo}:synthetic",
+            "--methods", "random", "--tasks", "3", "--out", str(tmp_path / "b"), *TINY]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    table = (tmp_path / "b" / "results.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| random |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == cells[3] != "—" and cells[2] == cells[4] != "—"  # A and B: same numbers
+    assert "Config differences" not in table
+
+
 def test_bench_rejects_bad_scenario_and_variant(tmp_path):
     res = runner.invoke(app, ["bench", "--scenario", "SS-no-zoo", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "NAME=ZOO:DATASET" in res.output
