@@ -30,6 +30,12 @@ class MemoryConfig:
     enabled: bool = True
     mem_batches: int = 20  # FIFO capacity per class, in recovery batches
     quantize_uint8: bool = False
+    # Extensions (off = the paper): also trigger API events while the memory holds fewer than
+    # this many classes (early memory tasks otherwise replay one API's classes until plateau)
+    min_classes: int = 0
+    # store only query-set images the API assigns to their target class (boundary query sets
+    # can drift to other classes; their KD targets are still the API's outputs either way)
+    filter_query: bool = False
 
 
 @dataclass

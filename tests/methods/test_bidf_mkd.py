@@ -148,3 +148,25 @@ def test_bbkd_spends_queries_and_keeps_a_zero_head(zoo, tmp_path):
     head = load_checkpoint(m.run.last_checkpoint)["model"]
     assert torch.count_nonzero(head["net.classifier.weight"]) == 0
     assert result.metrics["test"]["final"]["synthetic"]
+
+
+def test_min_classes_triggers_events_until_memory_is_diverse(zoo, tmp_path):
+    plain, _ = train(tiny_cfg(zoo, tmp_path / "p", episodes=2, api_patience=100))
+    cfg = tiny_cfg(zoo, tmp_path / "m", episodes=2, api_patience=100)
+    cfg = dataclasses.replace(cfg, memory=MemoryConfig(min_classes=2 * WAY))
+    m, _ = train(cfg)
+    first = next(r for r in m.run.read_metrics() if r.get("phase") == "train")
+    assert len(plain.events) == 1  # the paper: one event, then memory episodes
+    assert first["api_episodes"] == 2 and first["memory_episodes"] == 0
+
+
+def test_filter_query_stores_only_images_the_api_assigns_to_their_class(zoo, tmp_path):
+    cfg = tiny_cfg(zoo, tmp_path / "f", episodes=1, meta_batch=1)
+    cfg = dataclasses.replace(cfg, memory=MemoryConfig(filter_query=True))
+    m, _ = train(cfg)
+    stored = sum(m.memory.n_images(k) for k in m.memory.classes())
+    kept = m.events[0]["query_stored"]
+    assert 0 <= kept < B and stored == B + kept  # all of S, the agreeing part of Q
+    unfiltered, _ = train(tiny_cfg(zoo, tmp_path / "u", episodes=1, meta_batch=1))
+    assert unfiltered.events[0]["query_stored"] == B
+    assert sum(unfiltered.memory.n_images(k) for k in unfiltered.memory.classes()) == 2 * B

@@ -389,10 +389,16 @@ class BiDfMKD(APILearner):
         logits = functional_forward(self.model, fast, self._to_model(q_aug))
         loss = kd(logits, t_q)
         acc = float((logits.detach().argmax(1) == qry.targets).float().mean())
+        # the API's verdict on the query set (from the KD targets already queried)
+        q_keep = t_q.argmax(1) == qry.targets
+        if not cfg.memory.filter_query:
+            q_keep = torch.ones_like(q_keep)
         if cfg.memory.enabled:
-            for rec in (sup, qry):
+            for rec, keep in ((sup, torch.ones_like(q_keep)), (qry, q_keep)):
                 for i, cid in enumerate(api.info.classes):
-                    self.memory.add((api.info.dataset, int(cid)), rec.images[rec.targets == i])
+                    images = rec.images[(rec.targets == i) & keep]
+                    if len(images):
+                        self.memory.add((api.info.dataset, int(cid)), images)
         event = {
             "event": len(self.events),
             "step": step,
@@ -404,6 +410,7 @@ class BiDfMKD(APILearner):
             "fidelity_query": qry.fidelity,
             "query_mode": mode,
             "outer_acc": acc,
+            "query_stored": int(q_keep.sum()) if cfg.memory.enabled else 0,
         }
         self.events.append(event)
         # logged under the meta-update it belongs to (as train records count), so a resume
@@ -441,7 +448,11 @@ class BiDfMKD(APILearner):
         n_api = n_mem = 0
         for _ in range(cfg.meta_batch):
             res = None
-            want_api = self.event_due or not cfg.memory.enabled
+            want_api = (
+                self.event_due
+                or not cfg.memory.enabled
+                or len(self.memory.classes()) < cfg.memory.min_classes
+            )
             if want_api and not self.budget_exhausted:
                 res = self.api_episode(step)
                 if res is not None:
