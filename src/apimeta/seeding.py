@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import random
 
-import numpy as np
 import torch
 
 
@@ -22,18 +20,3 @@ def make_generator(
     g = torch.Generator(device=device)
     g.manual_seed(derive_seed(seed, *names))
     return g
-
-
-def seed_everything(seed: int) -> None:
-    """Seed the global RNGs too (for third-party code that ignores our generators)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def generator_state(g: torch.Generator) -> torch.Tensor:
-    return g.get_state()
-
-
-def restore_generator(g: torch.Generator, state: torch.Tensor) -> None:
-    g.set_state(state)
