@@ -47,7 +47,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "bidf-mkd": ("bidf-mkd", {}),
     "bidf-mkd:no-boundary": ("bidf-mkd", {"adv": 0.0}),
     "bidf-mkd:no-memory": ("bidf-mkd", {"memory": {"enabled": False}}),
-    "bidf-mkd:white-box": ("bidf-mkd", {"zo": {"enabled": False}}),
+    # NOT black-box: true gradients through the API's model. The early stop exists to save
+    # queries, which cost nothing here, so recovery runs its full recover_iters (an upper bound).
+    "bidf-mkd:white-box": ("bidf-mkd", {"zo": {"enabled": False}, "early_stop_prob": None}),
+    # default-off extensions (not the paper's method): API events until memory holds 10 classes,
+    # and only query images the API itself assigns to their target class enter memory
+    "bidf-mkd:diverse-memory": ("bidf-mkd", {"memory": {"min_classes": 10, "filter_query": True}}),
 }
 #: variants that never query an API (their result does not depend on the zoo)
 ZOO_FREE = ("random", "maml-real")

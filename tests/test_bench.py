@@ -1,0 +1,44 @@
+"""Method variants of ``apimeta bench``: what each one changes in the resolved config."""
+
+from __future__ import annotations
+
+import pytest
+
+from apimeta.bench import VARIANTS, base_config, variant
+from apimeta.config import from_dict, merge, to_dict
+from apimeta.errors import ConfigError
+from apimeta.run_config import RunConfig
+
+CPU = base_config("cpu", [])  # early stop is on in this preset
+
+
+def _resolved(name: str) -> RunConfig:
+    method, overrides = variant(name)
+    return from_dict(RunConfig, merge(merge(CPU, {"method": method}), overrides))
+
+
+def test_white_box_variant_uses_true_gradients_without_early_stop():
+    assert _resolved("bidf-mkd").early_stop_prob is not None
+    cfg = _resolved("bidf-mkd:white-box")
+    assert cfg.method == "bidf-mkd" and cfg.zo.enabled is False
+    assert cfg.early_stop_prob is None
+
+
+def test_ablations_change_exactly_one_component():
+    base = to_dict(_resolved("bidf-mkd"))
+    for name, changed in [
+        ("bidf-mkd:no-boundary", {"adv"}),
+        ("bidf-mkd:no-memory", {"memory"}),
+        ("bidf-mkd:diverse-memory", {"memory"}),
+    ]:
+        got = to_dict(_resolved(name))
+        assert {k for k in base if base[k] != got[k]} == changed, name
+    mem = _resolved("bidf-mkd:diverse-memory").memory
+    assert mem.enabled and mem.min_classes == 10 and mem.filter_query
+
+
+def test_every_variant_resolves_and_unknown_ones_are_refused():
+    for name in VARIANTS:
+        _resolved(name)
+    with pytest.raises(ConfigError, match="unknown method variant"):
+        variant("bidf-mkd:nope")
