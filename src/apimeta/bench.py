@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -149,6 +150,10 @@ def run_one(
     train_metrics: dict[str, Any] = {}
     if method != "random":
         resume = (path / "last.pt").exists()
+        if not resume and path.exists():
+            # stopped before its first checkpoint: nothing to resume, so start it over
+            log.warning("discarding %s: it stopped before its first checkpoint", path)
+            shutil.rmtree(path)
         run = RunDir.create(cfg, resume=resume)
         result = METHODS.get(method)().train(cfg, run, progress, resume=resume)
         ckpt = result.best_checkpoint or result.final_checkpoint

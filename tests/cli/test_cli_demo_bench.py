@@ -56,6 +56,20 @@ def test_bench_table_reuses_finished_runs(tmp_path):
     assert "SS bidf-mkd: reused run trained with adv_start=500 (table: 3)" in table
 
 
+def test_bench_restarts_a_run_killed_before_its_first_checkpoint(tmp_path):
+    zoo = tmp_path / "zoo"
+    build_zoo(["synthetic"], 2, ["conv4"], 5, zoo, epochs=1, conv4_width=8)
+    stale = tmp_path / "b" / "SS" / "bidf-mkd"
+    stale.mkdir(parents=True)
+    (stale / "metrics.jsonl").write_text('{"step": 0}\n')  # what a kill before last.pt leaves
+    args = ["bench", "--scenario", f"SS={zoo}:synthetic", "--methods", "bidf-mkd",
+            "--set", "episodes=4", "--tasks", "3", "--out", str(tmp_path / "b"), *TINY]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (stale / "eval.json").is_file() and (stale / "last.pt").is_file()
+    assert '{"step": 0}' not in (stale / "metrics.jsonl").read_text()
+
+
 def test_zoo_free_rows_are_shared_by_scenarios(tmp_path):
     zoo = tmp_path / "zoo"
     build_zoo(["synthetic"], 2, ["conv4"], 5, zoo, epochs=1, conv4_width=8)
