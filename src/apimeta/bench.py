@@ -40,20 +40,25 @@ from apimeta.runs import RunDir
 
 log = logging.getLogger(__name__)
 
-#: method variants: name -> (registered method, config overrides)
+#: config changes of the bidf-mkd ablations and extensions (``apimeta train --no-boundary`` etc.
+#: and the ``bidf-mkd:<name>`` rows of ``apimeta bench`` use the same ones)
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "no-boundary": {"adv": 0.0},
+    "no-memory": {"memory": {"enabled": False}},
+    # NOT black-box: true gradients through the API's model. The early stop exists to save
+    # queries, which cost nothing here, so recovery runs its full recover_iters (an upper bound).
+    "white-box": {"zo": {"enabled": False}, "early_stop_prob": None},
+    # default-off extensions (not the paper's method): API events until memory holds 10 classes,
+    # and only query images the API itself assigns to their target class enter memory
+    "diverse-memory": {"memory": {"min_classes": 10, "filter_query": True}},
+}
+#: method variants (rows of the table): name -> (registered method, config overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "random": ("random", {}),
     "maml-real": ("maml-real", {}),
     "bbkd": ("bbkd", {}),
     "bidf-mkd": ("bidf-mkd", {}),
-    "bidf-mkd:no-boundary": ("bidf-mkd", {"adv": 0.0}),
-    "bidf-mkd:no-memory": ("bidf-mkd", {"memory": {"enabled": False}}),
-    # NOT black-box: true gradients through the API's model. The early stop exists to save
-    # queries, which cost nothing here, so recovery runs its full recover_iters (an upper bound).
-    "bidf-mkd:white-box": ("bidf-mkd", {"zo": {"enabled": False}, "early_stop_prob": None}),
-    # default-off extensions (not the paper's method): API events until memory holds 10 classes,
-    # and only query images the API itself assigns to their target class enter memory
-    "bidf-mkd:diverse-memory": ("bidf-mkd", {"memory": {"min_classes": 10, "filter_query": True}}),
+    **{f"bidf-mkd:{k}": ("bidf-mkd", v) for k, v in ABLATIONS.items()},
 }
 #: variants that never query an API (their result does not depend on the zoo)
 ZOO_FREE = ("random", "maml-real")

@@ -7,6 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from apimeta.bench import ABLATIONS
 from apimeta.cli import app
 from apimeta.cli.train import available_presets, resolve_config
 from apimeta.errors import ConfigError
@@ -98,3 +99,13 @@ def test_config_resolution_order(tmp_path):
         assert resolve_config(preset=name).way >= 2
     with pytest.raises(ConfigError):
         resolve_config(preset="definitely-not-a-preset")
+
+
+def test_white_box_flag_disables_zo_and_early_stop_unless_set_again():
+    assert resolve_config(preset="cpu").early_stop_prob is not None
+    cfg = resolve_config(preset="cpu", ablations=ABLATIONS["white-box"])
+    assert cfg.zo.enabled is False and cfg.early_stop_prob is None
+    cfg = resolve_config(
+        preset="cpu", ablations=ABLATIONS["white-box"], sets=["early_stop_prob=0.5"]
+    )
+    assert cfg.early_stop_prob == 0.5

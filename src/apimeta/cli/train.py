@@ -56,10 +56,12 @@ def resolve_config(
     preset: str | None = None,
     config: Path | None = None,
     direct: dict[str, Any] | None = None,
+    ablations: dict[str, Any] | None = None,
     sets: list[str] | None = None,
     resume_from: Path | None = None,
 ) -> RunConfig:
-    """RunConfig defaults <- preset <- --config file <- direct options <- --set (last wins).
+    """RunConfig defaults <- preset <- --config file <- direct options <- ablation flags <- --set
+    (last wins). ``direct`` values of None mean "not given"; ``ablations`` may set None.
 
     ``resume_from``: a run directory whose ``config.yaml`` replaces defaults/preset/file.
     """
@@ -71,6 +73,8 @@ def resolve_config(
     data = to_dict(cfg)
     if direct:
         data = merge(data, {k: v for k, v in direct.items() if v is not None})
+    if ablations:
+        data = merge(data, ablations)
     if sets:
         data = merge(data, parse_overrides(sets))
     return from_dict(RunConfig, data)
@@ -168,7 +172,8 @@ def train(
     white_box: bool = typer.Option(
         False,
         "--white-box",
-        help="Upper bound, NOT black-box: recover with true gradients through local APIs.",
+        help="Upper bound, NOT black-box: recover with true gradients through local APIs, "
+        "without the early stop (it only saves queries).",
     ),
 ) -> None:
     """Meta-train an initialization with a registered method.
@@ -177,6 +182,7 @@ def train(
     and prints the meta-test table.
     """
     with friendly_errors():
+        from apimeta.bench import ABLATIONS
         from apimeta.methods import METHODS
         from apimeta.runs import RunDir
 
@@ -197,16 +203,19 @@ def train(
             "threads": threads,
             "out": str(out) if out is not None else None,
         }
-        if no_boundary:
-            direct["adv"] = 0.0
-        if no_memory:
-            direct["memory"] = {"enabled": False}
-        if white_box:
-            direct["zo"] = {"enabled": False}
+        ablations: dict[str, Any] = {}
+        for flag, name in (
+            (no_boundary, "no-boundary"),
+            (no_memory, "no-memory"),
+            (white_box, "white-box"),
+        ):
+            if flag:
+                ablations = merge(ablations, ABLATIONS[name])
         cfg = resolve_config(
             preset=preset,
             config=config,
             direct=direct,
+            ablations=ablations,
             sets=sets,
             resume_from=out if resume else None,
         )
