@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import yaml
 from typer.testing import CliRunner
 
 from apimeta.apis.zoo import build_zoo
@@ -101,12 +102,14 @@ def test_train_bidf_mkd_then_eval_checkpoint(tmp_path):
         app,
         ["train", "--method", "bidf-mkd", "--dataset", "synthetic", "--zoo", str(zoo),
          "--episodes", "4", "--query-budget", "100000", "--out", str(run), "--no-boundary",
-         "--set", "test_tasks=2", "--set", "meta_batch=2", *TINY],
+         "--white-box", "--set", "test_tasks=2", "--set", "meta_batch=2", *TINY],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "run directory" in res.output
     cfg = (run / "config.yaml").read_text()
     assert "adv: 0.0" in cfg and "query_budget: 100000" in cfg
+    resolved = yaml.safe_load(cfg)  # --white-box: true gradients, no early stop
+    assert resolved["zo"]["enabled"] is False and resolved["early_stop_prob"] is None
     out = tmp_path / "eval.json"
     res = runner.invoke(
         app,
