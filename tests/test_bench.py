@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from apimeta.bench import VARIANTS, base_config, variant
+from apimeta.bench import VARIANTS, base_config, config_diff, variant, with_defaults
 from apimeta.config import from_dict, merge, to_dict
 from apimeta.errors import ConfigError
 from apimeta.run_config import RunConfig
@@ -42,3 +42,18 @@ def test_every_variant_resolves_and_unknown_ones_are_refused():
         _resolved(name)
     with pytest.raises(ConfigError, match="unknown method variant"):
         variant("bidf-mkd:nope")
+
+
+def test_keys_added_after_a_run_was_trained_are_no_difference():
+    now = to_dict(_resolved("bidf-mkd"))
+    old = to_dict(_resolved("bidf-mkd"))
+    del old["memory"]["min_classes"], old["early_stop_prob"]  # as stored before they existed
+    old["adv_start"] = 75
+    assert set(config_diff(old, now)) == {"adv_start", "early_stop_prob", "memory.min_classes"}
+    filled = with_defaults(old)
+    assert filled["memory"]["min_classes"] == 0
+    # early_stop_prob's default (None) is not the cpu preset's 0.8: that difference is real
+    assert config_diff(filled, now) == {
+        "adv_start": [75, now["adv_start"]],
+        "early_stop_prob": [None, now["early_stop_prob"]],
+    }

@@ -143,7 +143,8 @@ def run_one(
         if row.get("tasks") == tasks and row.get("shots") == list(shots):
             row["scenario"] = scenario.name  # zoo-free rows are shared by scenarios
             ignore = ("zoo", "scenario") if name in ZOO_FREE else ()
-            row["config_diff"] = config_diff(row.get("config", {}), to_dict(cfg), ignore=ignore)
+            trained = with_defaults(row.get("config", {}))
+            row["config_diff"] = config_diff(trained, to_dict(cfg), ignore=ignore)
             if row["config_diff"]:
                 log.warning(
                     "reusing %s, trained with a different config: %s", done, row["config_diff"]
@@ -186,6 +187,12 @@ def run_one(
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_json(done, row)
     return row
+
+
+def with_defaults(trained: dict[str, Any]) -> dict[str, Any]:
+    """A stored run config with the keys it lacks (keys added to RunConfig after it was trained)
+    filled with their defaults; new keys default to the old behaviour, so they are no difference."""
+    return merge(to_dict(RunConfig()), trained)
 
 
 def config_diff(
