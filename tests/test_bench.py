@@ -30,6 +30,7 @@ def test_ablations_change_exactly_one_component():
         ("bidf-mkd:no-boundary", {"adv"}),
         ("bidf-mkd:no-memory", {"memory"}),
         ("bidf-mkd:diverse-memory", {"memory"}),
+        ("bidf-mkd:scheduled", {"event_trigger"}),
     ]:
         got = to_dict(_resolved(name))
         assert {k for k in base if base[k] != got[k]} == changed, name

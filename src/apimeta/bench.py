@@ -51,6 +51,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # default-off extensions (not the paper's method): API events until memory holds 10 classes,
     # and only query images the API itself assigns to their target class enter memory
     "diverse-memory": {"memory": {"min_classes": 10, "filter_query": True}},
+    # extension: an API event every api_patience updates, bbkd's schedule, instead of on a plateau
+    "scheduled": {"event_trigger": "every"},
 }
 #: method variants (rows of the table): name -> (registered method, config overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {

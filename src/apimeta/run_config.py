@@ -113,6 +113,9 @@ class RunConfig:
 
     # API events and memory
     api_patience: int = 25
+    # plateau: an API event after api_patience updates without a new training-accuracy max
+    # (method.md 4.8) | every: an event every api_patience updates (bbkd's schedule; extension)
+    event_trigger: str = "plateau"
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     query_budget: int | None = 5_000_000
     on_budget_exhausted: str = "replay"  # replay: keep training on memory | stop

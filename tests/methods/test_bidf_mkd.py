@@ -170,3 +170,24 @@ def test_filter_query_stores_only_images_the_api_assigns_to_their_class(zoo, tmp
     unfiltered, _ = train(tiny_cfg(zoo, tmp_path / "u", episodes=1, meta_batch=1))
     assert unfiltered.events[0]["query_stored"] == B
     assert sum(unfiltered.memory.n_images(k) for k in unfiltered.memory.classes()) == 2 * B
+
+
+@pytest.mark.parametrize("trigger", ["plateau", "every"])
+def test_event_trigger_plateau_waits_for_a_plateau_every_does_not(trigger):
+    m = METHODS.get("bidf-mkd")()
+    m.cfg = RunConfig(api_patience=2, event_trigger=trigger)
+    m.event_due, m.running_max, m.plateau = False, -1.0, 0
+    due = []
+    for acc in (0.1, 0.2, 0.3, 0.4, 0.4, 0.4):  # improving, then flat
+        m._update_plateau(acc)
+        due.append(m.event_due)
+        m.event_due = False  # the next API episode consumes it
+    if trigger == "plateau":
+        assert due == [False, False, False, False, False, True]
+    else:
+        assert due == [False, True, False, True, False, True]
+
+
+def test_unknown_event_trigger_is_a_config_error(zoo, tmp_path):
+    with pytest.raises(ConfigError, match="event_trigger"):
+        train(tiny_cfg(zoo, tmp_path, event_trigger="sometimes"))

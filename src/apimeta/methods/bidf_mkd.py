@@ -267,6 +267,10 @@ class BiDfMKD(APILearner):
                 "needs; raise recover_per_class"
             )
         # plateau-triggered API events (method.md 4.8)
+        if cfg.event_trigger not in ("plateau", "every"):
+            raise ConfigError(
+                f"event_trigger must be 'plateau' or 'every', got {cfg.event_trigger!r}"
+            )
         self.event_due = True
         self.running_max = -1.0
         self.plateau = 0
@@ -497,8 +501,9 @@ class BiDfMKD(APILearner):
         }
 
     def _update_plateau(self, acc: float) -> None:
-        """method.md 4.8: an API event is due after ``api_patience`` updates without a new max."""
-        if acc > self.running_max:
+        """method.md 4.8: an API event is due after ``api_patience`` updates without a new max
+        (``event_trigger: every``: after ``api_patience`` updates, whatever the accuracy)."""
+        if self.cfg.event_trigger == "plateau" and acc > self.running_max:
             self.running_max, self.plateau = acc, 0
             return
         self.plateau += 1
