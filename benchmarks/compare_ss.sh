@@ -13,5 +13,5 @@ COMMON=(--scenario "SS=$ZOO:emoji" --preset cpu --set episodes=1200 --set api_pa
 if [ "${1:-all}" = "a" ]; then $A bench "${COMMON[@]}" --methods bidf-mkd,bidf-mkd:no-boundary,bidf-mkd:white-box
 elif [ "${1:-all}" = "b" ]; then $A bench "${COMMON[@]}" --methods random,bbkd,bidf-mkd:no-memory,maml-real
 elif [ "${1:-all}" = "custom" ]; then $A bench "${COMMON[@]}" --methods "$2" --table "runs/bench/compare/part-$2.md"
-else $A bench "${COMMON[@]}" --methods random,maml-real,bbkd,bidf-mkd,bidf-mkd:no-boundary,bidf-mkd:no-memory,bidf-mkd:white-box,bidf-mkd:diverse-memory --table runs/bench/compare/SS.md
+else $A bench "${COMMON[@]}" --methods random,maml-real,bbkd,bidf-mkd,bidf-mkd:no-boundary,bidf-mkd:no-memory,bidf-mkd:white-box,bidf-mkd:diverse-memory,bidf-mkd:scheduled --table runs/bench/compare/SS.md
 fi
