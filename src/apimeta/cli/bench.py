@@ -49,11 +49,13 @@ def bench_cmd(
     and write a Markdown table with queries used and wall time.
 
     Variants: random, maml-real, bbkd, bidf-mkd, bidf-mkd:no-boundary, bidf-mkd:no-memory,
-    bidf-mkd:white-box (true gradients, no early stop: an upper bound, not black-box) and
-    bidf-mkd:diverse-memory (extension: memory.min_classes=10, memory.filter_query=true) and
-    bidf-mkd:scheduled (extension: an API event every api_patience updates). Runs are stored under OUT/<scenario>/<variant>/ and reused when their
-    eval.json exists, so an interrupted comparison resumes and several processes (each with
-    its own --methods) can fill one table.
+    bidf-mkd:white-box (true gradients, no early stop: an upper bound, not black-box), and the
+    default-off extensions bidf-mkd:diverse-memory (memory.min_classes=10,
+    memory.filter_query=true) and bidf-mkd:scheduled (an API event every api_patience updates).
+
+    Runs are stored under OUT/<scenario>/<variant>/ and reused when their eval.json exists, so
+    an interrupted comparison resumes and several processes (each with its own --methods) can
+    fill one table.
     """
     with friendly_errors():
         from apimeta.bench import (
