@@ -106,20 +106,30 @@ def evaluate_init(
     shots: Sequence[int],
     tasks: int,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    known: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Meta-test ``checkpoint`` (None: the seeded random init of ``cfg``) on every dataset of
-    ``cfg`` at each shot count: ``{dataset: {"1-shot": {...}, ...}}`` (accuracies in %)."""
+    ``cfg`` at each shot count: ``{dataset: {"1-shot": {...}, ...}}`` (accuracies in %).
+    ``known``: results of this checkpoint on the same ``tasks`` (e.g. the training run's own
+    meta-test), reused instead of evaluated again; task lists are seeded per shot, so they match."""
     datasets = load_run_datasets(cfg)
     if checkpoint is None:
         model, _ = meta_model_for_datasets(cfg, datasets)
     else:
         model, _, _ = load_meta_model(checkpoint, device=cfg.device)
-    return {
-        ds.name: evaluate_with_config(
-            model, ds, cfg, split="test", shots=tuple(shots), tasks=tasks, progress=progress
+    out: dict[str, dict[str, Any]] = {}
+    for ds in datasets:
+        have = (known or {}).get(ds.name, {})
+        todo = tuple(k for k in shots if f"{k}-shot" not in have)
+        new = (
+            evaluate_with_config(
+                model, ds, cfg, split="test", shots=todo, tasks=tasks, progress=progress
+            )
+            if todo
+            else {}
         )
-        for ds in datasets
-    }
+        out[ds.name] = {f"{k}-shot": have.get(f"{k}-shot") or new[f"{k}-shot"] for k in shots}
+    return out
 
 
 def run_one(
@@ -167,7 +177,13 @@ def run_one(
         ckpt = result.best_checkpoint or result.final_checkpoint
         train_metrics = result.metrics
         queries = _queries_used(run)
-    results = evaluate_init(cfg, ckpt, shots, tasks, progress)
+    # the training run already meta-tested its selected checkpoint at cfg.shot: reuse that
+    known = (
+        (train_metrics.get("test") or {}).get("best")
+        if train_metrics.get("test_tasks") == tasks
+        else None
+    )
+    results = evaluate_init(cfg, ckpt, shots, tasks, progress, known=known)
     row = {
         "scenario": scenario.name,
         "variant": name,

@@ -118,3 +118,21 @@ def test_train_bidf_mkd_then_eval_checkpoint(tmp_path):
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert json.loads(out.read_text())
+
+
+def test_bench_reuses_the_training_runs_own_meta_test_exactly(tmp_path):
+    from apimeta.bench import evaluate_init
+    from apimeta.config import from_dict
+    from apimeta.run_config import RunConfig
+
+    zoo = tmp_path / "zoo"
+    build_zoo(["synthetic"], 2, ["conv4"], 5, zoo, epochs=1, conv4_width=8)
+    args = ["bench", "--scenario", f"SS={zoo}:synthetic", "--methods", "bidf-mkd",
+            "--set", "episodes=4", "--set", "test_tasks=3", "--tasks", "3",
+            "--out", str(tmp_path / "b"), *TINY]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    row = json.loads((tmp_path / "b" / "SS" / "bidf-mkd" / "eval.json").read_text())
+    cfg = from_dict(RunConfig, row["config"])
+    fresh = evaluate_init(cfg, tmp_path / "b" / "SS" / "bidf-mkd" / "best.pt", (1, 5), 3)
+    assert row["results"] == json.loads(json.dumps(fresh))
