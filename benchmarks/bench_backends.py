@@ -122,7 +122,8 @@ def main() -> None:
         try:
             rows = []
             for e in entries:
-                from apimeta.apis.zoo import entry_info, load_api_model
+                from apimeta.apis.local import load_api_model
+                from apimeta.apis.manifest import entry_info
 
                 info: APIInfo = entry_info(e)
                 backends = {

@@ -21,9 +21,9 @@ import torch
 
 from apimeta.data import DATASETS
 from apimeta.evaluate import evaluate
-from apimeta.methods import METHODS, load_meta_model
-from apimeta.methods.base import load_run_datasets, meta_model_for_datasets
-from apimeta.run_config import RunConfig
+from apimeta.methods import METHODS
+from apimeta.models.meta import load_meta_model, load_run_datasets, meta_model_for_datasets
+from apimeta.run_config import EvalConfig, RunConfig
 from apimeta.runs import RunDir
 
 
@@ -55,9 +55,7 @@ def main() -> None:
         query=args.query,
         episodes=args.episodes,
         first_order=args.first_order,
-        eval_every=max(args.episodes // 4, 4),
-        eval_tasks=20,
-        test_tasks=2,
+        eval=EvalConfig(every=max(args.episodes // 4, 4), tasks=20, test_tasks=2),
         seed=args.seed,
         out=str(out),
     )

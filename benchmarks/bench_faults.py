@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_faults.py [--requests 300] [--batch 32] [--seed 0]
 
-A loopback ``apimeta`` server (uvicorn thread) sits behind a proxy (tests/apis/faulty_server.py)
+A loopback ``apimeta`` server (uvicorn thread) sits behind a proxy (apimeta.testing)
 that injects, per infer request, seeded faults: 5xx bursts, 429 storms (Retry-After), slow
 responses past the client timeout and dropped connections. The client queries a fixed workload
 (sequentially, then with 4 concurrent chunks; then once more with billed retries under a tight
@@ -16,18 +16,14 @@ import argparse
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "apis"))
-
-from faulty_server import FaultyProxy, UvicornThread, tiny_apis
-
 from apimeta.apis import QueryLedger
 from apimeta.apis.http import HttpAPI
+from apimeta.apis.server import create_app
 from apimeta.errors import QueryBudgetExceeded
-from apimeta.server import create_app
+from apimeta.testing import FaultyProxy, UvicornThread, tiny_apis
 
 
 def fault_plan(n: int, seed: int) -> list[str]:

@@ -108,7 +108,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     if a.zoo:
-        from apimeta.apis.zoo import entry_info, load_api_model, read_manifest
+        from apimeta.apis.local import load_api_model
+        from apimeta.apis.manifest import entry_info, read_manifest
 
         entry = read_manifest(a.zoo)["apis"][a.api_index]
         net, info = load_api_model(a.zoo, entry).to(a.device), entry_info(entry)

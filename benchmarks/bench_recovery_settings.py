@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from apimeta.apis.zoo import load_zoo
+from apimeta.apis import load_zoo
 from apimeta.recovery import recover
 from apimeta.zo import ESTIMATORS
 

@@ -2,12 +2,12 @@
 
     .venv/bin/python benchmarks/bench_train_faults.py [--episodes 8] [--seed 0]
 
-A tiny synthetic zoo is served by ``apimeta.server`` (uvicorn thread on 127.0.0.1); a recorder
+A tiny synthetic zoo is served by ``apimeta.apis.server`` (uvicorn thread on 127.0.0.1); a recorder
 around every served API counts and hashes the images the server received (= what it would bill).
 Four runs of the same config:
 
 1. reference: fault-free;
-2. faults: through the fault-injecting proxy (tests/apis/faulty_server.py) with a seeded plan
+2. faults: through the fault-injecting proxy (apimeta.testing) with a seeded plan
    of 5xx bursts, 429 storms (Retry-After 0), slow answers past the client timeout and dropped
    connections;
 3. outage: the proxy answers 503 from the middle of the run on, past the retry policy; the run
@@ -38,20 +38,24 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "apis"))
-
-from faulty_server import FaultyProxy, UvicornThread
-
-from apimeta.apis import QueryLedger
+from apimeta.apis import QueryLedger, build_zoo, load_zoo
 from apimeta.apis.cache import QueryCache
-from apimeta.apis.zoo import build_zoo, load_zoo
+from apimeta.apis.server import create_app
 from apimeta.checkpoint import load_checkpoint
 from apimeta.config import save_config
 from apimeta.errors import APIUnavailableError
 from apimeta.methods import METHODS
-from apimeta.run_config import HttpConfig, RunConfig, ZOConfig
+from apimeta.run_config import (
+    EvalConfig,
+    EventConfig,
+    HttpConfig,
+    KDConfig,
+    RecoveryConfig,
+    RunConfig,
+    ZOConfig,
+)
 from apimeta.runs import RunDir
-from apimeta.server import create_app
+from apimeta.testing import FaultyProxy, UvicornThread
 
 
 class Recorder:
@@ -119,18 +123,11 @@ def make_cfg(url: str, out: Path, episodes: int, seed: int, **http) -> RunConfig
         query=3,
         episodes=episodes,
         meta_batch=2,
-        recover_per_class=4,
-        recover_iters=3,
-        nz=16,
-        ngf=8,
-        kd_inner_steps=2,
+        recovery=RecoveryConfig(per_class=4, iters=3, nz=16, ngf=8),
+        kd=KDConfig(inner_steps=2, adv_start=1),
         zo=ZOConfig(q=2),
-        adv_start=1,
-        api_patience=1,
-        eval_every=10_000,
-        eval_tasks=1,
-        test_tasks=1,
-        test_steps=1,
+        events=EventConfig(patience=1),
+        eval=EvalConfig(every=10_000, tasks=1, test_tasks=1, test_steps=1),
         checkpoint_every=1,
         query_budget=200_000,
         http=HttpConfig(**{"timeout": 5.0, "max_retries": 3, "backoff": 0.001, **http}),

@@ -18,22 +18,24 @@ def _resolved(name: str) -> RunConfig:
 
 
 def test_white_box_variant_uses_true_gradients_without_early_stop():
-    assert _resolved("bidf-mkd").early_stop_prob is not None
+    assert _resolved("bidf-mkd").recovery.early_stop_prob is not None
     cfg = _resolved("bidf-mkd:white-box")
     assert cfg.method == "bidf-mkd" and cfg.zo.enabled is False
-    assert cfg.early_stop_prob is None
+    assert cfg.recovery.early_stop_prob is None
 
 
 def test_ablations_change_exactly_one_component():
     base = to_dict(_resolved("bidf-mkd"))
     for name, changed in [
-        ("bidf-mkd:no-boundary", {"adv"}),
+        ("bidf-mkd:no-boundary", {"kd"}),
         ("bidf-mkd:no-memory", {"memory"}),
         ("bidf-mkd:diverse-memory", {"memory"}),
-        ("bidf-mkd:scheduled", {"event_trigger"}),
+        ("bidf-mkd:scheduled", {"events"}),
     ]:
         got = to_dict(_resolved(name))
         assert {k for k in base if base[k] != got[k]} == changed, name
+    kd, kd0 = to_dict(_resolved("bidf-mkd:no-boundary"))["kd"], base["kd"]
+    assert {k for k in kd if kd[k] != kd0[k]} == {"adv"}
     mem = _resolved("bidf-mkd:diverse-memory").memory
     assert mem.enabled and mem.min_classes == 10 and mem.filter_query
 
@@ -48,13 +50,20 @@ def test_every_variant_resolves_and_unknown_ones_are_refused():
 def test_keys_added_after_a_run_was_trained_are_no_difference():
     now = to_dict(_resolved("bidf-mkd"))
     old = to_dict(_resolved("bidf-mkd"))
-    del old["memory"]["min_classes"], old["early_stop_prob"]  # as stored before they existed
-    old["adv_start"] = 75
-    assert set(config_diff(old, now)) == {"adv_start", "early_stop_prob", "memory.min_classes"}
+    del (
+        old["memory"]["min_classes"],
+        old["recovery"]["early_stop_prob"],
+    )  # as stored before they existed
+    old["kd"]["adv_start"] = 75
+    assert set(config_diff(old, now)) == {
+        "kd.adv_start",
+        "recovery.early_stop_prob",
+        "memory.min_classes",
+    }
     filled = with_defaults(old)
     assert filled["memory"]["min_classes"] == 0
     # early_stop_prob's default (None) is not the cpu preset's 0.8: that difference is real
     assert config_diff(filled, now) == {
-        "adv_start": [75, now["adv_start"]],
-        "early_stop_prob": [None, now["early_stop_prob"]],
+        "kd.adv_start": [75, now["kd"]["adv_start"]],
+        "recovery.early_stop_prob": [None, now["recovery"]["early_stop_prob"]],
     }

@@ -9,7 +9,13 @@ import yaml
 
 from apimeta.config import apimeta_home, load_config, parse_overrides, save_config
 from apimeta.errors import ConfigError
-from apimeta.run_config import RunConfig
+from apimeta.run_config import (
+    LEGACY_KEYS,
+    RunConfig,
+    load_run_config,
+    migrate_legacy,
+    resolve_config,
+)
 
 
 def test_defaults() -> None:
@@ -42,14 +48,16 @@ def test_base_is_below_file(tmp_path: Path) -> None:
         (["query_budget=1e6"], 1_000_000),
         (["query_budget=250"], 250),
         (["threads=null"], None),
-        (["early_stop_prob=0.9"], 0.9),
+        (["recovery.early_stop_prob=0.9"], 0.9),
         (["data_root=/tmp/x"], "/tmp/x"),
     ],
 )
 def test_override_value_parsing(overrides: list[str], value) -> None:
     cfg = load_config(RunConfig, overrides=overrides)
-    key = overrides[0].split("=")[0]
-    assert getattr(cfg, key) == value
+    obj = cfg
+    for part in overrides[0].split("=")[0].split("."):
+        obj = getattr(obj, part)
+    assert obj == value
 
 
 def test_scalar_coercion() -> None:
@@ -121,3 +129,54 @@ def test_apimeta_home_follows_env(monkeypatch, tmp_path: Path) -> None:
     assert apimeta_home() == tmp_path
     monkeypatch.delenv("APIMETA_HOME")
     assert apimeta_home() == Path.home() / ".cache" / "apimeta"
+
+
+# ----------------------------------------------------------------------------- flat layout
+
+
+def test_every_legacy_key_maps_to_an_existing_key() -> None:
+    data = {k: v for k, v in vars(RunConfig()).items()}
+    for old, new in LEGACY_KEYS.items():
+        assert "." not in old or old.startswith("zo.")
+        if new is not None:
+            section, name = new.split(".")
+            assert hasattr(data[section], name), new
+            assert not hasattr(RunConfig(), old), old  # the old name is gone from the top level
+
+
+def test_flat_keys_are_read_with_a_warning_naming_the_new_key(tmp_path: Path, caplog) -> None:
+    f = tmp_path / "old.yaml"
+    f.write_text("recover_iters: 7\nadv_start: 3\napi_patience: 9\neval_tasks: 4\n")
+    with caplog.at_level("WARNING"):
+        cfg = resolve_config(config=f, sets=["kd_inner_steps=2", "zo.q=3"])
+    assert (cfg.recovery.iters, cfg.kd.adv_start, cfg.events.patience) == (7, 3, 9)
+    assert (cfg.eval.tasks, cfg.kd.inner_steps, cfg.zo.q) == (4, 2, 3)
+    assert "'recover_iters' is now 'recovery.iters'" in caplog.text
+    assert "'kd_inner_steps' is now 'kd.inner_steps'" in caplog.text
+
+
+def test_flat_and_new_key_together_or_a_removed_key_are_errors() -> None:
+    with pytest.raises(ConfigError, match=r"'adv' and 'kd\.adv' both given"):
+        migrate_legacy({"adv": 0.0, "kd": {"adv": 1.0}})
+    assert migrate_legacy({"adv": 1.0, "kd": {"adv": 1.0}}, quiet=True) == {"kd": {"adv": 1.0}}
+    assert migrate_legacy({"zo": {"device": "data", "q": 2}}, quiet=True) == {"zo": {"q": 2}}
+    with pytest.raises(ConfigError, match=r"'zo\.device' was removed"):
+        migrate_legacy({"zo": {"device": "cpu"}})
+
+
+def test_a_run_directory_of_the_flat_layout_loads_and_resumes(tmp_path: Path) -> None:
+    """config.yaml as apimeta wrote it before the sections (every key flat but zo/memory/http)."""
+    old = {
+        "method": "bidf-mkd",
+        "episodes": 40,
+        "recover_per_class": 3,
+        "test_steps": 2,
+        "select_split": "val",
+        "event_trigger": "every",
+        "zo": {"q": 4, "device": "data"},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    cfg = load_run_config(tmp_path / "config.yaml")
+    assert (cfg.recovery.per_class, cfg.eval.test_steps, cfg.events.trigger) == (3, 2, "every")
+    again = resolve_config(resume_from=tmp_path, direct={"episodes": 80})
+    assert again.episodes == 80 and again.recovery.per_class == 3 and again.zo.q == 4

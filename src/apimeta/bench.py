@@ -1,8 +1,9 @@
 """Method comparisons: train each (method, scenario) once, evaluate on shared meta-test tasks.
 
 ``apimeta bench`` and ``apimeta demo`` both use this module. A comparison is a list of
-:class:`Scenario` (a zoo plus the datasets it is evaluated on) and a list of method variants
-(``bidf-mkd``, ``bidf-mkd:no-boundary``, ``bbkd``, ``maml-real``, ``random`` ...). Every run lives
+:class:`ZooScenario` (a zoo plus the datasets it is evaluated on) and a list of method variants:
+every registered method (``METHODS``) and ``method:ablation`` for each ablation the method
+declares (``bidf-mkd:no-boundary`` ...; the config changes are :data:`ABLATIONS`). Every run lives
 in ``<out>/<scenario>/<variant>/``; a finished run (its ``eval.json`` exists) is reused, so an
 interrupted comparison continues where it stopped and several processes can fill one table.
 Every initialization is evaluated on the *same* seeded meta-test episodes (``evaluate`` derives
@@ -24,59 +25,51 @@ from typing import Any
 
 import torch
 
-from apimeta.config import from_dict, merge, parse_overrides, to_dict
+from apimeta.config import from_dict, merge, to_dict
 from apimeta.errors import ConfigError
+from apimeta.evaluate import evaluate_with_config
 from apimeta.io import atomic_write_json
 from apimeta.methods import METHODS
-from apimeta.methods.base import (
-    evaluate_with_config,
-    load_meta_model,
-    load_run_datasets,
-    meta_model_for_datasets,
-)
+from apimeta.models.meta import load_init, load_run_datasets
 from apimeta.report import fmt_acc, markdown_table
-from apimeta.run_config import RunConfig
+from apimeta.run_config import ABLATIONS, SECTIONS, RunConfig, base_config, migrate_legacy
+from apimeta.runner import start_run
 from apimeta.runs import RunDir
 
 log = logging.getLogger(__name__)
 
-#: config changes of the bidf-mkd ablations and extensions (``apimeta train --no-boundary`` etc.
-#: and the ``bidf-mkd:<name>`` rows of ``apimeta bench`` use the same ones)
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "no-boundary": {"adv": 0.0},
-    "no-memory": {"memory": {"enabled": False}},
-    # NOT black-box: true gradients through the API's model. The early stop exists to save
-    # queries, which cost nothing here, so recovery runs its full recover_iters (an upper bound).
-    "white-box": {"zo": {"enabled": False}, "early_stop_prob": None},
-    # default-off extensions (not the paper's method): API events until memory holds 10 classes,
-    # and only query images the API itself assigns to their target class enter memory
-    "diverse-memory": {"memory": {"min_classes": 10, "filter_query": True}},
-    # extension: an API event every api_patience updates, bbkd's schedule, instead of on a plateau
-    "scheduled": {"event_trigger": "every"},
-}
-#: method variants (rows of the table): name -> (registered method, config overrides)
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "random": ("random", {}),
-    "maml-real": ("maml-real", {}),
-    "bbkd": ("bbkd", {}),
-    "bidf-mkd": ("bidf-mkd", {}),
-    **{f"bidf-mkd:{k}": ("bidf-mkd", v) for k, v in ABLATIONS.items()},
-}
-#: variants that never query an API (their result does not depend on the zoo)
-ZOO_FREE = ("random", "maml-real")
+
+def variants() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Rows a comparison can have: name -> (registered method, config overrides)."""
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name in METHODS.names():
+        out[name] = (name, {})
+        for ab in METHODS.get(name).ablations:
+            out[f"{name}:{ab}"] = (name, ABLATIONS[ab])
+    return out
+
+
+#: the rows of a comparison (see :func:`variants`)
+VARIANTS = variants()
+
+
+def zoo_free(name: str) -> bool:
+    """Whether a variant never queries an API (its result does not depend on the zoo)."""
+    return not METHODS.get(variant(name)[0]).queries_apis
 
 
 @dataclass(frozen=True)
-class Scenario:
-    """``name`` (e.g. SS), the ``zoo`` it draws APIs from and the ``dataset``(s) it evaluates."""
+class ZooScenario:
+    """A column group of a comparison: ``name`` (e.g. SS), the ``zoo`` it draws APIs from and the
+    ``dataset``(s) it evaluates on."""
 
     name: str
     zoo: str
     dataset: str
 
     @classmethod
-    def parse(cls, text: str) -> Scenario:
-        """``"SS=runs/zoos/emoji-conv4:emoji"`` -> Scenario("SS", "runs/zoos/emoji-conv4", "emoji")."""
+    def parse(cls, text: str) -> ZooScenario:
+        """``"SS=runs/zoos/emoji-conv4:emoji"`` -> ZooScenario("SS", ...)."""
         if "=" not in text or ":" not in text.split("=", 1)[1]:
             raise ConfigError(
                 f"scenario {text!r} must look like NAME=ZOO:DATASET[,DATASET] "
@@ -88,14 +81,17 @@ class Scenario:
 
 
 def variant(name: str) -> tuple[str, dict[str, Any]]:
-    if name not in VARIANTS:
-        raise ConfigError(f"unknown method variant {name!r}; choose from {', '.join(VARIANTS)}")
-    return VARIANTS[name]
+    """(method, overrides) of a row name; registered methods and ablations are looked up now,
+    so a method registered after import (a plugin, a test) is a row too."""
+    table = variants()
+    if name not in table:
+        raise ConfigError(f"unknown method variant {name!r}; choose from {', '.join(table)}")
+    return table[name]
 
 
-def run_dir_for(out: Path, scenario: Scenario, name: str) -> Path:
+def run_dir_for(out: Path, scenario: ZooScenario, name: str) -> Path:
     """Zoo-free variants are shared by scenarios that evaluate the same datasets."""
-    if name in ZOO_FREE:
+    if zoo_free(name):
         return out / f"{name}-{scenario.dataset.replace(',', '+')}"
     return out / scenario.name / name.replace(":", "-")
 
@@ -113,10 +109,7 @@ def evaluate_init(
     ``known``: results of this checkpoint on the same ``tasks`` (e.g. the training run's own
     meta-test), reused instead of evaluated again; task lists are seeded per shot, so they match."""
     datasets = load_run_datasets(cfg)
-    if checkpoint is None:
-        model, _ = meta_model_for_datasets(cfg, datasets)
-    else:
-        model, _, _ = load_meta_model(checkpoint, device=cfg.device)
+    model = load_init(checkpoint, cfg, datasets)
     out: dict[str, dict[str, Any]] = {}
     for ds in datasets:
         have = (known or {}).get(ds.name, {})
@@ -134,7 +127,7 @@ def evaluate_init(
 
 def run_one(
     base: dict[str, Any],
-    scenario: Scenario,
+    scenario: ZooScenario,
     name: str,
     out: Path,
     *,
@@ -154,9 +147,10 @@ def run_one(
         row = json.loads(done.read_text())
         if row.get("tasks") == tasks and row.get("shots") == list(shots):
             row["scenario"] = scenario.name  # zoo-free rows are shared by scenarios
-            ignore = ("zoo", "scenario") if name in ZOO_FREE else ()
+            ignore = ("zoo", "scenario") if zoo_free(name) else ()
+            unread = tuple(s for s in SECTIONS if s not in METHODS.get(method).reads)
             trained = with_defaults(row.get("config", {}))
-            row["config_diff"] = config_diff(trained, to_dict(cfg), ignore=ignore)
+            row["config_diff"] = config_diff(trained, to_dict(cfg), ignore=ignore + unread)
             if row["config_diff"]:
                 log.warning(
                     "reusing %s, trained with a different config: %s", done, row["config_diff"]
@@ -172,8 +166,8 @@ def run_one(
             # stopped before its first checkpoint: nothing to resume, so start it over
             log.warning("discarding %s: it stopped before its first checkpoint", path)
             shutil.rmtree(path)
-        run = RunDir.create(cfg, resume=resume)
-        result = METHODS.get(method)().train(cfg, run, progress, resume=resume)
+        impl, run = start_run(cfg, resume=resume)
+        result = impl.train(cfg, run, progress, resume=resume)
         ckpt = result.best_checkpoint or result.final_checkpoint
         train_metrics = result.metrics
         queries = _queries_used(run)
@@ -189,7 +183,7 @@ def run_one(
         "variant": name,
         "method": method,
         "dataset": scenario.dataset,
-        "zoo": scenario.zoo if name not in ZOO_FREE else None,
+        "zoo": scenario.zoo if not zoo_free(name) else None,
         "checkpoint": str(ckpt) if ckpt else None,
         "best_step": train_metrics.get("best_step"),
         "steps": train_metrics.get("steps", 0),
@@ -210,7 +204,7 @@ def run_one(
 def with_defaults(trained: dict[str, Any]) -> dict[str, Any]:
     """A stored run config with the keys it lacks (keys added to RunConfig after it was trained)
     filled with their defaults; new keys default to the old behaviour, so they are no difference."""
-    return merge(to_dict(RunConfig()), trained)
+    return merge(to_dict(RunConfig()), migrate_legacy(trained, quiet=True))
 
 
 def config_diff(
@@ -315,22 +309,9 @@ def machine_line() -> str:
     )
 
 
-def base_config(preset: str | None, sets: Sequence[str]) -> dict[str, Any]:
-    """The shared config of a comparison: preset <- --set overrides (as a plain dict)."""
-    from apimeta.cli.train import load_preset
-
-    data = to_dict(RunConfig())
-    if preset:
-        data = merge(data, load_preset(preset))
-    if sets:
-        data = merge(data, parse_overrides(list(sets)))
-    from_dict(RunConfig, data)  # validate early
-    return data
-
-
 __all__ = [
     "VARIANTS",
-    "Scenario",
+    "ZooScenario",
     "base_config",
     "comparison_table",
     "config_diff",
@@ -340,4 +321,7 @@ __all__ = [
     "per_dataset_table",
     "run_dir_for",
     "run_one",
+    "variant",
+    "variants",
+    "zoo_free",
 ]

@@ -9,6 +9,7 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
@@ -133,8 +134,13 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     base: dict[str, Any] | None = None,
+    migrate: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> C:
-    """Defaults of ``cls`` <- ``base`` <- YAML file at ``path`` <- ``overrides`` (last wins)."""
+    """Defaults of ``cls`` <- ``base`` <- YAML file at ``path`` <- ``overrides`` (last wins).
+
+    ``migrate``: applied to the file's and the overrides' mappings before merging (old layouts).
+    """
+    fix = migrate or (lambda d: d)
     data = to_dict(cls())
     if base:
         data = merge(data, base)
@@ -145,9 +151,9 @@ def load_config(
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a YAML mapping")
-        data = merge(data, loaded)
-    if overrides:
-        data = merge(data, parse_overrides(overrides))
+        data = merge(data, fix(loaded))
+    for item in overrides or ():  # one at a time: a later override wins
+        data = merge(data, fix(parse_overrides([item])))
     return from_dict(cls, data)
 
 

@@ -62,6 +62,52 @@ class Episode:
         )
 
 
+@dataclass
+class APIEpisode:
+    """What one API event recovered from one API: a support set S and a query set Q.
+
+    Labels are the API's local labels: label i stands for class ``classes[i]`` of ``dataset``.
+    Shapes: ``support_x`` (B, C, s, s) and ``query_x`` (B', C, s, s) float in [0, 1] (the kept
+    generator outputs, before augmentation); ``support_y`` (B,), ``query_y`` (B',) int64 in
+    [0, n_classes); ``query_keep`` (B',) bool: the query images the task memory may store
+    (all of them unless ``memory.filter_query``).
+    """
+
+    api: str
+    dataset: str
+    classes: tuple[int, ...]
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+    query_keep: Tensor
+
+    def __post_init__(self) -> None:
+        self.classes = tuple(int(c) for c in self.classes)
+        n = len(self.classes)
+        if n < 1:
+            raise EpisodeError("an API episode needs at least one class")
+        for part in ("support", "query"):
+            x, y = getattr(self, f"{part}_x"), getattr(self, f"{part}_y")
+            if x.dim() != 4 or y.dim() != 1 or y.shape[0] != x.shape[0]:
+                raise EpisodeError(
+                    f"{part}: images must be (B, C, H, W) and labels (B,), got "
+                    f"{tuple(x.shape)} and {tuple(y.shape)}"
+                )
+            if y.dtype != torch.long:
+                raise EpisodeError(f"{part}_y must be int64, got {y.dtype}")
+        if self.query_keep.shape != self.query_y.shape or self.query_keep.dtype != torch.bool:
+            raise EpisodeError(
+                f"query_keep must be a bool mask of shape {tuple(self.query_y.shape)}, got "
+                f"{self.query_keep.dtype} {tuple(self.query_keep.shape)}"
+            )
+
+    @property
+    def keys(self) -> list[tuple[str, int]]:
+        """The memory keys ``(dataset, class id)`` of the local labels."""
+        return [(self.dataset, c) for c in self.classes]
+
+
 def _as_float(images: Tensor) -> Tensor:
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 

@@ -35,7 +35,7 @@ class QueryBudgetExceeded(ApimetaError):
         super().__init__(
             f"query of {requested} images{where} would exceed the budget: "
             f"{used} of {budget} already used ({budget - used} left). "
-            "Raise the budget (--query-budget) or reduce recovery cost (recover_iters, zo.q)."
+            "Raise the budget (--query-budget) or reduce recovery cost (recovery.iters, zo.q)."
         )
 
 

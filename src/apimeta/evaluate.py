@@ -1,4 +1,4 @@
-"""Few-shot evaluation of an initialization (method.md section 6).
+"""Few-shot evaluation of an initialization (docs/design.md section 6).
 
 For each shot K, a FIXED task list is drawn from a generator seeded with
 ``task_seed(seed, split, way, K, query)``, so every initialization evaluated with the same
@@ -27,6 +27,7 @@ from apimeta.data.base import FewShotDataset
 from apimeta.episodes import Episode, TaskSampler
 from apimeta.errors import ConfigError
 from apimeta.maml import Params, finetune, functional_forward, named_params
+from apimeta.run_config import RunConfig
 from apimeta.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,35 @@ def evaluate(
     return results
 
 
+def evaluate_with_config(
+    model: nn.Module,
+    dataset: FewShotDataset,
+    cfg: RunConfig,
+    *,
+    split: str,
+    shots: Sequence[int],
+    tasks: int,
+    progress: EvalProgress | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The meta-test protocol with a run's settings (way, query, ``eval.test_steps``,
+    ``inner_lr``, ``eval.transductive``) on the shared seeded task list: ``{"1-shot": ...}``."""
+    return evaluate(
+        model,
+        dataset,
+        split=split,
+        way=cfg.way,
+        shots=tuple(shots),
+        query=cfg.query,
+        tasks=tasks,
+        steps=cfg.eval.test_steps,
+        lr=cfg.inner_lr,
+        transductive=cfg.eval.transductive,
+        seed=DEFAULT_EVAL_SEED,
+        device=cfg.device,
+        progress=progress,
+    )
+
+
 def summary_score(results: dict[str, dict[str, Any]]) -> float:
     """Mean of the per-shot means (the scalar used for model selection)."""
     return sum(r["mean"] for r in results.values()) / len(results)
@@ -194,6 +224,7 @@ __all__ = [
     "adapt_and_score",
     "ci95",
     "evaluate",
+    "evaluate_with_config",
     "format_result",
     "predict_non_transductive",
     "summary_score",

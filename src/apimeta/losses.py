@@ -1,4 +1,4 @@
-"""Loss functions of BiDf-MKD (method.md sections 4.2, 4.5 and 5).
+"""Loss functions of BiDf-MKD (docs/design.md sections 4.2, 4.5 and 5).
 
 * KD losses (registry :data:`KD_LOSSES`), signature
   ``fn(student_logits (B, C), teacher_scores (B, C), T=1.0, teacher_is_probs=False) -> scalar``:
@@ -48,7 +48,7 @@ def teacher_probs(teacher_scores: Tensor, T: float = 1.0, teacher_is_probs: bool
 def kd_kl(
     student_logits: Tensor, teacher_scores: Tensor, T: float = 1.0, teacher_is_probs: bool = False
 ) -> Tensor:
-    """Proper KD: ``T^2 / B * sum_b KL(p_t^T || p_s^T)`` (method.md 5, ours). Scalar.
+    """Proper KD: ``T^2 / B * sum_b KL(p_t^T || p_s^T)`` (docs/design.md 5, ours). Scalar.
 
     ``student_logits`` (B, C) raw logits; ``teacher_scores`` (B, C) logits or, with
     ``teacher_is_probs``, probabilities. Terms with p_t = 0 contribute 0 (``0 log 0 = 0``).
@@ -68,7 +68,7 @@ def kd_neg_prob_dot(
     """The reference "KD": ``kl_div(p_s, p_t, reduction="mean")`` on student *probabilities*.
 
     Computes ``1/(B C) sum_{b,c} p_t (log p_t - p_s) = const - mean_b <p_t, p_s> / C``
-    (method.md 5, section 9 item 1). Not a KL divergence; gradient w.r.t. p_s is -p_t/(B C).
+    (docs/design.md 5, section 9 item 1). Not a KL divergence; gradient w.r.t. p_s is -p_t/(B C).
     ``T`` tempers both distributions (the reference uses T = 1). Scalar.
     """
     if T <= 0:
@@ -109,7 +109,7 @@ def target_prob(scores: Tensor, targets: Tensor, kind: str, fill_hidden: bool = 
 
 
 def recovery_ce(scores: Tensor, targets: Tensor, kind: str) -> Tensor:
-    """Per-sample CE(A(x), y) (B,) for the recovery objective (method.md 4.2).
+    """Per-sample CE(A(x), y) (B,) for the recovery objective (docs/design.md 4.2).
 
     ``logits``: ``-log_softmax(scores)[y]``. ``probs``/``topk``: ``-log max(p_y, 1e-8)``; for a
     target outside the top K, p_y is the left-out mass shared evenly among the hidden classes
@@ -129,7 +129,7 @@ def recovery_ce(scores: Tensor, targets: Tensor, kind: str) -> Tensor:
 
 
 def boundary_mask(api_scores: Tensor, student_logits: Tensor) -> Tensor:
-    """m_i = 1[argmax A(x) == argmax f(x_i)] as float (B,) (method.md 4.5).
+    """m_i = 1[argmax A(x) == argmax f(x_i)] as float (B,) (docs/design.md 4.5).
 
     ``student_logits`` is the fixed student output at the *unperturbed* x_i; ``api_scores`` may
     be at a perturbed point. Argmax is the same for logits and their softmax.
@@ -170,7 +170,7 @@ def boundary_objective(
     adv: float = 1.0,
     discrepancy: str = "l1",
 ) -> Tensor:
-    """Per-sample boundary loss (B,) of method.md 4.5.
+    """Per-sample boundary loss (B,) of docs/design.md 4.5.
 
     ``L_i = CE(A(x), y_i) - adv * m_i(x) * D(A(x), f(x_i))`` with ``student_logits`` = f(x_i)
     fixed (computed once at the unperturbed point). ``kind``: ``logits`` or ``probs`` (others

@@ -1,4 +1,4 @@
-"""Task memory: recovered images per class, replayed as interpolated tasks (method.md 4.7).
+"""Task memory: recovered images per class, replayed as interpolated tasks (docs/design.md 4.7).
 
 In RAM, per class a FIFO of at most ``capacity_batches`` recovery batches (one batch = the
 images of that class from one recovery call). Classes are keyed by a hashable key, e.g.
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from apimeta.episodes import Episode
+from apimeta.episodes import APIEpisode, Episode
 from apimeta.errors import CheckpointError, EpisodeError
 from apimeta.models.wrappers import match_channels
 from apimeta.transforms import resize
@@ -41,7 +41,7 @@ def _decode_key(obj: Any) -> Hashable:
 class TaskMemory:
     """Per-class FIFO ring buffer of recovered images; samples interpolated N-way tasks.
 
-    ``capacity_batches``: batches kept per class (method.md: 20). ``quantize_uint8``: store
+    ``capacity_batches``: batches kept per class (docs/design.md: 20). ``quantize_uint8``: store
     images as uint8 (the reference's PNG precision, 4x less RAM) instead of float32.
     """
 
@@ -86,6 +86,14 @@ class TaskMemory:
             if bool(sel.any()):
                 self.add(key, images[sel.to(images.device)])
 
+    def add_episode(self, episode: APIEpisode) -> None:
+        """Store what an API event recovered: its support set, then the kept query images,
+        under the keys ``(dataset, class id)``."""
+        keys: list[Hashable] = list(episode.keys)
+        self.add_labelled(keys, episode.support_x, episode.support_y)
+        keep = episode.query_keep
+        self.add_labelled(keys, episode.query_x[keep], episode.query_y[keep])
+
     def classes(self) -> list[Hashable]:
         """Keys currently stored, in order of first appearance."""
         return [k for k in self._keys if self._batches.get(k)]
@@ -129,7 +137,7 @@ class TaskMemory:
         image_size: int | None = None,
         channels: int | None = None,
     ) -> Episode:
-        """An interpolated N-way K-shot task (method.md 4.7).
+        """An interpolated N-way K-shot task (docs/design.md 4.7).
 
         ``way`` classes uniformly without replacement among classes holding >= shot + query
         images (possibly from different APIs/datasets), then shot + query images per class

@@ -1,13 +1,21 @@
-"""Data recovery from one black-box API (method.md 4.2, 4.5; early stop of 8.5).
+"""Data recovery from one black-box API (docs/design.md 4.2, 4.5; early stop of 8.5).
 
-:func:`recover` inverts an API with a freshly initialized generator: it optimizes the generator
-weights and latents so that augmented generator outputs get a low per-sample loss from the API,
-estimating the loss gradient by zero-order finite differences (:mod:`apimeta.zo`), or, with
-``white_box=True``, by autograd through the API's model (an upper bound, NOT black-box).
+:func:`recover` inverts an API: it optimizes a generator's weights and latents so that augmented
+generator outputs get a low per-sample loss from the API. It is built from parts:
 
-Output modes: ``support`` mode works with ``logits``, ``probs`` and ``topk:K`` APIs (CE on the
+* a **gradient source** (:class:`GradientSource`): :class:`ZOGradient` (zero-order finite
+  differences through queries, :mod:`apimeta.zo`; the black-box default) or
+  :class:`WhiteBoxGradient` (autograd through the API's own model: an upper bound, NOT black-box);
+* an **objective** (:class:`Objective`): :class:`SupportCE` (cross-entropy to the target class)
+  or :class:`Boundary` (CE minus the masked discrepancy to an adapted student, 4.5);
+* a :class:`~apimeta.run_config.RecoveryConfig` (batch, iterations, generator size, iterate
+  selection, early stop);
+* optionally the **generator and latents** to train (a method with a persistent or shared
+  generator passes its own; by default a fresh one is initialized from the RNG).
+
+Output modes: :class:`SupportCE` works with ``logits``, ``probs`` and ``topk:K`` APIs (CE on the
 logits, or on the log of the returned probability, floored at 1e-8; a target outside the top K
-has a flat loss). ``boundary`` mode needs ``logits`` or ``probs``. ``label`` APIs are refused in
+has a flat loss); :class:`Boundary` needs ``logits`` or ``probs``. ``label`` APIs are refused in
 black-box mode (the loss is piecewise constant, so finite differences carry no signal).
 """
 
@@ -26,16 +34,192 @@ from apimeta.errors import ConfigError, QueryBudgetExceeded
 from apimeta.losses import boundary_objective, output_kind, recovery_ce, target_prob
 from apimeta.models.generator import Generator, reset_parameters
 from apimeta.models.wrappers import match_channels
+from apimeta.registry import Registry
+from apimeta.run_config import RecoveryConfig
 from apimeta.transforms import center_or_random_crop, crop_flip, resize
-from apimeta.zo import ForwardEstimator, ZOEstimator
+from apimeta.zo import ForwardEstimator, LossFn, QueryFn, ZOEstimator, zo_surrogate
 
 log = logging.getLogger(__name__)
 
-MODES = ("support", "boundary")
-BEST_ITERATE = ("true_loss", "surrogate", "last")
-
 Progress = Callable[[int, dict[str, Any]], None]
 """progress(iteration, {"loss": mean true loss, "queries": used so far, "iters": total})."""
+
+#: how the kept iterate is chosen (``recovery.best_iterate``): name -> score(iteration, mean true
+#: loss, surrogate) where the lowest score wins (ties: the later iterate)
+ITERATES: Registry[Callable[[int, float, float], float]] = Registry("best_iterate")
+ITERATES.register("true_loss")(lambda it, loss, surrogate: loss)
+ITERATES.register("surrogate")(lambda it, loss, surrogate: surrogate)
+ITERATES.register("last")(lambda it, loss, surrogate: -float(it))
+
+
+# ----------------------------------------------------------------------------- gradient sources
+
+
+@dataclass
+class Gradient:
+    """One gradient estimate at x: ``grad`` (B, C, H, W) of the per-sample losses, the losses
+    ``base_loss`` (B,) and API scores ``base_scores`` (B, K) at the unperturbed x."""
+
+    grad: Tensor
+    base_loss: Tensor
+    base_scores: Tensor
+
+
+class GradientSource:
+    """Where the per-sample loss gradients at the augmented images come from."""
+
+    white_box: bool = False
+
+    def cost(self, batch: int) -> int:
+        """Queries charged per recovery iteration on ``batch`` images."""
+        raise NotImplementedError
+
+    def score_kind(self, api: BlackBoxAPI) -> str:
+        """The output kind the objective sees (the API's, or raw logits for white-box)."""
+        return output_kind(api.info.output)
+
+    def estimate(
+        self, x: Tensor, api: BlackBoxAPI, query: QueryFn, loss_fn: LossFn, rng: torch.Generator
+    ) -> Gradient:
+        """The estimate at x (B, C, H, W); ``query`` sends images to ``api`` (and counts them)."""
+        raise NotImplementedError
+
+
+class ZOGradient(GradientSource):
+    """Zero-order estimates through queries (black-box); ``estimator`` default: forward, q=10."""
+
+    def __init__(self, estimator: ZOEstimator | None = None):
+        self.estimator = estimator if estimator is not None else ForwardEstimator()
+
+    def cost(self, batch: int) -> int:
+        return self.estimator.cost(batch, base=True)
+
+    def estimate(
+        self, x: Tensor, api: BlackBoxAPI, query: QueryFn, loss_fn: LossFn, rng: torch.Generator
+    ) -> Gradient:
+        res = self.estimator.estimate(x, query, loss_fn, rng, base=True)
+        assert res.base_loss is not None and res.base_scores is not None
+        return Gradient(res.grad, res.base_loss, res.base_scores)
+
+
+class WhiteBoxGradient(GradientSource):
+    """True gradients through ``model``, the API's own module taking [0, 1] images (NOT
+    black-box; an upper bound). Each iteration still charges B forward queries to the ledger."""
+
+    white_box = True
+
+    def __init__(self, model: nn.Module | None):
+        if model is None:
+            raise ConfigError(
+                "white-box recovery needs the API's own nn.Module (white_box_model); "
+                "black-box APIs cannot give true gradients"
+            )
+        self.model = model
+
+    def cost(self, batch: int) -> int:
+        return batch
+
+    def score_kind(self, api: BlackBoxAPI) -> str:
+        return "logits"
+
+    def estimate(
+        self, x: Tensor, api: BlackBoxAPI, query: QueryFn, loss_fn: LossFn, rng: torch.Generator
+    ) -> Gradient:
+        b = int(x.shape[0])
+        api.ledger.charge(api.info.name, b)
+        xg = x.detach().requires_grad_(True)
+        scores = self.model(xg).float()
+        losses = loss_fn(scores, torch.arange(b, device=x.device))
+        (grad,) = torch.autograd.grad(losses.sum(), xg)
+        return Gradient(grad, losses.detach(), scores.detach())
+
+
+def gradient_source(
+    estimator: ZOEstimator | None, api: BlackBoxAPI, white_box: bool
+) -> GradientSource:
+    """:class:`WhiteBoxGradient` through ``api``'s own model if ``white_box``, else ZO."""
+    if not white_box:
+        return ZOGradient(estimator)
+    model = getattr(api, "white_box_model", None)
+    if model is None:
+        raise ConfigError(
+            f"white-box recovery needs in-process APIs; {api.info.name!r} is "
+            f"{type(api).__name__}. Use a local zoo directory or zo.enabled=true."
+        )
+    return WhiteBoxGradient(model())
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+class Objective:
+    """The per-sample recovery loss of the API's scores for target labels."""
+
+    mode: str = "support"
+
+    def setup(self, kind: str, white_box: bool) -> None:
+        """Check the objective works with scores of ``kind``; called before any query."""
+
+    def prepare(self, x: Tensor) -> None:
+        """Called once per iteration with the unperturbed augmented images x (B, C, H, W)."""
+
+    def loss(self, scores: Tensor, targets: Tensor, idx: Tensor, kind: str) -> Tensor:
+        """Per-sample losses (n,) of ``scores`` (n, K) for sample indices ``idx`` (n,)."""
+        raise NotImplementedError
+
+
+class SupportCE(Objective):
+    """Cross-entropy to each image's target class (the support set S, docs/design.md 4.2)."""
+
+    mode = "support"
+
+    def loss(self, scores: Tensor, targets: Tensor, idx: Tensor, kind: str) -> Tensor:
+        return recovery_ce(scores, targets, kind)
+
+
+class Boundary(Objective):
+    """``CE - adv * m_i * D(A(x), student(x_i))`` (docs/design.md 4.5): images the API labels
+    as the target but the adapted ``student`` (callable x -> logits) does not agree with.
+
+    The student is evaluated once per iteration at the unperturbed x and held fixed. ``D``:
+    ``"l1"`` (the default in ZO) or ``"kl"`` (the default with white-box gradients).
+    ``adv=0`` is exactly :class:`SupportCE`.
+    """
+
+    mode = "boundary"
+
+    def __init__(
+        self,
+        student: Callable[[Tensor], Tensor] | None,
+        adv: float = 1.0,
+        discrepancy: str | None = None,
+    ):
+        if student is None:
+            raise ConfigError("boundary recovery needs the adapted student (a callable)")
+        self.student, self.adv, self.discrepancy = student, float(adv), discrepancy
+        self._ref: Tensor | None = None
+
+    def setup(self, kind: str, white_box: bool) -> None:
+        if kind not in ("logits", "probs"):
+            raise ConfigError(
+                f"boundary recovery needs an API with logits or probs output, not {kind!r}; "
+                "recover with the support objective (kd.adv=0) for this API."
+            )
+        if self.discrepancy is None:
+            self.discrepancy = "kl" if white_box else "l1"
+
+    def prepare(self, x: Tensor) -> None:
+        with torch.no_grad():
+            self._ref = self.student(x.detach()).detach().float()
+
+    def loss(self, scores: Tensor, targets: Tensor, idx: Tensor, kind: str) -> Tensor:
+        if self.adv == 0:
+            return recovery_ce(scores, targets, kind)
+        assert self._ref is not None and self.discrepancy is not None
+        return boundary_objective(scores, targets, self._ref[idx], kind, self.adv, self.discrepancy)
+
+
+# ----------------------------------------------------------------------------- recover
 
 
 @dataclass
@@ -51,6 +235,7 @@ class Recovered:
     ``accuracy``: share of argmax == target. ``queries``: images sent during this call, final
     query included. ``loss_curve``: mean true loss per iteration. ``best_iter``: index of the
     kept iterate (-1 if no iteration ran: ``images`` is then the untrained G(z)).
+    ``generator``/``latents``: what was trained (the caller's, if it passed them).
     """
 
     images: Tensor
@@ -69,6 +254,8 @@ class Recovered:
     api_name: str = ""
     classes: tuple[int, ...] = ()
     outputs_at: str = "images"
+    generator: Generator | None = None
+    latents: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -77,8 +264,8 @@ def _device_of(api: Any) -> torch.device:
     return torch.device(dev) if dev is not None else torch.device("cpu")
 
 
-def _subgenerator(generator: torch.Generator, device: torch.device | str) -> torch.Generator:
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+def _subgenerator(rng: torch.Generator, device: torch.device | str) -> torch.Generator:
+    seed = int(torch.randint(0, 2**62, (1,), generator=rng, device=rng.device))
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
@@ -86,22 +273,13 @@ def _subgenerator(generator: torch.Generator, device: torch.device | str) -> tor
 
 def recover(
     api: BlackBoxAPI,
+    cfg: RecoveryConfig | None = None,
     *,
-    generator: torch.Generator,
-    n_per_class: int = 10,
-    iters: int = 50,
-    mode: str = "support",
-    student: Callable[[Tensor], Tensor] | None = None,
-    adv: float = 1.0,
-    estimator: ZOEstimator | None = None,
-    gen_lr: float = 1e-3,
-    nz: int = 256,
-    ngf: int = 64,
-    best_iterate: str = "true_loss",
-    early_stop_prob: float | None = None,
-    white_box: bool = False,
-    white_box_model: nn.Module | None = None,
-    discrepancy: str | None = None,
+    rng: torch.Generator,
+    gradient: GradientSource | None = None,
+    objective: Objective | None = None,
+    generator: Generator | None = None,
+    latents: Tensor | None = None,
     final_query: bool = True,
     aug_pad: int = 4,
     image_size: int | None = None,
@@ -109,67 +287,52 @@ def recover(
     device: torch.device | str | None = None,
     progress: Progress | None = None,
 ) -> Recovered:
-    """Recover B = n_per_class x n_classes images from ``api`` (method.md 4.2).
+    """Recover B = ``cfg.per_class`` x n_classes images from ``api`` (docs/design.md 4.2).
 
-    Fresh generator (init of 4.2 step 1) and z ~ N(0, I) (B, nz); Adam(lr=gen_lr, betas
-    (0.5, 0.999)) over both. Each iteration: x_hat = G(z); x = crop_flip(x_hat) (per image,
-    seeded); ZO estimate g of the per-sample loss gradients at x (base + perturbed queries);
-    backward of S = (1/B) sum <x_i, g_i>; Adam step. The kept iterate is chosen by
-    ``best_iterate``: ``true_loss`` (lowest mean loss at the unperturbed x, no extra queries),
-    ``surrogate`` (lowest S, the reference) or ``last``.
-
-    ``mode="boundary"``: loss CE - adv * m_i * D(A(x), student(x_i)) (method.md 4.5) with the
-    ``student`` (callable x -> logits, the adapted meta-model) evaluated once per iteration at the
-    unperturbed x and held fixed; D is L1 (``discrepancy="l1"``, default in ZO) or KL (default
-    with ``white_box``). ``early_stop_prob``: stop once every sample's target share exceeds it.
+    Generator: ``generator`` if given (trained as it is), else a fresh one (init of 4.2 step 1,
+    ``cfg.nz``/``cfg.ngf``); latents ``latents`` (B, nz) if given, else z ~ N(0, I). Adam
+    (lr ``cfg.gen_lr``, betas (0.5, 0.999)) over both. Each iteration: x_hat = G(z);
+    x = crop_flip(x_hat) (per image, seeded); the ``gradient`` source's estimate g of the
+    ``objective``'s per-sample loss gradients at x; backward of S = (1/B) sum <x_i, g_i>; Adam
+    step. The kept iterate is chosen by ``cfg.best_iterate`` (:data:`ITERATES`): ``true_loss``
+    (lowest mean loss at the unperturbed x, no extra queries), ``surrogate`` (lowest S, the
+    reference) or ``last``. ``cfg.early_stop_prob``: stop once every sample's target share
+    exceeds it.
 
     Budget: before each iteration the ledger must afford the iteration (plus the B-image final
     query when ``final_query``); otherwise recovery stops and returns the kept iterate with
     ``budget_exhausted=True`` (a :class:`QueryBudgetExceeded` raised mid-iteration, e.g. by a
     ledger shared with other threads, is handled the same way; that iteration is discarded).
 
-    ``white_box=True`` (NOT black-box; an upper bound): uses the true gradient of the loss on
-    ``white_box_model``'s raw logits (the API's own model, taking [0, 1] images); each iteration
-    still charges B forward queries to ``api.ledger``; the final query goes through ``api``.
     ``image_size``/``channels``: the generator's output spec (default: the API's). Images are
     then mapped to the API's spec after crop_flip: a random crop when larger (API-MH: 32-px APIs
     see a random 32x32 crop of 84-px images), a bilinear resize when smaller, and
     ``match_channels`` for 1 <-> 3 channels; ``images`` stay at the generator's spec.
-    ``generator``: all randomness (generator init, z, augmentation, ZO directions) derives from it.
+    ``rng``: all randomness (generator init, z, augmentation, ZO directions) derives from it.
     """
-    if mode not in MODES:
-        raise ConfigError(f"recovery mode must be one of {MODES}, got {mode!r}")
-    if best_iterate not in BEST_ITERATE:
-        raise ConfigError(f"best_iterate must be one of {BEST_ITERATE}, got {best_iterate!r}")
-    if n_per_class < 1 or iters < 0:
-        raise ConfigError(f"need n_per_class >= 1 and iters >= 0, got {n_per_class}, {iters}")
-    if mode == "boundary" and student is None:
-        raise ConfigError("boundary recovery needs the adapted student (student=callable)")
-    if white_box and white_box_model is None:
+    cfg = cfg if cfg is not None else RecoveryConfig()
+    score_of = ITERATES.get(cfg.best_iterate)
+    if cfg.per_class < 1 or cfg.iters < 0:
         raise ConfigError(
-            "white_box=True needs white_box_model (the API's own nn.Module); black-box APIs "
-            "cannot give true gradients"
+            f"need recovery.per_class >= 1 and recovery.iters >= 0, got {cfg.per_class}, "
+            f"{cfg.iters}"
         )
+    source = gradient if gradient is not None else ZOGradient()
+    objective = objective if objective is not None else SupportCE()
     info = api.info
     api_kind = output_kind(info.output)
-    kind = "logits" if white_box else api_kind
+    kind = source.score_kind(api)
     if kind == "label":
         recovery_ce(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), kind)  # raises
-    if mode == "boundary" and kind not in ("logits", "probs"):
-        raise ConfigError(
-            f"boundary recovery needs an API with logits or probs output; {info.name!r} returns "
-            f"{info.output!r}. Use mode='support' (adv=0) for this API."
-        )
-    disc = discrepancy or ("kl" if white_box else "l1")
-    est = estimator if estimator is not None else ForwardEstimator()
+    objective.setup(kind, source.white_box)
     dev = torch.device(device) if device is not None else _device_of(api)
 
     n_cls = info.n_classes
-    b = n_per_class * n_cls
+    b = cfg.per_class * n_cls
     targets = torch.arange(b, device=dev) % n_cls
-    init_g = _subgenerator(generator, "cpu")
-    aug_g = _subgenerator(generator, "cpu")
-    zo_g = _subgenerator(generator, dev)
+    init_g = _subgenerator(rng, "cpu")
+    aug_g = _subgenerator(rng, "cpu")
+    zo_g = _subgenerator(rng, dev)
 
     gen_size = int(image_size or info.image_size)
     gen_channels = int(channels or info.channels)
@@ -191,11 +354,19 @@ def recover(
             return center_or_random_crop(x, info.image_size, None)
         return resize(x, info.image_size).clamp(0.0, 1.0)
 
-    gen = Generator(nz=nz, ngf=ngf, image_size=gen_size, channels=gen_channels)
-    reset_parameters(gen, init_g)
+    if generator is None:
+        gen = Generator(nz=cfg.nz, ngf=cfg.ngf, image_size=gen_size, channels=gen_channels)
+        reset_parameters(gen, init_g)
+    else:
+        gen = generator
     gen = gen.to(dev).train()
-    z = torch.randn((b, nz), generator=init_g).to(dev).requires_grad_(True)
-    opt = torch.optim.Adam([*gen.parameters(), z], lr=gen_lr, betas=(0.5, 0.999))
+    if latents is None:
+        z = torch.randn((b, gen.nz), generator=init_g).to(dev).requires_grad_(True)
+    else:
+        if tuple(latents.shape) != (b, gen.nz):
+            raise ConfigError(f"latents must be ({b}, {gen.nz}), got {tuple(latents.shape)}")
+        z = latents.to(dev).detach().requires_grad_(True)
+    opt = torch.optim.Adam([*gen.parameters(), z], lr=cfg.gen_lr, betas=(0.5, 0.999))
 
     used = 0
 
@@ -205,15 +376,10 @@ def recover(
         used += int(x.shape[0])
         return out
 
-    student_ref: dict[str, Tensor] = {}
-
     def loss_fn(scores: Tensor, idx: Tensor) -> Tensor:
-        y = targets[idx]
-        if mode == "boundary" and adv != 0:
-            return boundary_objective(scores, y, student_ref["s"][idx], kind, adv, disc)
-        return recovery_ce(scores, y, kind)
+        return objective.loss(scores, targets[idx], idx, kind)
 
-    cost = b if white_box else est.cost(b, base=True)
+    cost = source.cost(b)
     reserve = b if final_query else 0
     best_score = float("inf")
     best_images: Tensor | None = None
@@ -221,54 +387,39 @@ def recover(
     best_iter = -1
     curve: list[float] = []
     exhausted = early = False
-    for it in range(iters):
+    for it in range(cfg.iters):
         if not api.ledger.can_afford(cost + reserve):
             exhausted = True
             log.info("recovery from %s stopped at iteration %d: query budget", info.name, it)
             break
         x_hat = gen(z)
         x = to_api(x_hat)
-        if mode == "boundary":
-            with torch.no_grad():
-                student_ref["s"] = student(x.detach()).detach().float()  # type: ignore[misc]
+        objective.prepare(x)
         try:
-            if white_box:
-                api.ledger.charge(info.name, b)
-                used += b
-                xg = x.detach().requires_grad_(True)
-                scores_wb = white_box_model(xg).float()  # type: ignore[misc]
-                losses = loss_fn(scores_wb, torch.arange(b, device=dev))
-                (grad,) = torch.autograd.grad(losses.sum(), xg)
-                base_loss, base_scores = losses.detach(), scores_wb.detach()
-            else:
-                res = est.estimate(x.detach(), query, loss_fn, zo_g, base=True)
-                assert res.base_loss is not None and res.base_scores is not None
-                grad, base_loss, base_scores = res.grad, res.base_loss, res.base_scores
+            est = source.estimate(x.detach(), api, query, loss_fn, zo_g)
         except QueryBudgetExceeded:
             exhausted = True
             log.info("recovery from %s: budget exceeded mid-iteration %d", info.name, it)
             break
-        surrogate = (x * grad.detach()).sum() / b
+        if source.white_box:
+            used += b
+        surrogate = zo_surrogate(x, est.grad)
         opt.zero_grad(set_to_none=True)
         surrogate.backward()
         opt.step()
 
-        mean_loss = float(base_loss.mean())
+        mean_loss = float(est.base_loss.mean())
         curve.append(mean_loss)
-        score = {
-            "true_loss": mean_loss,
-            "surrogate": float(surrogate.detach()),
-            "last": -float(it),
-        }[best_iterate]
+        score = score_of(it, mean_loss, float(surrogate.detach()))
         if score <= best_score or best_images is None:
             best_score, best_iter = score, it
             best_images = x_hat.detach().clone()
-            best_scores = base_scores.detach().clone()
+            best_scores = est.base_scores.detach().clone()
         if progress is not None:
-            progress(it, {"loss": mean_loss, "queries": used, "iters": iters})
-        if early_stop_prob is not None:
-            share = target_prob(base_scores, targets, kind)
-            if bool((share > early_stop_prob).all()):
+            progress(it, {"loss": mean_loss, "queries": used, "iters": cfg.iters})
+        if cfg.early_stop_prob is not None:
+            share = target_prob(est.base_scores, targets, kind)
+            if bool((share > cfg.early_stop_prob).all()):
                 early = True
                 break
     n_run = len(curve)
@@ -314,12 +465,26 @@ def recover(
         best_iter=best_iter,
         budget_exhausted=exhausted,
         early_stopped=early,
-        mode=mode,
-        white_box=white_box,
+        mode=objective.mode,
+        white_box=source.white_box,
         api_name=info.name,
         classes=tuple(info.classes),
         outputs_at=outputs_at,
+        generator=gen,
+        latents=z.detach(),
     )
 
 
-__all__ = ["BEST_ITERATE", "MODES", "Recovered", "recover"]
+__all__ = [
+    "ITERATES",
+    "Boundary",
+    "Gradient",
+    "GradientSource",
+    "Objective",
+    "Recovered",
+    "SupportCE",
+    "WhiteBoxGradient",
+    "ZOGradient",
+    "gradient_source",
+    "recover",
+]

@@ -1,4 +1,7 @@
-"""A small name -> factory registry, used for backbones, datasets, estimators and methods."""
+"""A small name -> factory registry (backbones, datasets, estimators, methods, API sources ...).
+
+Register with the decorator ``@REGISTRY.register("name")``; CLI choices come from ``names()``.
+"""
 
 from __future__ import annotations
 
@@ -25,9 +28,6 @@ class Registry(Generic[T]):
             return obj
 
         return deco
-
-    def add(self, name: str, obj: T) -> None:
-        self.register(name)(obj)
 
     def get(self, name: str) -> T:
         try:

@@ -1,17 +1,58 @@
-"""The typed configuration of a training run (``apimeta train``), mirroring method.md section 7.
+"""The typed configuration of a training run (``apimeta train``): one dataclass per component.
 
-Loaded from a preset YAML (``apimeta/presets/<name>.yaml``) and/or a user YAML, then overridden
-with ``--set key.sub=value``; the resolved config is written into every run directory.
+``RunConfig`` holds what every method reads (data, meta-model, episodes, the meta-update) and one
+section per pipeline component (docs/design.md section 7)::
+
+    recovery  RecoveryConfig   data recovery from one API (recover)
+    zo        ZOConfig         the zero-order gradient estimator
+    kd        KDConfig         bi-level KD: inner KD on S, boundary Q, outer KD
+    events    EventConfig      when an API event happens
+    memory    MemoryConfig     task memory replay
+    http      HttpConfig       a zoo served over HTTP; the query cache
+    eval      EvalConfig       meta-val selection and meta-test
+
+Each method declares the sections it reads (``Method.reads``). A config is loaded from a preset
+(``apimeta/presets/<name>.yaml``) and/or a user YAML, then overridden with ``--set key.sub=value``
+(:func:`resolve_config`); the resolved config is written into every run directory. Keys of the
+flat layout used before the sections existed (``recover_iters``, ``adv_start`` ...) are still read
+and mapped to their new place (:data:`LEGACY_KEYS`), with a warning naming the new key.
+
+Also here: :data:`ABLATIONS`, the config changes behind ``apimeta train --no-boundary`` etc. and
+the ``bidf-mkd:<name>`` rows of ``apimeta bench``.
 """
 
 from __future__ import annotations
 
+import importlib.resources
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from apimeta.config import from_dict, load_config, merge, parse_overrides, to_dict
+from apimeta.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoveryConfig:
+    """Data recovery from one API (docs/design.md 4.2): a generator trained through the API."""
+
+    per_class: int = 10  # images recovered per class of the API (B = per_class x n_classes)
+    iters: int = 50  # generator updates per recovery
+    gen_lr: float = 1e-3
+    nz: int = 256  # latent size
+    ngf: int = 64  # generator width
+    best_iterate: str = "true_loss"  # true_loss | surrogate | last (registry recovery.ITERATES)
+    early_stop_prob: float | None = None  # stop once every target's API share exceeds this
 
 
 @dataclass
 class ZOConfig:
-    """Zero-order gradient estimation (method.md 4.3, 8.5)."""
+    """Zero-order gradient estimation (docs/design.md 4.3, 8.5)."""
 
     enabled: bool = True  # false: white-box recovery with true gradients (upper bound)
     estimator: str = "forward"  # forward | central | lowres (registry apimeta.zo.ESTIMATORS)
@@ -20,12 +61,33 @@ class ZOConfig:
     q: int = 10
     chunks: int = 1
     lowres: int = 8  # r for the lowres estimator (3*r*r dims)
-    device: str = "data"  # "data": draw directions on the data's device; "cpu": reference
+
+
+@dataclass
+class KDConfig:
+    """Bi-level knowledge distillation from an API (docs/design.md 4.4-4.6)."""
+
+    loss: str = "kl"  # kl | neg_prob_dot (registry apimeta.losses.KD_LOSSES)
+    T: float = 1.0  # temperature
+    inner_steps: int = 10  # inner-level KD steps on the support set S
+    adv: float = 1.0  # lambda_adv of the boundary term of Q; 0 disables it
+    adv_start: int = 500  # meta-updates before the boundary term switches on
+    cache_api_outputs: bool = True  # query the API once per set, not once per inner step
+
+
+@dataclass
+class EventConfig:
+    """When an API event happens (docs/design.md 4.8)."""
+
+    # plateau: after `patience` updates without a new training-accuracy max (the paper) |
+    # every: every `patience` updates (bbkd's schedule; extension). Registry methods.bidf_mkd.TRIGGERS
+    trigger: str = "plateau"
+    patience: int = 25
 
 
 @dataclass
 class MemoryConfig:
-    """Task memory replay (method.md 4.7)."""
+    """Task memory replay (docs/design.md 4.7)."""
 
     enabled: bool = True
     mem_batches: int = 20  # FIFO capacity per class, in recovery batches
@@ -63,17 +125,27 @@ class HttpConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Meta-validation (checkpoint selection) and meta-test (docs/design.md 6)."""
+
+    every: int = 1000  # episodes between meta-val passes
+    tasks: int = 100  # meta-val tasks per pass
+    test_tasks: int = 600  # meta-test tasks at the end of training
+    test_steps: int = 10  # fine-tuning steps at meta-val/meta-test
+    select_split: str = "val"  # val | test (the reference; optimistic)
+    transductive: bool = True
+
+
+@dataclass
 class RunConfig:
-    """Everything a training run needs. Defaults = the ``cpu`` preset."""
+    """Everything a training run needs. Defaults = the ``cpu`` preset's except where it says."""
 
     method: str = "bidf-mkd"  # registry apimeta.methods.METHODS
     dataset: str = "emoji"  # comma-separated for API-MH (emoji,kanji)
     data_root: str | None = None
     zoo: str | None = None  # zoo dir, ONNX dir or http(s)://host:port
     scenario: str = "auto"  # auto | SS | SH | MH
-    api_output: str = (
-        "logits"  # output mode simulated by local/ONNX zoos (servers decide their own)
-    )
+    api_output: str = "logits"  # output mode simulated by local/ONNX zoos (servers decide)
     seed: int = 2022
     device: str = "cpu"
     threads: int | None = None
@@ -88,46 +160,212 @@ class RunConfig:
     episodes: int = 8000
     meta_batch: int = 4
     outer_lr: float = 1e-3
-    inner_steps: int = 5
-    kd_inner_steps: int = 10
-    test_steps: int = 10
-    inner_lr: float = 0.01
+    inner_steps: int = 5  # MAML inner steps on memory / real tasks
+    inner_lr: float = 0.01  # every inner loop (MAML, inner KD, fine-tuning at meta-test)
     first_order: bool = False
 
-    # recovery
-    recover_per_class: int = 10
-    recover_iters: int = 50
-    gen_lr: float = 1e-3
-    nz: int = 256
-    ngf: int = 64
-    best_iterate: str = "true_loss"  # true_loss | surrogate | last
-    early_stop_prob: float | None = None  # stop recovery once every target prob exceeds this
-    zo: ZOConfig = field(default_factory=ZOConfig)
-
-    # bi-level KD
-    kd_loss: str = "kl"  # kl | neg_prob_dot (reference form)
-    kd_T: float = 1.0
-    adv: float = 1.0  # lambda_adv of the boundary term; 0 disables it
-    adv_start: int = 500  # meta-updates before the boundary term switches on
-    cache_api_outputs: bool = True
-
-    # API events and memory
-    api_patience: int = 25
-    # plateau: an API event after api_patience updates without a new training-accuracy max
-    # (method.md 4.8) | every: an event every api_patience updates (bbkd's schedule; extension)
-    event_trigger: str = "plateau"
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    # query budget (images sent to APIs)
     query_budget: int | None = 5_000_000
     on_budget_exhausted: str = "replay"  # replay: keep training on memory | stop
-    http: HttpConfig = field(default_factory=HttpConfig)  # zoo over HTTP; query cache
 
-    # evaluation and selection
-    eval_every: int = 1000  # episodes
-    eval_tasks: int = 100  # meta-val tasks during training
-    test_tasks: int = 600
-    select_split: str = "val"  # val | test (reference; optimistic)
-    transductive: bool = True
+    # components
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    zo: ZOConfig = field(default_factory=ZOConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    events: EventConfig = field(default_factory=EventConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # bookkeeping
     checkpoint_every: int = 250  # meta-updates
     out: str | None = None  # run directory
+
+    @property
+    def dataset_names(self) -> list[str]:
+        """``dataset`` split on commas (API-MH uses several)."""
+        names = [d.strip() for d in self.dataset.split(",") if d.strip()]
+        if not names:
+            raise ConfigError("dataset is empty; give a dataset name, e.g. --dataset emoji")
+        return names
+
+
+#: config sections of RunConfig (what ``Method.reads`` names)
+SECTIONS = ("recovery", "zo", "kd", "events", "memory", "http", "eval")
+
+#: keys of the flat layout -> their place now (None: removed, the value is ignored if default)
+LEGACY_KEYS: dict[str, str | None] = {
+    "recover_per_class": "recovery.per_class",
+    "recover_iters": "recovery.iters",
+    "gen_lr": "recovery.gen_lr",
+    "nz": "recovery.nz",
+    "ngf": "recovery.ngf",
+    "best_iterate": "recovery.best_iterate",
+    "early_stop_prob": "recovery.early_stop_prob",
+    "kd_loss": "kd.loss",
+    "kd_T": "kd.T",
+    "kd_inner_steps": "kd.inner_steps",
+    "adv": "kd.adv",
+    "adv_start": "kd.adv_start",
+    "cache_api_outputs": "kd.cache_api_outputs",
+    "api_patience": "events.patience",
+    "event_trigger": "events.trigger",
+    "eval_every": "eval.every",
+    "eval_tasks": "eval.tasks",
+    "test_tasks": "eval.test_tasks",
+    "test_steps": "eval.test_steps",
+    "select_split": "eval.select_split",
+    "transductive": "eval.transductive",
+    "zo.device": None,  # never read: directions are always drawn on the data's device
+}
+_REMOVED_DEFAULTS = {"zo.device": "data"}
+
+
+def migrate_legacy(data: dict[str, Any], *, where: str = "config", quiet: bool = False) -> dict:
+    """Move keys of the flat layout (:data:`LEGACY_KEYS`) to their section, in a copy of ``data``.
+
+    A key given both ways is an error; a removed key is dropped if it holds its old default,
+    else refused. ``quiet``: no warning (for files apimeta wrote itself, e.g. old run dirs).
+    """
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for old, new in LEGACY_KEYS.items():
+        head, _, tail = old.partition(".")
+        holder = out.get(head) if tail else out
+        key = tail or head
+        if not isinstance(holder, dict) or key not in holder:
+            continue
+        value = holder.pop(key)
+        if new is None:
+            if value != _REMOVED_DEFAULTS.get(old):
+                raise ConfigError(
+                    f"{where}: key {old!r} was removed (it was never read); delete it"
+                )
+            continue
+        section, name = new.split(".")
+        target = out.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{where}: {section!r} must be a mapping")
+        if name in target and target[name] != value:
+            raise ConfigError(f"{where}: {old!r} and {new!r} both given; keep only {new!r}")
+        target[name] = value
+        if not quiet:
+            log.warning("%s: key %r is now %r; please rename it", where, old, new)
+    return out
+
+
+def run_config_from_dict(data: dict[str, Any], *, where: str = "config", quiet: bool = False):
+    """A :class:`RunConfig` from a mapping in the current or the flat (legacy) layout."""
+    return from_dict(RunConfig, migrate_legacy(data, where=where, quiet=quiet))
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def available_presets() -> list[str]:
+    """Names of the preset YAML files shipped in ``apimeta/presets``."""
+    root = importlib.resources.files("apimeta") / "presets"
+    if not root.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The mapping in ``apimeta/presets/<name>.yaml``; ConfigError listing presets if absent."""
+    res = importlib.resources.files("apimeta") / "presets" / f"{name}.yaml"
+    if not res.is_file():
+        have = ", ".join(available_presets()) or "(none installed)"
+        raise ConfigError(f"no preset named {name!r}; available presets: {have}")
+    data = yaml.safe_load(res.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {name!r} must hold a YAML mapping")
+    return migrate_legacy(data, where=f"preset {name}")
+
+
+def _read_yaml(path: Path, quiet: bool) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a YAML mapping")
+    return migrate_legacy(loaded, where=str(path), quiet=quiet)
+
+
+def resolve_config(
+    *,
+    preset: str | None = None,
+    config: Path | None = None,
+    direct: dict[str, Any] | None = None,
+    ablations: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+    resume_from: Path | None = None,
+) -> RunConfig:
+    """RunConfig defaults <- preset <- --config file <- direct options <- ablation flags <- --set
+    (last wins). ``direct`` values of None mean "not given"; ``ablations`` may set None.
+
+    ``resume_from``: a run directory whose ``config.yaml`` replaces defaults/preset/file.
+    """
+    data = to_dict(RunConfig())
+    if resume_from is not None:
+        data = merge(data, _read_yaml(Path(resume_from) / "config.yaml", quiet=True))
+    else:
+        if preset:
+            data = merge(data, load_preset(preset))
+        if config is not None:
+            data = merge(data, _read_yaml(Path(config), quiet=False))
+    if direct:
+        data = merge(data, {k: v for k, v in direct.items() if v is not None})
+    if ablations:
+        data = merge(data, ablations)
+    for item in sets or ():  # one at a time: a later --set wins, in either layout
+        data = merge(data, migrate_legacy(parse_overrides([item]), where="--set"))
+    return from_dict(RunConfig, data)
+
+
+def base_config(preset: str | None, sets: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A shared config as a plain dict: defaults <- preset <- --set overrides (validated)."""
+    return to_dict(resolve_config(preset=preset, sets=list(sets)))
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """The ``config.yaml`` of a run directory (either layout)."""
+    return load_config(RunConfig, path, migrate=lambda d: migrate_legacy(d, quiet=True))
+
+
+# ----------------------------------------------------------------------------- ablations
+
+#: config changes of the bidf-mkd ablations and extensions (``apimeta train --no-boundary`` etc.
+#: and the ``bidf-mkd:<name>`` rows of ``apimeta bench`` use the same ones)
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "no-boundary": {"kd": {"adv": 0.0}},
+    "no-memory": {"memory": {"enabled": False}},
+    # NOT black-box: true gradients through the API's model. The early stop exists to save
+    # queries, which cost nothing here, so recovery runs its full iters (an upper bound).
+    "white-box": {"zo": {"enabled": False}, "recovery": {"early_stop_prob": None}},
+    # default-off extensions (not the paper's method): API events until memory holds 10 classes,
+    # and only query images the API itself assigns to their target class enter memory
+    "diverse-memory": {"memory": {"min_classes": 10, "filter_query": True}},
+    # extension: an API event every events.patience updates, bbkd's schedule, not on a plateau
+    "scheduled": {"events": {"trigger": "every"}},
+}
+
+
+__all__ = [
+    "ABLATIONS",
+    "LEGACY_KEYS",
+    "SECTIONS",
+    "EvalConfig",
+    "EventConfig",
+    "HttpConfig",
+    "KDConfig",
+    "MemoryConfig",
+    "RecoveryConfig",
+    "RunConfig",
+    "ZOConfig",
+    "available_presets",
+    "base_config",
+    "load_preset",
+    "load_run_config",
+    "migrate_legacy",
+    "resolve_config",
+    "run_config_from_dict",
+]

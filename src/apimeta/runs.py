@@ -17,10 +17,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from apimeta.config import load_config, save_config
+from apimeta.config import save_config
 from apimeta.errors import CheckpointError, ConfigError
 from apimeta.io import atomic_write_json, atomic_write_text
-from apimeta.run_config import RunConfig
+from apimeta.run_config import RunConfig, load_run_config
 
 
 def _jsonable(v: Any) -> Any:
@@ -105,8 +105,9 @@ class RunDir:
     def save_config(self, cfg: RunConfig) -> None:
         save_config(cfg, self.config_path)
 
-    def load_config(self, overrides: list[str] | None = None) -> RunConfig:
-        return load_config(RunConfig, self.config_path, overrides)
+    def load_config(self) -> RunConfig:
+        """The run's ``config.yaml`` (written by this or an older apimeta)."""
+        return load_run_config(self.config_path)
 
     # metrics
     def log(self, record: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""API scenarios of the paper (method.md 2): which API answers each API event.
+"""API scenarios of the paper (docs/design.md 2): which API answers each API event.
 
 * ``SS`` (same dataset, same architecture): uniform over all APIs.
 * ``SH`` (same dataset, heterogeneous architectures): architecture uniform, then uniform among it.

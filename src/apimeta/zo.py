@@ -1,4 +1,4 @@
-"""Zero-order (ZO) gradient estimation through a black-box API (method.md 4.3 and 8.5).
+"""Zero-order (ZO) gradient estimation through a black-box API (docs/design.md 4.3 and 8.5).
 
 An estimator approximates the per-sample gradients g_i = dL_i/dx_i of a loss that depends on x
 only through API queries, using random directions u_ij and finite differences:
@@ -11,7 +11,7 @@ only through API queries, using random directions u_ij and finite differences:
 
 Directions: ``sphere`` (uniform on the unit sphere, scale d) or ``gaussian`` (N(0, I), scale 1,
 since E[u u^T] = I). They are drawn with the caller's ``torch.Generator``; to draw them where the
-data lives (ours, method.md section 9 item 4) pass a generator on ``x.device``; a CPU generator
+data lives (ours, docs/design.md section 9 item 4) pass a generator on ``x.device``; a CPU generator
 with CUDA data reproduces the reference's draw-then-copy behaviour.
 
 **Space and clamping.** The paper perturbs the augmented, *normalized* image. Our APIs take
@@ -25,8 +25,8 @@ pixels are saturated sigmoid outputs (and the crop's zero padding, which carries
 the generator), so the bias is negligible. The estimator reports the queries it used; every
 perturbed image goes through ``query`` (the API, hence its ledger).
 
-Use :func:`zo_surrogate` (``S = (1/B) sum_i <x_i, stopgrad(g_i)>``, method.md 4.2 step 4) or
-:func:`zo_loss` (per-sample losses whose backward is the estimate) to train through it.
+Train through it with :func:`zo_surrogate` (``S = (1/B) sum_i <x_i, stopgrad(g_i)>``,
+docs/design.md 4.2 step 4), as :func:`apimeta.recovery.recover` does.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 DIRECTIONS = ("sphere", "gaussian")
 
+#: estimator name (``zo.estimator``) -> class
+ESTIMATORS: Registry[Callable[..., ZOEstimator]] = Registry("ZO estimator")
+
 
 @dataclass
 class ZOResult:
@@ -67,7 +70,7 @@ class ZOEstimator:
 
     ``q`` directions per sample, radius ``mu`` (in [0, 1] image units), ``directions`` in
     ``sphere``/``gaussian``. Perturbed queries are sent in groups of directions: ``chunks``
-    groups (method.md ``zo.chunks``) and, if ``max_images`` is set, never more than that many
+    groups (docs/design.md ``zo.chunks``) and, if ``max_images`` is set, never more than that many
     images per API call, so direction memory is at most ~2 x max_images x d floats.
     """
 
@@ -185,21 +188,24 @@ class ZOEstimator:
         )
 
 
+@ESTIMATORS.register("forward")
 class ForwardEstimator(ZOEstimator):
-    """Forward differences (method.md 4.3, the paper's estimator). B(1+q) queries."""
+    """Forward differences (docs/design.md 4.3, the paper's estimator). B(1+q) queries."""
 
     name = "forward"
 
 
+@ESTIMATORS.register("central")
 class CentralEstimator(ZOEstimator):
-    """Antithetic central differences (method.md 8.5). 2Bq queries (+B base)."""
+    """Antithetic central differences (docs/design.md 8.5). 2Bq queries (+B base)."""
 
     name = "central"
     central = True
 
 
+@ESTIMATORS.register("lowres")
 class LowresEstimator(ZOEstimator):
-    """Forward differences along low-frequency directions (method.md 8.5).
+    """Forward differences along low-frequency directions (docs/design.md 8.5).
 
     Directions: N(0, I) on a C x r x r grid, bilinear upsampling to H x W, renormalized to unit
     L2 norm; the scale is d_eff = C r^2. (After renormalization ``sphere`` and ``gaussian``
@@ -226,12 +232,6 @@ class LowresEstimator(ZOEstimator):
         return u.view(n, b, c, h, w)
 
 
-ESTIMATORS: Registry[Callable[..., ZOEstimator]] = Registry("ZO estimator")
-ESTIMATORS.add("forward", ForwardEstimator)
-ESTIMATORS.add("central", CentralEstimator)
-ESTIMATORS.add("lowres", LowresEstimator)
-
-
 def build_estimator(cfg: object, max_images: int | None = None) -> ZOEstimator:
     """An estimator from a :class:`~apimeta.run_config.ZOConfig` (or anything with its fields)."""
     name = cfg.estimator  # type: ignore[attr-defined]
@@ -247,44 +247,12 @@ def build_estimator(cfg: object, max_images: int | None = None) -> ZOEstimator:
     return ESTIMATORS.get(name)(**kw)
 
 
-# -------------------------------------------------------------------- autograd bridges
+# -------------------------------------------------------------------- autograd bridge
 
 
 def zo_surrogate(x: Tensor, grad: Tensor) -> Tensor:
     """``S = (1/B) sum_i <x_i, stopgrad(g_i)>``: its gradient w.r.t. x is g / B. Scalar."""
     return (x * grad.detach()).sum() / x.shape[0]
-
-
-class _InjectGrad(torch.autograd.Function):
-    """Forward: the given per-sample values; backward: grad_out_i * g_i into x."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, values: Tensor, grad: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(grad)
-        return values.detach().clone()
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        shape = (-1,) + (1,) * (grad.dim() - 1)
-        return grad_out.view(shape) * grad, None, None
-
-
-def zo_loss(
-    x: Tensor,
-    estimator: ZOEstimator,
-    query: QueryFn,
-    loss_fn: LossFn,
-    generator: torch.Generator,
-) -> tuple[Tensor, ZOResult]:
-    """Per-sample losses L_i(x_i) (B,) whose backward uses the ZO estimate as dL_i/dx_i.
-
-    ``losses.mean().backward()`` then sends g / B into x's graph (same as :func:`zo_surrogate`),
-    so a generator trains through a black-box loss like any other loss.
-    """
-    res = estimator.estimate(x, query, loss_fn, generator, base=True)
-    assert res.base_loss is not None
-    return _InjectGrad.apply(x, res.base_loss, res.grad), res
 
 
 __all__ = [
@@ -298,6 +266,5 @@ __all__ = [
     "ZOEstimator",
     "ZOResult",
     "build_estimator",
-    "zo_loss",
     "zo_surrogate",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
-from faulty_server import FaultyProxy, UvicornThread, free_port, tiny_apis
 
 from apimeta.apis import QueryLedger, restrict_output
 from apimeta.apis.cache import QueryCache
@@ -20,6 +19,7 @@ from apimeta.apis.http import (
     load_http_zoo,
 )
 from apimeta.errors import ConfigError, QueryBudgetExceeded
+from apimeta.testing import FaultyProxy, UvicornThread, free_port, tiny_apis
 
 KEY = "client-key"
 FAST = {"api_key": KEY, "backoff": 0.001, "max_backoff": 0.01, "timeout": 5.0, "max_retries": 3}
@@ -32,7 +32,7 @@ def apis():
 
 @pytest.fixture(scope="module")
 def upstream(apis):
-    from apimeta.server import create_app
+    from apimeta.apis.server import create_app
 
     with UvicornThread(create_app(apis, api_keys=[KEY], max_batch=4)) as srv:
         yield srv.url
@@ -232,7 +232,7 @@ def test_cache_hits_are_not_sent_or_billed(proxy, apis, tmp_path):
 
 
 def test_restricted_server_output_cannot_be_widened(apis):
-    from apimeta.server import create_app
+    from apimeta.apis.server import create_app
 
     with UvicornThread(create_app(apis, output="label")) as srv:
         with pytest.raises(ConfigError, match="cannot get"):

@@ -7,13 +7,14 @@ import json
 import httpx
 import pytest
 import torch
-from faulty_server import write_tiny_zoo
 from typer.testing import CliRunner
 
-from apimeta.apis import QueryLedger
+from apimeta.apis import QueryLedger, load_zoo
+from apimeta.apis.local import load_api_model
+from apimeta.apis.manifest import entry_info, read_manifest
 from apimeta.apis.onnx import OnnxAPI, export_onnx, export_zoo_onnx, load_onnx_zoo
-from apimeta.apis.zoo import entry_info, load_api_model, load_zoo, read_manifest
 from apimeta.errors import ConfigError, InvalidQueryError
+from apimeta.testing import write_tiny_zoo
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +119,9 @@ def test_cli_export_in_place_and_missing_onnx_error(tmp_path):
 
 
 def test_onnx_apis_can_be_served(onnx_zoo):
-    from faulty_server import UvicornThread
-
     from apimeta.apis.http import HttpAPI
-    from apimeta.server import create_app
+    from apimeta.apis.server import create_app
+    from apimeta.testing import UvicornThread
 
     src, out = onnx_zoo
     apis = load_onnx_zoo(out)

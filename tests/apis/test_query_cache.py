@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from faulty_server import tiny_apis
 
 from apimeta.apis import LocalAPI, QueryLedger
 from apimeta.apis.cache import CachedAPI, QueryCache, model_key
+from apimeta.testing import tiny_apis
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Open Inference Protocol v2 conformance of ``apimeta.server`` (real uvicorn, real httpx)."""
+"""Open Inference Protocol v2 conformance of ``apimeta.apis.server`` (real uvicorn, real httpx)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from faulty_server import UvicornThread, tiny_apis, write_tiny_zoo
 
 from apimeta.apis import LocalAPI, restrict_output
+from apimeta.apis.server import create_app
 from apimeta.errors import ConfigError
-from apimeta.server import create_app
+from apimeta.testing import UvicornThread, tiny_apis, write_tiny_zoo
 
 KEY = "sekrit-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from apimeta.apis import BlackBoxAPI, LocalAPI, QueryLedger, build_zoo, load_zoo, read_manifest
-from apimeta.apis.zoo import api_plan, load_api_model, split_holdout
+from apimeta.apis.local import load_api_model
+from apimeta.apis.recipe import split_holdout
+from apimeta.apis.zoo import api_plan
 from apimeta.data import load_dataset
 from apimeta.errors import CheckpointError, ConfigError, EpisodeError
 

@@ -12,8 +12,8 @@ from apimeta.cli import app
 
 runner = CliRunner()
 TINY = [
-    "--set", "width=8", "--set", "recover_per_class=4", "--set", "query=3",
-    "--set", "recover_iters=2", "--set", "zo.q=2", "--set", "eval_tasks=2", "--set", "ngf=8",
+    "--set", "width=8", "--set", "recovery.per_class=4", "--set", "query=3",
+    "--set", "recovery.iters=2", "--set", "zo.q=2", "--set", "eval.tasks=2", "--set", "recovery.ngf=8",
 ]  # fmt: skip
 
 
@@ -51,10 +51,10 @@ def test_bench_table_reuses_finished_runs(tmp_path):
     assert (tmp_path / "b" / "SS" / "bidf-mkd" / "eval.json").stat().st_mtime_ns == first
     assert "Config differences" not in (tmp_path / "b" / "results.md").read_text()
     # a reused run trained with other settings is reported, never silently mixed in
-    res = runner.invoke(app, [*args, "--set", "adv_start=3"])
+    res = runner.invoke(app, [*args, "--set", "kd.adv_start=3"])
     assert res.exit_code == 0, res.output
     table = (tmp_path / "b" / "results.md").read_text()
-    assert "SS bidf-mkd: reused run trained with adv_start=500 (table: 3)" in table
+    assert "SS bidf-mkd: reused run trained with kd.adv_start=500 (table: 3)" in table
 
 
 def test_bench_restarts_a_run_killed_before_its_first_checkpoint(tmp_path):
@@ -109,7 +109,7 @@ def test_train_bidf_mkd_then_eval_checkpoint(tmp_path):
     cfg = (run / "config.yaml").read_text()
     assert "adv: 0.0" in cfg and "query_budget: 100000" in cfg
     resolved = yaml.safe_load(cfg)  # --white-box: true gradients, no early stop
-    assert resolved["zo"]["enabled"] is False and resolved["early_stop_prob"] is None
+    assert resolved["zo"]["enabled"] is False and resolved["recovery"]["early_stop_prob"] is None
     out = tmp_path / "eval.json"
     res = runner.invoke(
         app,
@@ -128,7 +128,7 @@ def test_bench_reuses_the_training_runs_own_meta_test_exactly(tmp_path):
     zoo = tmp_path / "zoo"
     build_zoo(["synthetic"], 2, ["conv4"], 5, zoo, epochs=1, conv4_width=8)
     args = ["bench", "--scenario", f"SS={zoo}:synthetic", "--methods", "bidf-mkd",
-            "--set", "episodes=4", "--set", "test_tasks=3", "--tasks", "3",
+            "--set", "episodes=4", "--set", "eval.test_tasks=3", "--tasks", "3",
             "--out", str(tmp_path / "b"), *TINY]  # fmt: skip
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output

@@ -7,16 +7,15 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from apimeta.bench import ABLATIONS
 from apimeta.cli import app
-from apimeta.cli.train import available_presets, resolve_config
 from apimeta.errors import ConfigError
+from apimeta.run_config import ABLATIONS, available_presets, resolve_config
 
 runner = CliRunner()
 TINY = [
     "--dataset", "synthetic", "--set", "width=8", "--set", "query=3", "--set", "meta_batch=2",
-    "--set", "inner_steps=1", "--set", "eval_tasks=2", "--set", "test_tasks=2",
-    "--set", "test_steps=1", "--set", "eval_every=2", "--threads", "1",
+    "--set", "inner_steps=1", "--set", "eval.tasks=2", "--set", "eval.test_tasks=2",
+    "--set", "eval.test_steps=1", "--set", "eval.every=2", "--threads", "1",
 ]  # fmt: skip
 
 
@@ -102,10 +101,10 @@ def test_config_resolution_order(tmp_path):
 
 
 def test_white_box_flag_disables_zo_and_early_stop_unless_set_again():
-    assert resolve_config(preset="cpu").early_stop_prob is not None
+    assert resolve_config(preset="cpu").recovery.early_stop_prob is not None
     cfg = resolve_config(preset="cpu", ablations=ABLATIONS["white-box"])
-    assert cfg.zo.enabled is False and cfg.early_stop_prob is None
+    assert cfg.zo.enabled is False and cfg.recovery.early_stop_prob is None
     cfg = resolve_config(
-        preset="cpu", ablations=ABLATIONS["white-box"], sets=["early_stop_prob=0.5"]
+        preset="cpu", ablations=ABLATIONS["white-box"], sets=["recovery.early_stop_prob=0.5"]
     )
-    assert cfg.early_stop_prob == 0.5
+    assert cfg.recovery.early_stop_prob == 0.5

@@ -10,9 +10,19 @@ import torch
 from apimeta.apis.zoo import build_zoo
 from apimeta.checkpoint import load_checkpoint
 from apimeta.errors import ConfigError
+from apimeta.events import EventSchedule
 from apimeta.methods import METHODS
-from apimeta.run_config import MemoryConfig, RunConfig, ZOConfig
+from apimeta.run_config import (
+    EvalConfig,
+    EventConfig,
+    KDConfig,
+    MemoryConfig,
+    RecoveryConfig,
+    RunConfig,
+    ZOConfig,
+)
 from apimeta.runs import RunDir
+from apimeta.testing import make_config
 
 B_PER_CLASS, ITERS, Q, WAY = 4, 2, 2, 5
 B = B_PER_CLASS * WAY
@@ -36,20 +46,16 @@ def tiny_cfg(zoo, tmp_path, **kw) -> RunConfig:
         query=3,
         episodes=4,
         meta_batch=2,
-        recover_per_class=B_PER_CLASS,
-        recover_iters=ITERS,
+        recovery=RecoveryConfig(per_class=B_PER_CLASS, iters=ITERS),
         zo=ZOConfig(q=Q),
-        adv_start=1,
-        api_patience=1,
-        eval_every=1000,
-        eval_tasks=3,
-        test_tasks=3,
+        kd=KDConfig(adv_start=1),
+        events=EventConfig(patience=1),
+        eval=EvalConfig(every=1000, tasks=3, test_tasks=3),
         checkpoint_every=1,
         query_budget=None,
         out=str(tmp_path / "run"),
     )
-    base.update(kw)
-    return RunConfig(**base)
+    return make_config(base, **kw)
 
 
 def train(cfg: RunConfig, resume: bool = False):
@@ -72,7 +78,7 @@ def test_reference_requeries_support_outputs_every_inner_step(zoo, tmp_path):
     cfg = tiny_cfg(zoo, tmp_path, episodes=1, meta_batch=1, cache_api_outputs=False)
     m, _ = train(cfg)
     recovery = ITERS * B * (1 + Q)
-    assert m.ledger.used == 2 * recovery + (cfg.kd_inner_steps + 1) * B
+    assert m.ledger.used == 2 * recovery + (cfg.kd.inner_steps + 1) * B
 
 
 def test_first_update_has_api_event_then_memory_episodes(zoo, tmp_path):
@@ -136,12 +142,12 @@ def test_ablations_no_memory_no_boundary_white_box(zoo, tmp_path):
 def test_missing_zoo_and_too_few_images_are_config_errors(zoo, tmp_path):
     with pytest.raises(ConfigError, match="--zoo"):
         train(dataclasses.replace(tiny_cfg(zoo, tmp_path / "x"), zoo=None))
-    with pytest.raises(ConfigError, match="recover_per_class"):
+    with pytest.raises(ConfigError, match=r"recovery\.per_class"):
         train(tiny_cfg(zoo, tmp_path / "y", query=15))
 
 
 def test_bbkd_spends_queries_and_keeps_a_zero_head(zoo, tmp_path):
-    cfg = dataclasses.replace(tiny_cfg(zoo, tmp_path, method="bbkd", episodes=4), api_patience=1)
+    cfg = tiny_cfg(zoo, tmp_path, method="bbkd", episodes=4, events=EventConfig(patience=1))
     m, result = train(cfg)
     assert m.n_events == 2
     assert m.ledger.used == 2 * (2 * ITERS * B * (1 + Q) + 2 * B) - 2 * B * 0
@@ -174,14 +180,13 @@ def test_filter_query_stores_only_images_the_api_assigns_to_their_class(zoo, tmp
 
 @pytest.mark.parametrize("trigger", ["plateau", "every"])
 def test_event_trigger_plateau_waits_for_a_plateau_every_does_not(trigger):
-    m = METHODS.get("bidf-mkd")()
-    m.cfg = RunConfig(api_patience=2, event_trigger=trigger)
-    m.event_due, m.running_max, m.plateau = False, -1.0, 0
+    schedule = EventSchedule(trigger, patience=2)
+    schedule.event_done()
     due = []
     for acc in (0.1, 0.2, 0.3, 0.4, 0.4, 0.4):  # improving, then flat
-        m._update_plateau(acc)
-        due.append(m.event_due)
-        m.event_due = False  # the next API episode consumes it
+        schedule.update(acc)
+        due.append(schedule.due)
+        schedule.event_done()  # the next API episode consumes it
     if trigger == "plateau":
         assert due == [False, False, False, False, False, True]
     else:
@@ -189,5 +194,5 @@ def test_event_trigger_plateau_waits_for_a_plateau_every_does_not(trigger):
 
 
 def test_unknown_event_trigger_is_a_config_error(zoo, tmp_path):
-    with pytest.raises(ConfigError, match="event_trigger"):
+    with pytest.raises(ConfigError, match=r"events\.trigger"):
         train(tiny_cfg(zoo, tmp_path, event_trigger="sometimes"))

@@ -10,10 +10,11 @@ import torch
 
 from apimeta.checkpoint import load_checkpoint, save_checkpoint
 from apimeta.errors import CheckpointError, ConfigError
-from apimeta.methods import METHODS, build_meta_model, load_meta_model
-from apimeta.methods.base import meta_model_spec
-from apimeta.run_config import RunConfig
+from apimeta.methods import METHODS
+from apimeta.models.meta import build_meta_model, load_meta_model, meta_model_spec
+from apimeta.run_config import EvalConfig, RunConfig
 from apimeta.runs import RunDir
+from apimeta.testing import make_config
 
 TINY = dict(
     method="maml-real",
@@ -22,16 +23,13 @@ TINY = dict(
     query=3,
     meta_batch=2,
     inner_steps=2,
-    eval_every=4,  # episodes -> every 2 meta-updates
-    eval_tasks=2,
-    test_tasks=2,
-    test_steps=2,
+    eval=EvalConfig(every=4, tasks=2, test_tasks=2, test_steps=2),  # every 2 meta-updates
     checkpoint_every=1,
 )
 
 
 def _cfg(tmp_path, name, **kw) -> RunConfig:
-    return RunConfig(**{**TINY, "out": str(tmp_path / name), **kw})
+    return make_config(TINY, out=str(tmp_path / name), **kw)
 
 
 def _train(cfg: RunConfig, resume: bool = False):

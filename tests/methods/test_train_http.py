@@ -1,8 +1,8 @@
 """A bidf-mkd training run against a real HTTP zoo: faults, an outage, SIGKILL + resume.
 
-The zoo is served by ``apimeta.server.create_app`` under uvicorn on a loopback port; a recorder
+The zoo is served by ``apimeta.apis.server.create_app`` under uvicorn on a loopback port; a recorder
 around every served API counts (and hashes) the images the server received. Faults come from the
-fault-injecting proxy of ``tests/apis/faulty_server.py``.
+fault-injecting proxy of ``apimeta.testing``.
 """
 
 from __future__ import annotations
@@ -20,19 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apis"))
-
-from faulty_server import FaultyProxy, UvicornThread
-
-from apimeta.apis import QueryLedger
+from apimeta.apis import QueryLedger, build_zoo, load_zoo
 from apimeta.apis.cache import QueryCache
-from apimeta.apis.zoo import build_zoo, load_zoo
 from apimeta.checkpoint import load_checkpoint
 from apimeta.config import save_config
 from apimeta.errors import APIUnavailableError
 from apimeta.methods import METHODS
 from apimeta.run_config import HttpConfig, MemoryConfig, RunConfig, ZOConfig
 from apimeta.runs import RunDir
+from apimeta.testing import FaultyProxy, UvicornThread, make_config
 
 B_PER_CLASS, ITERS, Q, WAY = 4, 2, 2, 5
 B = B_PER_CLASS * WAY
@@ -94,7 +90,7 @@ def zoo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(zoo):
-    from apimeta.server import create_app
+    from apimeta.apis.server import create_app
 
     log = ServerLog()
     apis = [Recorder(a, log) for a in load_zoo(zoo, ledger=QueryLedger())]
@@ -132,8 +128,7 @@ def tiny_cfg(url: str, run_dir: Path, **kw) -> RunConfig:
         http=HttpConfig(**FAST),
         out=str(run_dir),
     )
-    base.update(kw)
-    return RunConfig(**base)
+    return make_config(base, **kw)
 
 
 def train(cfg: RunConfig, resume: bool = False, progress=None):

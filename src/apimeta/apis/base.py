@@ -16,8 +16,11 @@ from torch import Tensor
 
 from apimeta.apis.ledger import QueryLedger
 from apimeta.errors import InvalidQueryError
+from apimeta.registry import Registry
 
 OUTPUT_MODES = ("logits", "probs", "topk:K", "label")
+#: how far outside [0, 1] a query value may lie (float rounding of images computed in [0, 1])
+RANGE_TOL = 1e-4
 
 
 def parse_output_mode(mode: str) -> tuple[str, int | None]:
@@ -112,6 +115,35 @@ class BlackBoxAPI(Protocol):
         ...
 
 
+class APISource(Protocol):
+    """A kind of zoo ``load_zoo`` can open: a zoo directory, an ONNX folder, a server ...
+
+    Register one with ``@API_SOURCES.register(name)``; ``load_zoo(source, backend="auto")`` uses
+    the first registered source (lowest ``priority``) whose :meth:`matches` accepts ``source``.
+    ``handles_cache``: the source applies a query cache itself (else ``load_zoo`` wraps each API
+    in a :class:`~apimeta.apis.cache.CachedAPI`).
+    """
+
+    priority: int
+    handles_cache: bool
+
+    @staticmethod
+    def matches(source: str) -> bool:
+        """Whether this source can open ``source`` (a path or URL)."""
+        ...
+
+    @staticmethod
+    def load(
+        source: str, *, ledger: QueryLedger, output: str, device: str, **options: Any
+    ) -> list[BlackBoxAPI]:
+        """The APIs of ``source`` sharing ``ledger``; ``options``: source-specific settings."""
+        ...
+
+
+#: API sources by name (``load_zoo(..., backend=NAME)``); see :class:`APISource`
+API_SOURCES: Registry[type[APISource]] = Registry("API source")
+
+
 def validate_query(x: Tensor, info: APIInfo, check_range: bool = True) -> None:
     """Raise :class:`InvalidQueryError` unless x is a float (B, C, H, W) batch matching ``info``."""
     if not isinstance(x, Tensor):
@@ -125,13 +157,18 @@ def validate_query(x: Tensor, info: APIInfo, check_range: bool = True) -> None:
             f"got {tuple(x.shape)}; resize or convert channels before querying"
         )
     if check_range and x.numel():
-        # one pass: aminmax propagates NaN, and inf shows up as an extreme (cheaper than isfinite)
-        lo_t, hi_t = torch.aminmax(x.detach())
-        lo, hi = float(lo_t), float(hi_t)
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise InvalidQueryError(f"query to {info.name!r} contains NaN or inf values")
-        if lo < -1e-4 or hi > 1 + 1e-4:
-            raise InvalidQueryError(
-                f"query to {info.name!r} must lie in [0, 1], got [{lo:.4f}, {hi:.4f}]; "
-                "clamp images before querying"
-            )
+        check_image_range(x, f"query to {info.name!r}")
+
+
+def check_image_range(x: Tensor, what: str) -> None:
+    """Raise :class:`InvalidQueryError` unless every value of ``x`` is finite and lies in
+    [0, 1] up to :data:`RANGE_TOL` (the one range check of clients and the server)."""
+    # one pass: aminmax propagates NaN, and inf shows up as an extreme (cheaper than isfinite)
+    lo_t, hi_t = torch.aminmax(x.detach())
+    lo, hi = float(lo_t), float(hi_t)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise InvalidQueryError(f"{what} contains NaN or inf values")
+    if lo < -RANGE_TOL or hi > 1 + RANGE_TOL:
+        raise InvalidQueryError(
+            f"{what} must lie in [0, 1], got [{lo:.4f}, {hi:.4f}]; clamp images before querying"
+        )

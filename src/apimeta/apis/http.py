@@ -1,6 +1,6 @@
 """``HttpAPI``: a model behind an Open Inference Protocol v2 REST server, as a black-box API.
 
-Talks to ``apimeta serve`` (see :mod:`apimeta.server`) or any v2 server (KServe, Triton). The
+Talks to ``apimeta serve`` (see :mod:`apimeta.apis.server`) or any v2 server (KServe, Triton). The
 client keeps one keep-alive ``httpx.Client``; splits batches to the server's max batch size; uses
 the binary tensor extension when the server advertises it (JSON otherwise); retries connection
 errors, timeouts, 429 (honouring ``Retry-After``), 502, 503 and 504 with exponential backoff and
@@ -37,11 +37,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from apimeta.apis.base import APIInfo, parse_output_mode, restrict_output, validate_query
+from apimeta.apis.base import (
+    API_SOURCES,
+    APIInfo,
+    parse_output_mode,
+    restrict_output,
+    validate_query,
+)
 from apimeta.apis.cache import QueryCache, cached_query
 from apimeta.apis.ledger import QueryLedger
+from apimeta.apis.v2 import HEADER_LENGTH, OUTPUT_NAME, decode_response, encode_request
 from apimeta.errors import APIError, ConfigError
-from apimeta.server import HEADER_LENGTH, INPUT_NAME, OUTPUT_NAME, json_dumps, json_loads
 
 logger = logging.getLogger(__name__)
 
@@ -445,30 +451,11 @@ class HttpAPI:
             out = restrict_output(out, self._extra)
         return out.to(x.device)
 
-    def _encode(self, arr: np.ndarray) -> tuple[bytes, dict[str, str]]:
-        spec: dict[str, Any] = {"name": INPUT_NAME, "shape": list(arr.shape), "datatype": "FP32"}
-        if self.session.binary:
-            raw = arr.astype("<f4", copy=False).tobytes()
-            spec["parameters"] = {"binary_data_size": len(raw)}
-            head = json_dumps(
-                {
-                    "inputs": [spec],
-                    "outputs": [{"name": OUTPUT_NAME, "parameters": {"binary_data": True}}],
-                }
-            )
-            return head + raw, {
-                "Inference-Header-Content-Length": str(len(head)),
-                "Content-Type": "application/octet-stream",
-            }
-        spec["data"] = arr.reshape(-1)
-        body = json_dumps({"inputs": [spec], "outputs": [{"name": OUTPUT_NAME}]})
-        return body, {"Content-Type": "application/json"}
-
     def _send(self, arr: np.ndarray) -> np.ndarray:
         """POST one chunk (n, C, H, W) -> (n, n_classes) float32; charged before sending."""
         n, name = int(arr.shape[0]), self.info.name
         self.ledger.charge(name, n)
-        body, headers = self._encode(arr)
+        body, headers = encode_request(arr, self.session.binary)
 
         def before_retry() -> None:
             self.ledger.charge(name, n, retry=True, billed=self.bill_retries)
@@ -484,20 +471,10 @@ class HttpAPI:
         return self._decode(resp, n)
 
     def _decode(self, resp: httpx.Response, n: int) -> np.ndarray:
-        body = resp.content
         hl = resp.headers.get(HEADER_LENGTH)
         where = f"{self.session.base_url}{self._path}/infer"
         try:
-            head_len = int(hl) if hl is not None else len(body)
-            head = json_loads(body[:head_len])
-            out = next(o for o in head["outputs"] if o.get("name") == OUTPUT_NAME)
-            shape, dtype = [int(s) for s in out["shape"]], out.get("datatype")
-            params = out.get("parameters") or {}
-            if "binary_data_size" in params:
-                size = int(params["binary_data_size"])
-                scores = np.frombuffer(body[head_len : head_len + size], dtype="<f4")
-            else:
-                scores = np.asarray(out["data"], dtype=np.float32)
+            shape, dtype, scores = decode_response(resp.content, hl)
         except (ValueError, KeyError, TypeError, StopIteration) as e:
             raise ProtocolMismatchError(
                 f"{where} answered something that is not a v2 inference response with output "
@@ -581,13 +558,39 @@ def load_http_zoo(
     return apis
 
 
+@API_SOURCES.register("http")
+class HttpZoo:
+    """The models of an Open Inference Protocol v2 server: ``http(s)://host:port[/v2/models/N]``."""
+
+    priority = 0
+    handles_cache = True
+
+    @staticmethod
+    def matches(source: str) -> bool:
+        return is_http(source)
+
+    @staticmethod
+    def load(
+        source: str, *, ledger: QueryLedger, output: str, device: str = "cpu", **options: Any
+    ) -> list[HttpAPI]:
+        options.pop("max_batch", None)  # the server's max_batch_size applies
+        return load_http_zoo(source, ledger=ledger, output=output, **options)
+
+
+def is_http(source: object) -> bool:
+    """Whether ``source`` is an http(s) URL."""
+    return isinstance(source, str) and source.startswith(("http://", "https://"))
+
+
 __all__ = [
     "APIUnreachableError",
     "BadOutputError",
     "HttpAPI",
     "HttpAPIError",
     "HttpSession",
+    "HttpZoo",
     "ModelNotFoundError",
     "ProtocolMismatchError",
+    "is_http",
     "load_http_zoo",
 ]

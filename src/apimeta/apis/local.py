@@ -1,12 +1,19 @@
-"""``LocalAPI``: a torch classifier behind the black-box contract, in process."""
+"""``LocalAPI``: a torch classifier behind the black-box contract, in process; and the ``torch``
+API source: a zoo directory of safetensors weights opened as ``LocalAPI`` s."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from apimeta.apis.base import APIInfo, restrict_output, validate_query
+from apimeta.apis.base import API_SOURCES, APIInfo, restrict_output, validate_query
 from apimeta.apis.ledger import QueryLedger
+from apimeta.apis.manifest import MANIFEST, entry_info, read_manifest, zoo_dir
+from apimeta.apis.recipe import build_api_model
+from apimeta.errors import CheckpointError, ConfigError
 
 
 class LocalAPI:
@@ -62,3 +69,81 @@ class LocalAPI:
 
     def __repr__(self) -> str:
         return f"LocalAPI({self.info.name!r}, classes={list(self.info.classes)})"
+
+
+def load_api_model(path: str | Path, entry: dict[str, Any]) -> nn.Module:
+    """Rebuild the classifier of one manifest ``entry`` of the zoo at ``path``, in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = Path(path) / entry["file"]
+    if not f.is_file():
+        raise CheckpointError(
+            f"weights file {f} of API {entry.get('name')!r} is missing; re-run "
+            "`apimeta zoo build` with the same arguments to rebuild it"
+        )
+    model = build_api_model(
+        entry["arch"],
+        len(entry["classes"]),
+        int(entry["channels"]),
+        int(entry["image_size"]),
+        float(entry["width"]),
+        entry["mean"],
+        entry["std"],
+    )
+    try:
+        state = load_file(str(f))
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise CheckpointError(
+            f"cannot load {f} into a {entry['arch']} (width {entry['width']}): {e}. "
+            "The file is corrupt or does not match zoo.json; rebuild the zoo with --force."
+        ) from None
+    return model.eval()
+
+
+def reject_options(options: dict[str, Any], source: str | Path) -> None:
+    """HTTP client options given for a zoo that is not served over HTTP: one clear error."""
+    if options:
+        raise ConfigError(
+            f"HTTP client options ({', '.join(sorted(options))}) only apply to a zoo "
+            f"served over HTTP; {source} is a local zoo"
+        )
+
+
+@API_SOURCES.register("torch")
+class TorchZoo:
+    """A zoo directory (``zoo.json`` + safetensors weights) as in-process :class:`LocalAPI` s."""
+
+    priority = 20
+    handles_cache = False
+
+    @staticmethod
+    def matches(source: str) -> bool:
+        p = Path(source)
+        return p.is_dir() or p.name == MANIFEST
+
+    @staticmethod
+    def load(
+        source: str,
+        *,
+        ledger: QueryLedger,
+        output: str,
+        device: str = "cpu",
+        max_batch: int = 4096,
+        **options: Any,
+    ) -> list[LocalAPI]:
+        reject_options(options, source)
+        data = read_manifest(source)
+        path = zoo_dir(source)
+        if not data["apis"]:
+            raise ConfigError(
+                f"the zoo at {path} has no finished APIs yet; run `apimeta zoo build`"
+            )
+        return [
+            LocalAPI(load_api_model(path, e).to(device), entry_info(e, output), ledger, max_batch)
+            for e in data["apis"]
+        ]
+
+
+__all__ = ["LocalAPI", "TorchZoo", "load_api_model", "reject_options"]

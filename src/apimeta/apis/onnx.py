@@ -20,8 +20,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from apimeta.apis.base import APIInfo, parse_output_mode, restrict_output, validate_query
+from apimeta.apis.base import (
+    API_SOURCES,
+    APIInfo,
+    parse_output_mode,
+    restrict_output,
+    validate_query,
+)
 from apimeta.apis.ledger import QueryLedger
+from apimeta.apis.local import load_api_model, reject_options
+from apimeta.apis.manifest import MANIFEST, entry_info, read_manifest
+from apimeta.apis.manifest import zoo_dir as root_of
 from apimeta.errors import CheckpointError, ConfigError
 from apimeta.io import atomic_write, atomic_write_json
 
@@ -214,8 +223,6 @@ def export_zoo_onnx(
     ONNX files, the weight files copied over and the updated manifest). ``progress``: called
     with (index, n, name) after each API. Returns the folder written.
     """
-    from apimeta.apis.zoo import MANIFEST, load_api_model, read_manifest
-
     src = Path(zoo_dir)
     if src.is_file():
         src = src.parent
@@ -249,12 +256,8 @@ def load_onnx_zoo(
     max_batch: int = 4096,
 ) -> list[OnnxAPI]:
     """Every API of an exported zoo as :class:`OnnxAPI` s sharing one ledger."""
-    from apimeta.apis.zoo import entry_info, read_manifest
-
     parse_output_mode(output)
-    root = Path(path)
-    if root.is_file():
-        root = root.parent
+    root = root_of(path)
     data = read_manifest(root)
     missing = [e["name"] for e in data["apis"] if "onnx_file" not in e]
     if missing or not data["apis"]:
@@ -277,4 +280,32 @@ def load_onnx_zoo(
     ]
 
 
-__all__ = ["OnnxAPI", "export_onnx", "export_zoo_onnx", "load_onnx_zoo"]
+@API_SOURCES.register("onnx")
+class OnnxZoo:
+    """A zoo directory with exported ONNX files (``apimeta zoo export-onnx``) on onnxruntime."""
+
+    priority = 10
+    handles_cache = False
+
+    @staticmethod
+    def matches(source: str) -> bool:
+        root = root_of(source)
+        if not (root / MANIFEST).is_file():
+            return False
+        if any(root.glob("*.onnx")):
+            return True
+        try:
+            return any("onnx_file" in e for e in read_manifest(root)["apis"])
+        except ConfigError:
+            return False
+
+    @staticmethod
+    def load(
+        source: str, *, ledger: QueryLedger, output: str, device: str = "cpu", **options: Any
+    ) -> list[OnnxAPI]:
+        options.pop("max_batch", None)  # onnxruntime runs its own default batches
+        reject_options(options, source)
+        return load_onnx_zoo(source, ledger=ledger, output=output)
+
+
+__all__ = ["OnnxAPI", "OnnxZoo", "export_onnx", "export_zoo_onnx", "load_onnx_zoo"]

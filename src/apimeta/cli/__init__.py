@@ -1,42 +1,7 @@
-"""The ``apimeta`` command line. Each subcommand lives in its own module of this package."""
+"""The ``apimeta`` command line. Each subcommand lives in its own module of this package and adds
+itself to :data:`app` on import; add a new module's import below."""
 
-from __future__ import annotations
-
-import logging
-
-import typer
-
-app = typer.Typer(
-    name="apimeta",
-    help="Meta-learn a few-shot initialization from black-box model APIs (BiDf-MKD).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-)
-
-
-@app.callback()
-def _main(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
-) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def _register() -> None:
-    # Each module adds its commands to ``app`` on import.
-    import importlib
-
-    for mod in ("zoo", "train", "evaluate", "demo", "serve", "bench"):
-        try:
-            importlib.import_module(f"apimeta.cli.{mod}")
-        except ModuleNotFoundError as e:  # a subcommand not written yet
-            if e.name != f"apimeta.cli.{mod}":
-                raise
-
-
-_register()
+from apimeta.cli import bench, demo, evaluate, serve, train, zoo  # noqa: F401  (register)
+from apimeta.cli.app import app
 
 __all__ = ["app"]

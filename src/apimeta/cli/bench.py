@@ -13,7 +13,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from apimeta.cli import app
+from apimeta.cli.app import app
 from apimeta.cli.common import console, friendly_errors, set_threads
 from apimeta.cli.evaluate import parse_shots
 from apimeta.cli.train import TrainProgress
@@ -51,7 +51,7 @@ def bench_cmd(
     Variants: random, maml-real, bbkd, bidf-mkd, bidf-mkd:no-boundary, bidf-mkd:no-memory,
     bidf-mkd:white-box (true gradients, no early stop: an upper bound, not black-box), and the
     default-off extensions bidf-mkd:diverse-memory (memory.min_classes=10,
-    memory.filter_query=true) and bidf-mkd:scheduled (an API event every api_patience updates).
+    memory.filter_query=true) and bidf-mkd:scheduled (an API event every events.patience updates).
 
     Runs are stored under OUT/<scenario>/<variant>/ and reused when their eval.json exists, so
     an interrupted comparison resumes and several processes (each with its own --methods) can
@@ -59,7 +59,7 @@ def bench_cmd(
     """
     with friendly_errors():
         from apimeta.bench import (
-            Scenario,
+            ZooScenario,
             base_config,
             comparison_table,
             machine_line,
@@ -70,7 +70,7 @@ def bench_cmd(
         from apimeta.io import atomic_write_text
 
         set_threads(threads)
-        scen = [Scenario.parse(s) for s in scenario]
+        scen = [ZooScenario.parse(s) for s in scenario]
         names = [m.strip() for m in methods.split(",") if m.strip()]
         for n in names:
             variant(n)

@@ -22,7 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from apimeta.cli import app
+from apimeta.cli.app import app
 from apimeta.cli.common import console, friendly_errors, set_threads
 from apimeta.cli.train import TrainProgress
 
@@ -57,7 +57,7 @@ def demo_cmd(
     """Run the main job on the built-in data: emoji + 20 Conv4 APIs -> BiDf-MKD vs random init."""
     with friendly_errors():
         from apimeta.apis.zoo import build_zoo
-        from apimeta.bench import Scenario, base_config, run_one
+        from apimeta.bench import ZooScenario, base_config, run_one
         from apimeta.config import apimeta_home
         from apimeta.data import load_dataset
         from apimeta.report import (
@@ -110,14 +110,14 @@ def demo_cmd(
             [
                 f"episodes={episodes}",
                 f"query_budget={query_budget}",
-                f"eval_every={max(episodes // 4, 4)}",
-                "eval_tasks=50",
-                f"test_tasks={tasks}",
+                f"eval.every={max(episodes // 4, 4)}",
+                "eval.tasks=50",
+                f"eval.test_tasks={tasks}",
                 f"threads={threads}",
                 *sets,
             ],
         )
-        scenario = Scenario("SS", str(zoo_dir), dataset)
+        scenario = ZooScenario("SS", str(zoo_dir), dataset)
         rows = {}
         for name in ("bidf-mkd", "random"):
             with Progress(*COLUMNS, console=console, transient=True) as p:

@@ -1,4 +1,4 @@
-"""``apimeta eval``: few-shot evaluation of an initialization (method.md section 6)."""
+"""``apimeta eval``: few-shot evaluation of an initialization (docs/design.md section 6)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from apimeta.cli import app
+from apimeta.cli.app import app
 from apimeta.cli.common import console, friendly_errors, set_threads
 from apimeta.errors import ConfigError
 
@@ -84,11 +84,7 @@ def eval_cmd(
     with friendly_errors():
         from apimeta.evaluate import evaluate
         from apimeta.io import atomic_write_json
-        from apimeta.methods.base import (
-            load_meta_model,
-            load_run_datasets,
-            meta_model_for_datasets,
-        )
+        from apimeta.models.meta import load_init, load_meta_model, load_run_datasets
         from apimeta.run_config import RunConfig
 
         set_threads(threads)
@@ -109,7 +105,7 @@ def eval_cmd(
                 device=device,
             )
             datasets = load_run_datasets(cfg)
-            model, _ = meta_model_for_datasets(cfg, datasets)
+            model = load_init("random", cfg, datasets)
         else:
             if not Path(init).is_file():
                 raise ConfigError(

@@ -1,4 +1,4 @@
-"""``apimeta serve``: serve a zoo over the Open Inference Protocol v2; ``apimeta zoo export-onnx``."""
+"""``apimeta serve``: serve a zoo over the Open Inference Protocol v2."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from apimeta.cli import app
+from apimeta.cli.app import app
 from apimeta.cli.common import console, err_console, friendly_errors, set_threads
 from apimeta.errors import ConfigError
 
@@ -51,8 +51,8 @@ def serve(
     import uvicorn
 
     from apimeta.apis.base import parse_output_mode
-    from apimeta.apis.zoo import load_zoo
-    from apimeta.server import create_app
+    from apimeta.apis.server import create_app
+    from apimeta.apis.sources import load_zoo
 
     with friendly_errors():
         set_threads(threads)
@@ -109,34 +109,3 @@ def serve(
         err_console.print(f"[bold red]error:[/] could not serve on {host}:{port}")
         raise typer.Exit(1)
     console.print("server stopped")
-
-
-def _register_export() -> None:
-    try:
-        from apimeta.cli.zoo import zoo_app
-    except ImportError:  # pragma: no cover - the zoo CLI is part of the package
-        return
-
-    @zoo_app.command("export-onnx")
-    def export_onnx_cmd(
-        zoo_dir: Path = typer.Argument(..., help="API zoo directory (zoo.json)."),
-        out: Path | None = typer.Option(
-            None, "--out", "-o", help="Write a complete ONNX zoo here (default: in place)."
-        ),
-        legacy: bool = typer.Option(
-            False, "--legacy-exporter", help="Use the TorchScript exporter (dynamo=False)."
-        ),
-    ) -> None:
-        """Export every API of a zoo to ONNX (normalization inside, dynamic batch)."""
-        from apimeta.apis.onnx import export_zoo_onnx
-
-        with friendly_errors():
-
-            def progress(i: int, n: int, name: str) -> None:
-                console.print(f"[{i + 1}/{n}] {name} exported")
-
-            folder = export_zoo_onnx(zoo_dir, out, dynamo=not legacy, progress=progress)
-        console.print(f"ONNX zoo written to {folder} (zoo.json has onnx_file entries)")
-
-
-_register_export()

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.resources
 from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
 from rich import box
 from rich.markup import escape
 from rich.progress import (
@@ -21,63 +19,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from apimeta.cli import app
+from apimeta.cli.app import app
 from apimeta.cli.common import console, err_console, friendly_errors, set_threads
-from apimeta.config import from_dict, load_config, merge, parse_overrides, to_dict
+from apimeta.config import merge
 from apimeta.errors import APIUnavailableError, ConfigError
-from apimeta.run_config import RunConfig
 
 #: exit status of a run stopped by an unreachable API with a resumable checkpoint (EX_TEMPFAIL)
 EXIT_RESUMABLE = 75
-
-
-def available_presets() -> list[str]:
-    """Names of the preset YAML files shipped in ``apimeta/presets``."""
-    root = importlib.resources.files("apimeta") / "presets"
-    if not root.is_dir():
-        return []
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
-
-
-def load_preset(name: str) -> dict[str, Any]:
-    """The mapping in ``apimeta/presets/<name>.yaml``; ConfigError listing presets if absent."""
-    res = importlib.resources.files("apimeta") / "presets" / f"{name}.yaml"
-    if not res.is_file():
-        have = ", ".join(available_presets()) or "(none installed)"
-        raise ConfigError(f"no preset named {name!r}; available presets: {have}")
-    data = yaml.safe_load(res.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"preset {name!r} must hold a YAML mapping")
-    return data
-
-
-def resolve_config(
-    *,
-    preset: str | None = None,
-    config: Path | None = None,
-    direct: dict[str, Any] | None = None,
-    ablations: dict[str, Any] | None = None,
-    sets: list[str] | None = None,
-    resume_from: Path | None = None,
-) -> RunConfig:
-    """RunConfig defaults <- preset <- --config file <- direct options <- ablation flags <- --set
-    (last wins). ``direct`` values of None mean "not given"; ``ablations`` may set None.
-
-    ``resume_from``: a run directory whose ``config.yaml`` replaces defaults/preset/file.
-    """
-    if resume_from is not None:
-        cfg = load_config(RunConfig, Path(resume_from) / "config.yaml")
-    else:
-        base = load_preset(preset) if preset else None
-        cfg = load_config(RunConfig, config, base=base)
-    data = to_dict(cfg)
-    if direct:
-        data = merge(data, {k: v for k, v in direct.items() if v is not None})
-    if ablations:
-        data = merge(data, ablations)
-    if sets:
-        data = merge(data, parse_overrides(sets))
-    return from_dict(RunConfig, data)
 
 
 def _methods_help() -> str:
@@ -162,7 +110,7 @@ def train(
     no_boundary: bool = typer.Option(
         False,
         "--no-boundary",
-        help="Ablation: recover query sets without the boundary term (adv=0).",
+        help="Ablation: recover query sets without the boundary term (kd.adv=0).",
     ),
     no_memory: bool = typer.Option(
         False,
@@ -182,9 +130,8 @@ def train(
     and prints the meta-test table.
     """
     with friendly_errors():
-        from apimeta.bench import ABLATIONS
-        from apimeta.methods import METHODS
-        from apimeta.runs import RunDir
+        from apimeta.run_config import ABLATIONS, resolve_config
+        from apimeta.runner import start_run
 
         if resume and out is None:
             raise ConfigError("--resume needs --out DIR (the run directory to continue)")
@@ -219,9 +166,8 @@ def train(
             sets=sets,
             resume_from=out if resume else None,
         )
-        impl = METHODS.get(cfg.method)
         set_threads(cfg.threads)
-        run = RunDir.create(cfg, resume=resume)
+        method, run = start_run(cfg, resume=resume)
         console.print(
             f"[bold]{cfg.method}[/] on [bold]{cfg.dataset}[/] "
             f"({cfg.way}-way {cfg.shot}-shot, {cfg.episodes} episodes) -> [cyan]{run.path}[/]"
@@ -236,7 +182,7 @@ def train(
         )
         try:
             with Progress(*columns, console=console, transient=True) as progress:
-                result = impl().train(cfg, run, TrainProgress(progress), resume=resume)
+                result = method.train(cfg, run, TrainProgress(progress), resume=resume)
         except APIUnavailableError as e:  # checkpointed: tell how to resume, exit 75
             err_console.print(f"[bold red]error:[/] {escape(str(e))}")
             raise typer.Exit(EXIT_RESUMABLE) from None
@@ -251,11 +197,4 @@ def train(
         console.print(f"run directory: [cyan]{run.path}[/]")
 
 
-__all__ = [
-    "EXIT_RESUMABLE",
-    "TrainProgress",
-    "available_presets",
-    "load_preset",
-    "resolve_config",
-    "result_table",
-]
+__all__ = ["EXIT_RESUMABLE", "TrainProgress", "result_table"]

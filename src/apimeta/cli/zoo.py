@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from apimeta.cli import app
+from apimeta.cli.app import app
 from apimeta.cli.common import console, friendly_errors, set_threads
 
 zoo_app = typer.Typer(
@@ -197,7 +197,7 @@ def show(
     path: Path = typer.Argument(..., help="Zoo directory (holding zoo.json)."),
 ) -> None:
     """Print the APIs of a zoo: architecture, dataset, classes, holdout accuracy, train time."""
-    from apimeta.apis.zoo import read_manifest
+    from apimeta.apis.manifest import read_manifest
 
     with friendly_errors():
         data = read_manifest(path)
@@ -208,3 +208,25 @@ def show(
             f"seed {args.get('seed')}, epochs {args.get('epochs')}"
         )
         console.print(zoo_table(data["apis"]))
+
+
+@zoo_app.command("export-onnx")
+def export_onnx_cmd(
+    zoo_dir: Path = typer.Argument(..., help="API zoo directory (zoo.json)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Write a complete ONNX zoo here (default: in place)."
+    ),
+    legacy: bool = typer.Option(
+        False, "--legacy-exporter", help="Use the TorchScript exporter (dynamo=False)."
+    ),
+) -> None:
+    """Export every API of a zoo to ONNX (normalization inside, dynamic batch)."""
+    from apimeta.apis.onnx import export_zoo_onnx
+
+    with friendly_errors():
+
+        def progress(i: int, n: int, name: str) -> None:
+            console.print(f"[{i + 1}/{n}] {name} exported")
+
+        folder = export_zoo_onnx(zoo_dir, out, dynamo=not legacy, progress=progress)
+    console.print(f"ONNX zoo written to {folder} (zoo.json has onnx_file entries)")

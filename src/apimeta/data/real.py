@@ -2,7 +2,7 @@
 
 Nothing is downloaded. ``root`` (CLI ``--data-root``) points at the folder holding the files in
 their standard formats; the class splits are the committed ``apimeta/splits/<name>.json``
-(method.md 3.1). Decoded and resized arrays are cached under ``apimeta_home()/datasets`` keyed by
+(docs/design.md 3.1). Decoded and resized arrays are cached under ``apimeta_home()/datasets`` keyed by
 the resolved root, the source files' sizes and times, and the image size.
 
 * ``cifar-fs``: ``ROOT/cifar-100-python/{train,test,meta}`` (the CIFAR-100 python pickles; ROOT

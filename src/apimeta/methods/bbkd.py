@@ -6,7 +6,7 @@ classes by KD — each API supervises only the logits of its own classes. For me
 union head is dropped: the evaluated model is the distilled feature extractor with a zero-
 initialized ``way``-output head, fine-tuned on each test task exactly like every other method.
 
-Schedule: an API event every ``api_patience`` meta-updates (the first update included) while the
+Schedule: an API event every ``events.patience`` meta-updates (the first update included) while the
 budget lasts; each meta-update trains on ``meta_batch`` batches drawn from the recovered pool.
 """
 
@@ -19,9 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from apimeta.apis.base import BlackBoxAPI
+from apimeta.episodes import APIEpisode
 from apimeta.errors import ConfigError, QueryBudgetExceeded
+from apimeta.events import APIEvent
 from apimeta.losses import output_kind
-from apimeta.methods.bidf_mkd import APILearner
+from apimeta.methods.api_learner import APILearner
+from apimeta.methods.interface import METHODS
+from apimeta.seeding import derive_seed
 from apimeta.transforms import crop_flip, resize
 
 log = logging.getLogger(__name__)
@@ -35,10 +39,12 @@ def classifier_of(model: nn.Module) -> nn.Linear:
     return head
 
 
+@METHODS.register("bbkd")
 class BBKD(APILearner):
     """Black-box KD of all APIs into one union-head model (see the module docstring)."""
 
     name = "bbkd"
+    reads = ("recovery", "zo", "kd", "events", "http", "eval")
 
     def setup(self) -> None:
         self.setup_apis()
@@ -50,7 +56,9 @@ class BBKD(APILearner):
             head.weight.zero_()
             head.bias.zero_()
         # the zero head gets no gradient here (the loss uses the union head), so Adam skips it
-        self.union_head = nn.Linear(head.in_features, len(keys)).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # seeded: the global RNG differs per process
+            torch.manual_seed(derive_seed(self.cfg.seed, self.name, "union-head"))
+            self.union_head = nn.Linear(head.in_features, len(keys)).to(self.device)
         self.optimizer.add_param_group({"params": list(self.union_head.parameters())})
         # recovered pool: per event (images in [0,1], API outputs on their augmented view)
         self.pool_x: list[Tensor] = []
@@ -92,11 +100,11 @@ class BBKD(APILearner):
 
     def _event(self) -> None:
         api: BlackBoxAPI = self.pool.draw()
-        b = self.cfg.recover_per_class * api.info.n_classes
+        b = self.cfg.recovery.per_class * api.info.n_classes
         if not self.ledger.can_afford(2 * (self.recovery_cost(api) + b)):
             self.budget_exhausted = True
             return
-        xs, ts = [], []
+        recs = []
         try:
             # two recoveries per event, like bidf-mkd's S and Q, so both spend the same queries;
             # teacher outputs: one query of the kept (un-augmented) images each
@@ -105,38 +113,46 @@ class BBKD(APILearner):
                 if rec.budget_exhausted or rec.api_outputs is None:
                     self.budget_exhausted = True
                     return
-                xs.append(rec.images)
-                ts.append(rec.api_outputs)
+                recs.append(rec)
         except QueryBudgetExceeded:
             self.budget_exhausted = True
             return
         cols = torch.tensor([self.column[(api.info.dataset, int(c))] for c in api.info.classes])
-        self.pool_x.append(torch.cat(xs).cpu())
-        self.pool_t.append(torch.cat(ts).cpu())
+        self.pool_x.append(torch.cat([r.images for r in recs]).cpu())
+        self.pool_t.append(torch.cat([r.api_outputs for r in recs]).cpu())  # type: ignore[misc]
         self.pool_cols.append(cols)
         self.pool_probs.append(output_kind(api.info.output) != "logits")
         self.n_events += 1
-        self.run.log(
-            {
-                "phase": "event",
-                "step": self.step + 1,  # the meta-update it belongs to (dropped with it on resume)
-                "event": self.n_events - 1,
-                "api": api.info.name,
-                "fidelity": rec.fidelity,
-                "queries_total": self.ledger.used,
-            }
+        first, second = recs
+        episode = APIEpisode(
+            api=api.info.name,
+            dataset=api.info.dataset,
+            classes=api.info.classes,
+            support_x=first.images,
+            support_y=first.targets,
+            query_x=second.images,
+            query_y=second.targets,
+            query_keep=torch.ones_like(second.targets, dtype=torch.bool),
         )
+        record = {
+            "step": self.step + 1,  # the meta-update it belongs to (dropped with it on resume)
+            "event": self.n_events - 1,
+            "api": api.info.name,
+            "fidelity": second.fidelity,
+            "queries_total": self.ledger.used,
+        }
+        self.record_event(APIEvent(self.n_events - 1, episode, record))
 
     def meta_batch_loss(self, step: int) -> tuple[Tensor, dict[str, Any]]:
         cfg = self.cfg
-        if step % max(cfg.api_patience, 1) == 0 and not self.budget_exhausted:
+        if step % max(cfg.events.patience, 1) == 0 and not self.budget_exhausted:
             self._event()
         if not self.pool_x:
             raise ConfigError(
                 f"the query budget ({self.ledger.budget}) cannot pay for a single API event; "
-                "raise --query-budget or lower recover_iters / zo.q / recover_per_class"
+                "raise --query-budget or lower recovery.iters / zo.q / recovery.per_class"
             )
-        g = self.generator("batches")
+        g = self.rng("batches")
         total: Tensor | None = None
         correct = seen = 0
         for _ in range(cfg.meta_batch):
@@ -148,7 +164,7 @@ class BBKD(APILearner):
             assert self._features is not None
             logits = self.union_head(self._features)[:, self.pool_cols[i].to(self.device)]
             teacher = t[idx].to(self.device)
-            loss = self.kd(logits, teacher, T=cfg.kd_T, teacher_is_probs=self.pool_probs[i])
+            loss = self.kd(logits, teacher, T=cfg.kd.T, teacher_is_probs=self.pool_probs[i])
             total = loss if total is None else total + loss
             correct += int((logits.argmax(1) == teacher.argmax(1)).sum())
             seen += len(idx)
@@ -159,14 +175,5 @@ class BBKD(APILearner):
             "queries": self.ledger.used,
         }
 
-
-def _register() -> None:
-    from apimeta.methods import METHODS
-
-    if BBKD.name not in METHODS:
-        METHODS.add(BBKD.name, BBKD)
-
-
-_register()
 
 __all__ = ["BBKD", "classifier_of"]

@@ -3,7 +3,7 @@
 Each meta-update samples ``cfg.meta_batch`` N-way K-shot Q-query tasks from the meta-train split
 of ``cfg.dataset`` (several datasets: each task picks one uniformly), adapts with
 ``cfg.inner_steps`` full-batch CE steps at ``cfg.inner_lr`` (second order unless
-``cfg.first_order``), and takes one Adam step on the SUM of the query CE losses (method.md 4.8).
+``cfg.first_order``), and takes one Adam step on the SUM of the query CE losses (docs/design.md 4.8).
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from torch import Tensor
 
 from apimeta.episodes import TaskSampler
 from apimeta.maml import maml_outer_loss
-from apimeta.methods.base import MetaTrainer
+from apimeta.methods.interface import METHODS
+from apimeta.methods.trainer import MetaTrainer
 
 
+@METHODS.register("maml-real")
 class MAMLReal(MetaTrainer):
     """Second-order (or first-order) MAML with CE on real meta-train tasks."""
 
@@ -26,10 +28,10 @@ class MAMLReal(MetaTrainer):
     def setup(self) -> None:
         cfg = self.cfg
         self.samplers: list[TaskSampler] = [
-            ds.sampler("train", cfg.way, cfg.shot, cfg.query, self.generator("tasks", ds.name))
+            ds.sampler("train", cfg.way, cfg.shot, cfg.query, self.rng("tasks", ds.name))
             for ds in self.datasets
         ]
-        self.pick = self.generator("dataset-choice")
+        self.pick = self.rng("dataset-choice")
 
     def sample_episode(self):
         """One meta-train episode on ``self.device`` (dataset chosen uniformly if several)."""

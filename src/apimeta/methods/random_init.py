@@ -10,11 +10,13 @@ from typing import Any
 
 from torch import Tensor
 
-from apimeta.methods.base import MetaTrainer
+from apimeta.methods.interface import METHODS
+from apimeta.methods.trainer import MetaTrainer
 
 
+@METHODS.register("random")
 class RandomInit(MetaTrainer):
-    """The meta-model as built by ``build_meta_model`` (seed ``cfg.seed``), untrained."""
+    """The meta-model as built by ``apimeta.models.meta.build_meta_model`` (seed ``cfg.seed``), untrained."""
 
     name = "random"
 

@@ -7,7 +7,9 @@ normalizes them itself with the ``mean``/``std`` it was built with, so callers n
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import torch
 from torch import nn
 
 from apimeta.models.conv4 import Conv4
@@ -16,10 +18,26 @@ from apimeta.models.wrappers import Normalized
 from apimeta.registry import Registry
 
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
-BACKBONES.add("conv4", lambda **kw: Conv4(**kw))
-BACKBONES.add("resnet10", lambda **kw: ResNet(blocks=(1, 1, 1, 1), **kw))
-BACKBONES.add("resnet12", lambda **kw: ResNet(blocks=(1, 1, 1, 1), variant="resnet12", **kw))
-BACKBONES.add("resnet18", lambda **kw: ResNet(blocks=(2, 2, 2, 2), **kw))
+
+
+@BACKBONES.register("conv4")
+def conv4(**kw: Any) -> nn.Module:
+    return Conv4(**kw)
+
+
+@BACKBONES.register("resnet10")
+def resnet10(**kw: Any) -> nn.Module:
+    return ResNet(blocks=(1, 1, 1, 1), **kw)
+
+
+@BACKBONES.register("resnet12")
+def resnet12(**kw: Any) -> nn.Module:
+    return ResNet(blocks=(1, 1, 1, 1), variant="resnet12", **kw)
+
+
+@BACKBONES.register("resnet18")
+def resnet18(**kw: Any) -> nn.Module:
+    return ResNet(blocks=(2, 2, 2, 2), **kw)
 
 
 def build_backbone(
@@ -54,7 +72,7 @@ def build_backbone(
     net = factory(**kwargs)
     model = Normalized(net, mean=mean, std=std, channels=in_channels)
     if channels_last:
-        model = model.to(memory_format=__import__("torch").channels_last)
+        model = model.to(memory_format=torch.channels_last)
     return model
 
 

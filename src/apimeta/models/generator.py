@@ -1,4 +1,4 @@
-"""The recovery generator G_phi of method.md 3.2 (a DCGAN-style decoder, no label input)."""
+"""The recovery generator G_phi of docs/design.md 3.2 (a DCGAN-style decoder, no label input)."""
 
 from __future__ import annotations
 

@@ -44,12 +44,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from apimeta.apis.base import APIInfo, BlackBoxAPI, parse_output_mode, restrict_output
+from apimeta.apis.v2 import (
+    HEADER_LENGTH,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ProtocolError,
+    decode_request,
+    encode_response,
+    json_dumps,
+)
 from apimeta.errors import ConfigError, InvalidQueryError, QueryBudgetExceeded
-
-try:  # orjson parses/serializes the ~MB JSON tensors several times faster than json
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - orjson is a dependency; keep a fallback anyway
-    _orjson = None
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("apimeta.server.access")
@@ -57,38 +61,12 @@ access_logger = logging.getLogger("apimeta.server.access")
 SERVER_NAME = "apimeta"
 PROTOCOL_VERSION = "1"
 MODEL_VERSION = "1"
-INPUT_NAME = "input"
-OUTPUT_NAME = "scores"
 EXTENSIONS = ("model_repository", "binary_tensor_data", "apimeta")
-HEADER_LENGTH = "inference-header-content-length"
-_RANGE_TOL = 1e-4
-
-
-def json_dumps(obj: Any) -> bytes:
-    """Serialize to compact JSON bytes (numpy arrays allowed)."""
-    if _orjson is not None:
-        return _orjson.dumps(obj, option=_orjson.OPT_SERIALIZE_NUMPY)
-    return json.dumps(obj, default=lambda o: o.tolist()).encode()
-
-
-def json_loads(data: bytes | str) -> Any:
-    """Parse JSON bytes (orjson when available)."""
-    if _orjson is not None:
-        return _orjson.loads(data)
-    return json.loads(data)
 
 
 def key_id(key: str | None) -> str | None:
     """A short, non-reversible id of an API key for logs: first 12 hex of its sha256."""
     return None if key is None else hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-class ProtocolError(Exception):
-    """An error answered as ``{"error": message}`` with HTTP ``status``."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
 
 
 def _error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -181,130 +159,6 @@ def _served(api: BlackBoxAPI, output: str | None) -> ServedModel:
             "load the zoo with output='logits' and let the server restrict it"
         )
     return ServedModel(api, dataclasses.replace(api.info, output=output), output, platform)
-
-
-def _parse_infer(
-    body: bytes, header_len: int | None, model: ServedModel, max_batch: int
-) -> tuple[torch.Tensor, dict[str, Any], bool]:
-    """Decode an infer request -> (images (B, C, H, W) float32, request JSON, binary output?)."""
-    info = model.info
-    if header_len is not None:
-        if header_len < 0 or header_len > len(body):
-            raise ProtocolError(
-                400,
-                f"Inference-Header-Content-Length is {header_len} but the body has "
-                f"{len(body)} bytes",
-            )
-        head, binary = body[:header_len], memoryview(body)[header_len:]
-    else:
-        head, binary = body, None
-    try:
-        req = json_loads(head)
-    except (ValueError, TypeError) as e:
-        raise ProtocolError(400, f"request body is not valid JSON ({e})") from None
-    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
-        raise ProtocolError(400, "request JSON must be an object with an 'inputs' list")
-    if len(req["inputs"]) != 1 or not isinstance(req["inputs"][0], dict):
-        raise ProtocolError(
-            400, f"model {info.name!r} takes exactly one input named {INPUT_NAME!r}"
-        )
-    tin = req["inputs"][0]
-    if tin.get("name") != INPUT_NAME:
-        raise ProtocolError(
-            400, f"unknown input {tin.get('name')!r}; model {info.name!r} takes {INPUT_NAME!r}"
-        )
-    if tin.get("datatype") != "FP32":
-        raise ProtocolError(
-            400, f"input {INPUT_NAME!r} must have datatype FP32, got {tin.get('datatype')!r}"
-        )
-    shape = tin.get("shape")
-    want = [info.channels, info.image_size, info.image_size]
-    if (
-        not isinstance(shape, list)
-        or len(shape) != 4
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
-        or shape[0] < 1
-        or shape[1:] != want
-    ):
-        raise ProtocolError(
-            400,
-            f"input {INPUT_NAME!r} of model {info.name!r} must have shape [B, {want[0]}, "
-            f"{want[1]}, {want[2]}] with B >= 1, got {shape!r}",
-        )
-    if shape[0] > max_batch:
-        raise ProtocolError(
-            413, f"batch of {shape[0]} images exceeds this server's max batch size {max_batch}"
-        )
-    n = math.prod(shape)
-    params = tin.get("parameters") or {}
-    if binary is not None and "binary_data_size" in params:
-        size = params["binary_data_size"]
-        if size != n * 4 or len(binary) != size:
-            raise ProtocolError(
-                400,
-                f"binary input must hold {n} FP32 values = {n * 4} bytes; header says "
-                f"{size!r}, body carries {len(binary)}",
-            )
-        arr = np.frombuffer(binary, dtype="<f4").astype(np.float32, copy=True)
-    else:
-        data = tin.get("data")
-        if data is None:
-            raise ProtocolError(400, f"input {INPUT_NAME!r} has no 'data' (and no binary data)")
-        try:
-            arr = np.asarray(data, dtype=np.float32).reshape(-1)
-        except (ValueError, TypeError):
-            raise ProtocolError(
-                400, f"input {INPUT_NAME!r} 'data' must be a (flat or nested) list of numbers"
-            ) from None
-        if arr.size != n:
-            raise ProtocolError(
-                400, f"input {INPUT_NAME!r} has {arr.size} values but shape {shape} needs {n}"
-            )
-    x = torch.from_numpy(arr).view(*shape)
-    lo_t, hi_t = torch.aminmax(x)  # one pass; NaN propagates, inf shows as an extreme
-    lo, hi = float(lo_t), float(hi_t)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ProtocolError(400, f"input {INPUT_NAME!r} contains NaN or infinite values")
-    if lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
-        raise ProtocolError(
-            400, f"input {INPUT_NAME!r} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]"
-        )
-    outputs = req.get("outputs")
-    binary_out = bool((req.get("parameters") or {}).get("binary_data_output", False))
-    if outputs is not None:
-        if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
-            raise ProtocolError(400, "'outputs' must be a list of objects")
-        for o in outputs:
-            if o.get("name") != OUTPUT_NAME:
-                raise ProtocolError(
-                    400,
-                    f"unknown output {o.get('name')!r}; model {info.name!r} has only "
-                    f"{OUTPUT_NAME!r}",
-                )
-            binary_out = bool((o.get("parameters") or {}).get("binary_data", binary_out))
-    return x, req, binary_out
-
-
-def _infer_response(
-    model: ServedModel, req: dict[str, Any], scores: np.ndarray, binary_out: bool
-) -> tuple[bytes, dict[str, str], str]:
-    """Encode scores -> (body, headers, media type)."""
-    out: dict[str, Any] = {"name": OUTPUT_NAME, "shape": list(scores.shape), "datatype": "FP32"}
-    resp: dict[str, Any] = {"model_name": model.info.name, "model_version": MODEL_VERSION}
-    if "id" in req:
-        resp["id"] = req["id"]
-    resp["outputs"] = [out]
-    if binary_out:
-        raw = scores.astype("<f4", copy=False).tobytes()
-        out["parameters"] = {"binary_data_size": len(raw)}
-        head = json_dumps(resp)
-        return (
-            head + raw,
-            {"Inference-Header-Content-Length": str(len(head))},
-            ("application/octet-stream"),
-        )
-    out["data"] = scores.reshape(-1)
-    return json_dumps(resp), {}, "application/json"
 
 
 def default_max_body_bytes(apis: Sequence[BlackBoxAPI], max_batch: int) -> int:
@@ -511,14 +365,24 @@ def create_app(
             ) from None
 
         def run() -> tuple[bytes, dict[str, str], str, int]:
-            x, req, binary_out = _parse_infer(body, header_len, model, max_batch)
+            info = model.info
+            x, req, binary_out = decode_request(
+                body,
+                header_len,
+                model=info.name,
+                channels=info.channels,
+                image_size=info.image_size,
+                max_batch=max_batch,
+            )
             try:
                 scores = model.infer(x)
             except InvalidQueryError as e:
                 raise ProtocolError(400, str(e)) from None
             except QueryBudgetExceeded as e:
                 raise ProtocolError(403, f"server-side query quota exhausted: {e}") from None
-            content, headers, media = _infer_response(model, req, scores, binary_out)
+            content, headers, media = encode_response(
+                model.info.name, MODEL_VERSION, req, scores, binary_out
+            )
             return content, headers, media, int(x.shape[0])
 
         content, headers, media, batch = await run_in_threadpool(run)

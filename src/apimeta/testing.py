@@ -1,7 +1,11 @@
-"""Test helpers (not collected): uvicorn in a thread, a fault-injecting HTTP proxy, tiny zoos."""
+"""Test and benchmark helpers: uvicorn in a thread, a fault-injecting HTTP proxy, tiny zoos.
+
+Used by the test suite and `benchmarks/` (`from apimeta.testing import FaultyProxy`); servers bind to
+127.0.0.1 only. Not imported by the rest of the library."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -18,6 +22,8 @@ import torch
 import uvicorn
 
 from apimeta.apis import APIInfo, LocalAPI
+from apimeta.config import from_dict, merge, to_dict
+from apimeta.run_config import RunConfig, migrate_legacy
 
 
 class UvicornThread:
@@ -262,3 +268,19 @@ def write_tiny_zoo(root: Path) -> Path:
         )
     (root / "zoo.json").write_text(json.dumps({"version": 1, "build_args": {}, "apis": entries}))
     return root
+
+
+def make_config(base: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
+    """A :class:`RunConfig` from ``base`` <- ``overrides``, each in the sectioned or the flat
+    (legacy) layout, e.g. ``make_config(episodes=4, adv_start=1, zo=ZOConfig(q=2))``. A
+    section given as a dataclass replaces that section whole; flat keys and mappings merge."""
+
+    def plain(d: dict[str, Any]) -> dict[str, Any]:
+        d = {k: to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in d.items()}
+        return migrate_legacy(d, quiet=True)
+
+    whole = {k for k, v in overrides.items() if dataclasses.is_dataclass(v)}
+    data = merge(to_dict(RunConfig()), plain(base or {}))
+    for k, v in plain(overrides).items():
+        data[k] = merge(data[k], v) if isinstance(v, dict) and k not in whole else v
+    return from_dict(RunConfig, data)

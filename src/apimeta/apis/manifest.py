@@ -1,0 +1,89 @@
+"""The zoo manifest ``zoo.json``: its format, reading and validation.
+
+A zoo directory holds one weights file per API (``api-000.safetensors`` ...; ONNX zoos also
+``api-000.onnx``) and ``zoo.json``::
+
+    {"version": 1, "build_args": {...},
+     "apis": [{"name", "file", "arch", "width", "dataset", "classes", "class_names", "channels",
+               "image_size", "mean", "std", "holdout_acc", "seed", "train_time_s", "epochs_run",
+               "n_params", "onnx_file"?}, ...]}
+
+Learners only ever see the :class:`~apimeta.apis.base.APIInfo` of an entry (:func:`entry_info`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apimeta.apis.base import APIInfo
+from apimeta.errors import ConfigError
+
+MANIFEST = "zoo.json"
+VERSION = 1
+
+
+@dataclass
+class ZooManifest:
+    """The parsed ``zoo.json`` of directory ``dir``; ``apis`` are the manifest entries."""
+
+    dir: Path
+    build_args: dict[str, Any]
+    apis: list[dict[str, Any]] = field(default_factory=list)
+    version: int = VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "build_args": self.build_args, "apis": self.apis}
+
+    def __len__(self) -> int:
+        return len(self.apis)
+
+
+def zoo_dir(path: str | Path) -> Path:
+    """The zoo directory of ``path`` (the directory itself, or the folder of its ``zoo.json``)."""
+    p = Path(path)
+    return p.parent if p.is_file() else p
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and check ``<path>/zoo.json`` (or the file itself); raises ConfigError if unusable."""
+    p = Path(path)
+    f = p if p.is_file() else p / MANIFEST
+    if not f.is_file():
+        raise ConfigError(
+            f"{p} is not an API zoo (no {MANIFEST}); build one with "
+            f"`apimeta zoo build --out {p}` or pass the right directory"
+        )
+    try:
+        data = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{f} is not valid JSON ({e}); rebuild the zoo with --force") from None
+    if not isinstance(data, dict) or not isinstance(data.get("apis"), list):
+        raise ConfigError(f"{f} has no 'apis' list; rebuild the zoo with --force")
+    if data.get("version") != VERSION:
+        raise ConfigError(
+            f"{f} has manifest version {data.get('version')!r}; this apimeta reads version "
+            f"{VERSION}. Rebuild the zoo with this version (--force)."
+        )
+    return data
+
+
+def entry_info(entry: dict[str, Any], output: str = "logits") -> APIInfo:
+    """The learner-visible :class:`APIInfo` of a manifest entry."""
+    return APIInfo(
+        name=entry["name"],
+        dataset=entry["dataset"],
+        classes=tuple(int(c) for c in entry["classes"]),
+        class_names=tuple(entry["class_names"]),
+        channels=int(entry["channels"]),
+        image_size=int(entry["image_size"]),
+        output=output,
+        mean=tuple(float(m) for m in entry["mean"]),
+        std=tuple(float(s) for s in entry["std"]),
+        tags={"arch": entry["arch"], "holdout_acc": entry.get("holdout_acc")},
+    )
+
+
+__all__ = ["MANIFEST", "VERSION", "ZooManifest", "entry_info", "read_manifest", "zoo_dir"]

@@ -1,0 +1,95 @@
+"""``APILearner``: what every method that learns from a zoo of black-box APIs shares.
+
+``setup_apis`` builds the ledger (``cfg.query_budget``), the APIs of ``cfg.zoo`` (with the
+optional query cache, :mod:`apimeta.apis.runtime`), the scenario's :class:`APIPool`, the
+recovery's gradient source (ZO estimator, or white-box with ``zo.enabled=false``) and the KD
+loss; :meth:`APILearner.recover_from` runs one recovery with the run's settings. A failed API
+call inside a meta-update rolls the update back, keeping the ledger (its images were sent and
+paid), and raises :class:`~apimeta.errors.APIUnavailableError` (``resumable_errors``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from apimeta.apis.base import BlackBoxAPI
+from apimeta.apis.ledger import QueryLedger
+from apimeta.apis.runtime import cache_mark, load_run_apis, resume_cache_billing, run_query_cache
+from apimeta.errors import APIError
+from apimeta.losses import kd_loss
+from apimeta.methods.trainer import MetaTrainer
+from apimeta.recovery import Objective, Recovered, SupportCE, gradient_source, recover
+from apimeta.scenarios import APIPool
+from apimeta.zo import ZOEstimator, build_estimator
+
+log = logging.getLogger(__name__)
+
+
+class APILearner(MetaTrainer):
+    """A :class:`MetaTrainer` that learns from black-box APIs (see the module docstring).
+
+    Attributes after :meth:`setup_apis`: ``ledger``, ``apis``, ``query_cache`` (or None),
+    ``pool``, ``estimator`` (None for white-box), ``kd`` (the KD loss function).
+    """
+
+    resumable_errors = (APIError,)
+    reads: ClassVar[tuple[str, ...]] = ("recovery", "zo", "kd", "http", "eval")
+    queries_apis = True
+
+    def setup_apis(self) -> None:
+        cfg = self.cfg
+        self.ledger = QueryLedger(cfg.query_budget)
+        self.apis = load_run_apis(cfg, self.ledger, self.run.path)
+        self.query_cache = run_query_cache(self.apis)
+        self.pool = APIPool(self.apis, cfg.scenario, self.rng("api-draws"))
+        self.estimator: ZOEstimator | None = build_estimator(cfg.zo) if cfg.zo.enabled else None
+        self.kd = kd_loss(cfg.kd.loss)
+        if not cfg.zo.enabled:
+            log.warning("zo.enabled=false: WHITE-BOX recovery (true gradients); not black-box")
+            for api in self.apis:  # fail now, not at the first event
+                gradient_source(None, api, white_box=True)
+
+    def api_state(self) -> dict[str, Any]:
+        return {"ledger": self.ledger.state_dict(), "cache_mark": cache_mark(self.query_cache)}
+
+    def load_api_state(self, state: dict[str, Any]) -> None:
+        self.ledger.load_state_dict(state["ledger"])
+        resume_cache_billing(self.query_cache, state.get("cache_mark"))
+
+    def rollback_update(self, extra: dict[str, Any]) -> None:
+        """Undo a failed meta-update but keep the ledger: its images were sent (and paid).
+        With a query cache, the rows the kept ledger already counts are settled."""
+        sent = self.ledger.state_dict()
+        self.load_extra_state({**extra, "cache_mark": None})  # keep the cache's billing state
+        self.ledger.load_state_dict(sent)
+        if self.query_cache is not None and extra.get("cache_mark") is not None:
+            self.query_cache.settle_after(int(extra["cache_mark"]))
+
+    def recover_from(
+        self,
+        api: BlackBoxAPI,
+        objective: Objective | None = None,
+        final_query: bool = False,
+    ) -> Recovered:
+        """One recovery from ``api`` with the run's settings (``cfg.recovery``, the gradient
+        source, RNG ``recovery``). ``objective``: default :class:`SupportCE`.
+        ``final_query=False``: callers query the augmented view themselves (4.4, 4.6)."""
+        return recover(
+            api,
+            self.cfg.recovery,
+            rng=self.rng("recovery"),
+            gradient=gradient_source(self.estimator, api, white_box=not self.cfg.zo.enabled),
+            objective=objective if objective is not None else SupportCE(),
+            final_query=final_query,
+            device=self.device,
+        )
+
+    def recovery_cost(self, api: BlackBoxAPI) -> int:
+        """Worst-case queries of one recovery (no early stop), final query excluded."""
+        b = self.cfg.recovery.per_class * api.info.n_classes
+        per_iter = b if self.estimator is None else self.estimator.cost(b)
+        return self.cfg.recovery.iters * per_iter
+
+
+__all__ = ["APILearner"]

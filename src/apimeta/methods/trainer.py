@@ -1,0 +1,421 @@
+"""The episodic meta-training loop shared by methods: ``MetaTrainer``.
+
+A method subclasses :class:`MetaTrainer` and fills in hooks::
+
+    @METHODS.register("my-method")
+    class MyMethod(MetaTrainer):
+        name = "my-method"
+        reads = ("eval",)                        # config sections it uses
+
+        def setup(self) -> None:                 # build APIs, generators, memory ...
+            self.tasks = self.rng("my-tasks")    # checkpointed automatically
+
+        def meta_batch_loss(self, step: int) -> tuple[Tensor, dict[str, float]]:
+            # SUM of cfg.meta_batch episode losses (docs/design.md 4.8) + scalar metrics to log
+            ...
+
+        def extra_state(self) -> dict: ...      # method state (tensors & primitives)
+        def load_extra_state(self, state: dict) -> None: ...
+        def should_stop(self) -> bool: ...      # e.g. query budget exhausted
+
+``MetaTrainer.train`` owns everything else: the meta-model (``self.model``), Adam
+(``self.optimizer``), the meta-update loop, meta-val every ``cfg.eval.every`` episodes with
+best-checkpoint selection on ``cfg.eval.select_split``, ``last.pt`` every
+``cfg.checkpoint_every`` meta-updates, metrics JSONL, exact resume (the loop's counters are one
+:class:`TrainerState`, saved and restored field by field) and the final meta-test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from apimeta.apis.base import parse_output_mode
+from apimeta.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from apimeta.config import to_dict
+from apimeta.errors import APIUnavailableError, CheckpointError, ConfigError
+from apimeta.evaluate import evaluate_with_config, format_result, summary_score
+from apimeta.events import TRIGGERS, APIEvent, EventHook, save_recovered_grid
+from apimeta.losses import KD_LOSSES
+from apimeta.methods.interface import Method, ProgressFn, TrainResult
+from apimeta.models import BACKBONES
+from apimeta.models.meta import load_meta_model, load_run_datasets, meta_model_for_datasets
+from apimeta.recovery import ITERATES
+from apimeta.registry import Registry
+from apimeta.run_config import RunConfig
+from apimeta.runs import RunDir
+from apimeta.scenarios import SCENARIOS
+from apimeta.seeding import make_generator
+from apimeta.zo import DIRECTIONS, ESTIMATORS
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- config checks
+
+#: every string choice of RunConfig and where its valid values come from (checked once, here)
+CHOICES: dict[str, Callable[[RunConfig], tuple[str, Any]]] = {
+    "backbone": lambda c: (c.backbone, BACKBONES),
+    "scenario": lambda c: (c.scenario, ("auto", *SCENARIOS)),
+    "on_budget_exhausted": lambda c: (c.on_budget_exhausted, ("replay", "stop")),
+    "recovery.best_iterate": lambda c: (c.recovery.best_iterate, ITERATES),
+    "zo.estimator": lambda c: (c.zo.estimator, ESTIMATORS),
+    "zo.directions": lambda c: (c.zo.directions, DIRECTIONS),
+    "kd.loss": lambda c: (c.kd.loss, KD_LOSSES),
+    "events.trigger": lambda c: (c.events.trigger, TRIGGERS),
+    "eval.select_split": lambda c: (c.eval.select_split, ("val", "test")),
+}
+
+
+def check_run_config(cfg: RunConfig) -> None:
+    """Raise :class:`ConfigError` (one line, naming the key) for a value no component accepts."""
+    for key, get in CHOICES.items():
+        value, valid = get(cfg)
+        names = valid.names() if isinstance(valid, Registry) else list(valid)
+        if value not in names:
+            raise ConfigError(f"{key} must be one of {', '.join(names)}; got {value!r}")
+    parse_output_mode(cfg.api_output)
+    checks = [
+        (cfg.way >= 2, f"way must be >= 2, got {cfg.way}"),
+        (cfg.shot >= 1, f"shot must be >= 1, got {cfg.shot}"),
+        (cfg.query >= 1, f"query must be >= 1, got {cfg.query}"),
+        (cfg.meta_batch >= 1, f"meta_batch must be >= 1, got {cfg.meta_batch}"),
+        (cfg.episodes >= 0, f"episodes must be >= 0, got {cfg.episodes}"),
+        (cfg.inner_steps >= 0, f"inner_steps must be >= 0, got {cfg.inner_steps}"),
+        (cfg.eval.tasks >= 1, f"eval.tasks must be >= 1, got {cfg.eval.tasks}"),
+        (cfg.eval.test_tasks >= 1, f"eval.test_tasks must be >= 1, got {cfg.eval.test_tasks}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainerState:
+    """The loop's counters: what ``last.pt`` stores besides weights, optimizer, RNG and method
+    state, and what resume restores (one checkpoint key per field)."""
+
+    step: int = 0  # meta-updates done
+    best_score: float | None = None  # best selection score so far
+    best_step: int | None = None  # meta-update of best.pt
+    elapsed: float = 0.0  # training seconds (evaluation excluded)
+
+
+_STATE_FIELDS = tuple(f.name for f in dataclasses.fields(TrainerState))
+
+
+class MetaTrainer(Method):
+    """Template for episodic meta-training (see the module docstring for the hooks).
+
+    Attributes available to hooks: ``cfg``, ``run``, ``datasets`` (meta-train/val/test datasets
+    of ``cfg.dataset``), ``model`` (the meta-model), ``spec`` (its spec), ``optimizer`` (Adam,
+    ``cfg.outer_lr``), ``state`` (:class:`TrainerState`; ``step`` = meta-updates done),
+    ``device``, ``event_hooks`` (called with each :class:`~apimeta.events.APIEvent`).
+    """
+
+    #: errors of :meth:`meta_batch_loss` that stop the run *resumably*: the partial update is
+    #: discarded, ``last.pt`` is written with the state from the start of that update and
+    #: :class:`~apimeta.errors.APIUnavailableError` is raised (API methods: ``(APIError,)``).
+    #: Empty (the default): errors propagate unchanged.
+    resumable_errors: ClassVar[tuple[type[Exception], ...]] = ()
+
+    def __init__(self) -> None:
+        self._rngs: dict[str, torch.Generator] = {}
+        self.state = TrainerState()
+        self.event_hooks: list[EventHook] = []
+
+    # ---- hooks -------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Called once after model/optimizer exist and before any resume; build state here."""
+
+    @abstractmethod
+    def meta_batch_loss(self, step: int) -> tuple[Tensor, dict[str, Any]]:
+        """The loss of meta-update ``step`` (0-based): the SUM of ``cfg.meta_batch`` episode
+        losses, differentiable w.r.t. ``self.model``'s parameters, and scalar metrics to log."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method state to checkpoint (tensors / primitives / dicts / lists only)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+    def should_stop(self) -> bool:
+        """Return True to end training early (after the current meta-update)."""
+        return False
+
+    def rollback_update(self, extra: dict[str, Any]) -> None:
+        """Undo a failed meta-update: restore the :meth:`extra_state` taken at its start.
+
+        Called only for :attr:`resumable_errors`; RNGs are restored by the caller. The default
+        reloads ``extra``; API methods keep their current ledger (the images of the failed
+        update were sent and stay counted).
+        """
+        self.load_extra_state(extra)
+
+    def total_updates(self) -> int:
+        """Number of meta-updates: ``cfg.episodes // cfg.meta_batch``."""
+        return self.cfg.episodes // self.cfg.meta_batch
+
+    # ---- helpers for subclasses --------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Meta-updates done."""
+        return self.state.step
+
+    def rng(self, *names: object) -> torch.Generator:
+        """A ``torch.Generator`` seeded from ``(cfg.seed, method name, *names)`` whose state is
+        saved in every checkpoint and restored on resume."""
+        key = ":".join(map(str, names))
+        if key not in self._rngs:
+            self._rngs[key] = make_generator(self.cfg.seed, self.name, *names)
+        return self._rngs[key]
+
+    def record_event(self, event: APIEvent) -> None:
+        """Log an API event under the meta-update it belongs to (so a resume from the checkpoint
+        before that update drops it with the update) and pass it to :attr:`event_hooks`."""
+        self.run.log({"phase": "event", **event.record})
+        for hook in self.event_hooks:
+            hook(event)
+
+    def evaluate_split(
+        self,
+        split: str,
+        tasks: int,
+        model: nn.Module | None = None,
+        phase: str | None = None,
+    ) -> tuple[float, dict[str, dict[str, Any]]]:
+        """Evaluate ``model`` (default the meta-model) on ``split`` of every dataset at
+        ``cfg.shot``; returns (selection score = mean over datasets, {dataset: results})."""
+        cfg = self.cfg
+        model = self.model if model is None else model
+        out: dict[str, dict[str, Any]] = {}
+        for ds in self.datasets:
+            cb = _eval_progress(self._progress, phase or split, ds.name)
+            out[ds.name] = evaluate_with_config(
+                model, ds, cfg, split=split, shots=(cfg.shot,), tasks=tasks, progress=cb
+            )
+        score = sum(summary_score(r) for r in out.values()) / len(out)
+        return score, out
+
+    # ---- the loop ----------------------------------------------------------------------
+    def _checkpoint(self) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "config": to_dict(self.cfg),
+            "model_spec": self.spec,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            **dataclasses.asdict(self.state),
+            "rng": rng_states(self._rngs),
+            "extra": self.extra_state(),
+        }
+
+    def _update_snapshot(self) -> dict[str, Any]:
+        """What a failed meta-update may have changed: RNG states and method state.
+
+        Cheap: ``extra_state`` returns fresh containers of tensors that are never modified in
+        place; the model and optimizer only change in ``optimizer.step()``, after the loss.
+        """
+        return {"rng": rng_states(self._rngs), "extra": self.extra_state()}
+
+    def _stop_resumable(self, snapshot: dict[str, Any], error: Exception) -> APIUnavailableError:
+        """Roll back to ``snapshot`` (the start of meta-update ``self.step``), write ``last.pt``
+        and return the error to raise. Resuming redoes that update from the same RNG states, so
+        the run continues as if never interrupted."""
+        for key in [k for k in self._rngs if k not in snapshot["rng"]]:
+            del self._rngs[key]  # created during the failed update: recreated fresh
+        restore_rng_states(self._rngs, snapshot["rng"])
+        self.rollback_update(snapshot["extra"])
+        self.optimizer.zero_grad(set_to_none=True)
+        save_checkpoint(self.run.last_checkpoint, self._checkpoint())
+        self.run.truncate_metrics(self.step)  # records of the discarded update
+        ledger = getattr(self, "ledger", None)
+        spent = f" Queries so far: {ledger.used} (kept in the checkpoint)." if ledger else ""
+        log.error("meta-update %d failed (%s); checkpointed", self.step + 1, error)
+        return APIUnavailableError(
+            f"{error}\nThe run stopped at meta-update {self.step} of {self.total_updates()} and "
+            f"saved its state before the failed update in {self.run.last_checkpoint}; nothing "
+            f"trained is lost.{spent} When the API is back, continue with: "
+            f"apimeta train --resume --out {self.run.path}",
+            self.step,
+            str(self.run.path),
+        )
+
+    def _resume(self) -> None:
+        ckpt = load_checkpoint(self.run.last_checkpoint, map_location=self.device)
+        if ckpt.get("method") != self.name:
+            raise CheckpointError(
+                f"{self.run.last_checkpoint} was written by method {ckpt.get('method')!r}, "
+                f"not {self.name!r}; resume it with --method {ckpt.get('method')}"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        defaults = dataclasses.asdict(TrainerState())
+        self.state = TrainerState(**{f: ckpt.get(f, defaults[f]) for f in _STATE_FIELDS})
+        self.state.step, self.state.elapsed = int(self.state.step), float(self.state.elapsed)
+        # RNGs named by setup() are restored; ones created later are restored lazily
+        for key in ckpt["rng"]:
+            if key not in self._rngs:
+                self._rngs[key] = make_generator(self.cfg.seed, self.name, *key.split(":"))
+        restore_rng_states(self._rngs, ckpt["rng"])
+        self.load_extra_state(ckpt["extra"])
+        self.run.truncate_metrics(self.step)
+        log.info("resumed %s at meta-update %d", self.run.last_checkpoint, self.step)
+
+    def _validate(self) -> None:
+        cfg, st = self.cfg, self.state
+        score, res = self.evaluate_split(cfg.eval.select_split, cfg.eval.tasks, phase="val")
+        if st.best_score is None or score > st.best_score:
+            st.best_score, st.best_step = score, st.step
+            save_checkpoint(self.run.best_checkpoint, self._checkpoint())
+        self.run.log(
+            {
+                "step": st.step,
+                "episode": st.step * cfg.meta_batch,
+                "phase": "val",
+                "split": cfg.eval.select_split,
+                "score": score,
+                "best_score": st.best_score,
+                "best_step": st.best_step,
+                "results": res,
+            }
+        )
+        log.info(
+            "meta-update %d: %s %s (best %.2f @ %d)",
+            st.step,
+            cfg.eval.select_split,
+            "; ".join(f"{k}: {format_result(v)}" for k, v in res.items()),
+            st.best_score,
+            st.best_step,
+        )
+
+    def train(
+        self,
+        cfg: RunConfig,
+        run: RunDir,
+        progress: ProgressFn | None = None,
+        *,
+        resume: bool = False,
+    ) -> TrainResult:
+        check_run_config(cfg)
+        self.cfg, self.run, self._progress = cfg, run, progress
+        self.device = torch.device(cfg.device)
+        if cfg.eval.select_split == "test":
+            log.warning(
+                "eval.select_split='test': the best checkpoint is chosen on meta-TEST tasks; the "
+                "reported test accuracy is optimistic (reference behaviour, docs/design.md 9)"
+            )
+        self.datasets = load_run_datasets(cfg)
+        self.model, self.spec = meta_model_for_datasets(cfg, self.datasets)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
+        self.state = TrainerState()
+        self.event_hooks = [save_recovered_grid(run)]
+        self.setup()
+        if resume:
+            self._resume()
+        run.save_config(cfg)  # on resume: the config as extended (e.g. more episodes)
+        st = self.state
+        total = self.total_updates()
+        eval_every = max(1, cfg.eval.every // cfg.meta_batch)
+        ckpt_every = max(1, cfg.checkpoint_every)
+        if st.step == 0 and total == 0 and st.best_score is None:
+            self._validate()  # nothing to train: the init itself is the best and final model
+        while st.step < total:
+            t0 = time.perf_counter()
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            snapshot = self._update_snapshot() if self.resumable_errors else None
+            try:
+                loss, metrics = self.meta_batch_loss(st.step)
+            except self.resumable_errors as e:
+                assert snapshot is not None
+                raise self._stop_resumable(snapshot, e) from e
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"meta-loss is {loss.item()} at meta-update {st.step}; "
+                    "lower outer_lr/inner_lr or check the data"
+                )
+            loss.backward()
+            self.optimizer.step()
+            st.step += 1
+            dt = time.perf_counter() - t0
+            st.elapsed += dt
+            record = {
+                "step": st.step,
+                "episode": st.step * cfg.meta_batch,
+                "phase": "train",
+                "loss": float(loss.detach()),
+                **metrics,
+                "step_time": dt,
+            }
+            self.run.log(record)
+            stop = self.should_stop()
+            last = st.step == total or stop
+            if st.step % eval_every == 0 or last:
+                self._validate()
+            if st.step % ckpt_every == 0 or last:
+                save_checkpoint(self.run.last_checkpoint, self._checkpoint())
+            if progress is not None:
+                progress(st.step, total, {"phase": "train", **record})
+            if stop:
+                log.info("stopping early at meta-update %d (should_stop)", st.step)
+                break
+        if not self.run.last_checkpoint.exists() or total == 0:
+            save_checkpoint(self.run.last_checkpoint, self._checkpoint())
+        return self._final_test()
+
+    def _final_test(self) -> TrainResult:
+        cfg, st = self.cfg, self.state
+        _, final = self.evaluate_split("test", cfg.eval.test_tasks, phase="test")
+        best: dict[str, Any] = final
+        best_path = self.run.best_checkpoint if self.run.best_checkpoint.exists() else None
+        if best_path is not None and st.best_step != st.step:
+            model, _, _ = load_meta_model(best_path, device=self.device)
+            _, best = self.evaluate_split("test", cfg.eval.test_tasks, model=model, phase="test")
+        metrics = {
+            "method": self.name,
+            "steps": st.step,
+            "select_split": cfg.eval.select_split,
+            "best_score": st.best_score,
+            "best_step": st.best_step,
+            "test_tasks": cfg.eval.test_tasks,
+            "test": {"best": best, "final": final},
+            "train_seconds": st.elapsed,
+            "seconds_per_update": st.elapsed / st.step if st.step else math.nan,
+        }
+        self.run.write_json("test.json", metrics)
+        self.run.log({"step": st.step, "phase": "test", "test": metrics["test"]})
+        return TrainResult(
+            run_dir=self.run.path,
+            final_checkpoint=self.run.last_checkpoint,
+            best_checkpoint=best_path,
+            metrics=metrics,
+        )
+
+
+def _eval_progress(
+    progress: ProgressFn | None, phase: str, dataset: str
+) -> Callable[[int, int, dict[str, Any]], None] | None:
+    if progress is None:
+        return None
+
+    def cb(done: int, total: int, info: dict[str, Any]) -> None:
+        progress(done, total, {"phase": phase, "dataset": dataset, **info})
+
+    return cb
+
+
+__all__ = ["CHOICES", "MetaTrainer", "TrainerState", "check_run_config"]
