@@ -1,7 +1,7 @@
 """Benchmark ZO data recovery: forward vs central vs lowres at equal query budgets.
 
 Trains a small Conv4 API on the procedural ``synthetic`` dataset (a few seconds), then runs
-:func:`apimeta.recovery.recover` with the cpu-preset settings (method.md 7: 50 iterations,
+:func:`apimeta.recovery.recover` with the cpu-preset settings (docs/design.md 7: 50 iterations,
 10 images per class, q = 10, mu = 0.005) for each estimator. Central differences use q/2
 directions so every estimator costs B * (1 + q) queries per iteration. Reports fidelity (mean
 API probability of the target class on the kept images), accuracy, queries, wall time and the
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from apimeta.apis import APIInfo, LocalAPI, QueryLedger
 from apimeta.data import load_dataset
 from apimeta.models import build_backbone
-from apimeta.recovery import recover
+from apimeta.recovery import WhiteBoxGradient, ZOGradient, recover
+from apimeta.run_config import RecoveryConfig
 from apimeta.seeding import make_generator
 from apimeta.zo import ESTIMATORS
 
@@ -139,12 +140,9 @@ def main() -> None:
             t = time.perf_counter()
             r = recover(
                 api,
-                generator=make_generator(seed, "bench-recovery"),
-                n_per_class=a.per_class,
-                iters=a.iters,
-                estimator=est,
-                white_box=wb,
-                white_box_model=net if wb else None,
+                RecoveryConfig(per_class=a.per_class, iters=a.iters),
+                rng=make_generator(seed, "bench-recovery"),
+                gradient=WhiteBoxGradient(net) if wb else ZOGradient(est),
             )
             if a.device != "cpu":
                 torch.cuda.synchronize()

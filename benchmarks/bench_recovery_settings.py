@@ -14,7 +14,8 @@ import time
 import torch
 
 from apimeta.apis import load_zoo
-from apimeta.recovery import recover
+from apimeta.recovery import ZOGradient, recover
+from apimeta.run_config import RecoveryConfig
 from apimeta.zo import ESTIMATORS
 
 SETTINGS = [  # (ngf, estimator, early_stop_prob)
@@ -45,12 +46,9 @@ def main() -> None:
             t0 = time.perf_counter()
             r = recover(
                 api,
-                generator=torch.Generator().manual_seed(i),
-                n_per_class=10,
-                iters=args.iters,
-                ngf=ngf,
-                estimator=ESTIMATORS.get(est)(q=args.q),
-                early_stop_prob=early,
+                RecoveryConfig(per_class=10, iters=args.iters, ngf=ngf, early_stop_prob=early),
+                rng=torch.Generator().manual_seed(i),
+                gradient=ZOGradient(ESTIMATORS.get(est)(q=args.q)),
                 final_query=False,
             )
             ts.append(time.perf_counter() - t0)

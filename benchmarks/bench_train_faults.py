@@ -1,4 +1,4 @@
-"""Fault tolerance of a bidf-mkd TRAINING RUN against an HTTP zoo (issue 4, section 4).
+"""Fault tolerance of a bidf-mkd TRAINING RUN against an HTTP zoo.
 
     .venv/bin/python benchmarks/bench_train_faults.py [--episodes 8] [--seed 0]
 

@@ -6,6 +6,6 @@ set -euo pipefail
 A=${APIMETA_BIN:-.venv/bin/apimeta}
 ZOO=${ZOO:-runs/zoos/emoji-conv4}
 $A bench --scenario "SS=$ZOO:emoji" --methods "${1:-random,bbkd,bidf-mkd}" --preset cpu \
-  --set episodes=4000 --set api_patience=20 --set adv_start=250 --set query_budget=1000000 \
-  --set eval_every=400 --set eval_tasks=100 --set test_tasks=600 \
+  --set episodes=4000 --set events.patience=20 --set kd.adv_start=250 --set query_budget=1000000 \
+  --set eval.every=400 --set eval.tasks=100 --set eval.test_tasks=600 \
   --tasks 600 --out runs/bench/long --threads 1 --table runs/bench/long/SS.md

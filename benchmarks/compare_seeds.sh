@@ -12,6 +12,6 @@ case "${SCEN:-SS}" in
   *) echo "SCEN must be SS or MH" >&2; exit 2 ;;
 esac
 $A bench --scenario "$SCENARIO" --methods "${2:-random,bbkd,bidf-mkd}" --preset cpu \
-  --set seed="$SEED" --set episodes=1200 --set api_patience=20 --set adv_start=75 \
-  --set query_budget=1000000 --set eval_every=400 --set eval_tasks=100 --set test_tasks=600 \
+  --set seed="$SEED" --set episodes=1200 --set events.patience=20 --set kd.adv_start=75 \
+  --set query_budget=1000000 --set eval.every=400 --set eval.tasks=100 --set eval.test_tasks=600 \
   --tasks 600 --out "runs/bench/seed$SEED" --threads 1 --table "runs/bench/seed$SEED/${SCEN:-SS}.md"

@@ -6,6 +6,6 @@ A=${APIMETA_BIN:-.venv/bin/apimeta}
 P=${1:-5}
 out=runs/bench/tune/patience$P
 [ -f "$out/test.json" ] || $A train --preset cpu --zoo runs/zoos/emoji-conv4 --episodes 1200 \
-  --set api_patience=$P --set adv_start=75 --set query_budget=1000000 --set eval_every=400 --set eval_tasks=100 \
-  --set test_tasks=600 --out "$out" --threads 1
+  --set events.patience=$P --set kd.adv_start=75 --set query_budget=1000000 --set eval.every=400 --set eval.tasks=100 \
+  --set eval.test_tasks=600 --out "$out" --threads 1
 $A eval --init "$out/best.pt" --dataset emoji --shots 1,5 --tasks 600 --threads 1 --json "$out/eval-best.json"

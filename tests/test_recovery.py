@@ -1,4 +1,4 @@
-"""Recovery (method.md 4.2/4.5) on a tiny hand-built API, and the generator of 3.2."""
+"""Recovery (docs/design.md 4.2/4.5) on a tiny hand-built API, and the generator of 3.2."""
 
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ class Generator(nn.Module):
 
 @torch.no_grad()
 def reset_parameters(module: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Method.md 4.2 step 1: conv/linear weights ~ N(0, 0.02^2), biases 0, BN weights
+    """docs/design.md 3.2: conv/linear weights ~ N(0, 0.02^2), biases 0, BN weights
     ~ N(1, 0.02^2), BN biases 0, BN running statistics reset. In place; returns ``module``.
 
     Values are drawn on ``generator``'s device in module order, then copied to each parameter.
