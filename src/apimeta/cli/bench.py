@@ -19,6 +19,12 @@ from apimeta.cli.evaluate import parse_shots
 from apimeta.cli.train import TrainProgress
 
 
+def _variants() -> list[str]:
+    from apimeta.bench import variants
+
+    return list(variants())
+
+
 @app.command("bench")
 def bench_cmd(
     scenario: list[str] = typer.Option(
@@ -29,7 +35,7 @@ def bench_cmd(
     methods: str = typer.Option(
         "random,maml-real,bbkd,bidf-mkd,bidf-mkd:no-boundary,bidf-mkd:no-memory,bidf-mkd:white-box",
         "--methods",
-        help="Comma-separated method variants (rows of the table).",
+        help="Comma-separated method variants (rows of the table): " + ", ".join(_variants()) + ".",
     ),
     preset: str = typer.Option("cpu", "--preset", "-p", help="Preset every run starts from."),
     sets: list[str] = typer.Option(
@@ -48,10 +54,11 @@ def bench_cmd(
     """Train every method variant in every scenario, evaluate each on the same meta-test tasks
     and write a Markdown table with queries used and wall time.
 
-    Variants: random, maml-real, bbkd, bidf-mkd, bidf-mkd:no-boundary, bidf-mkd:no-memory,
-    bidf-mkd:white-box (true gradients, no early stop: an upper bound, not black-box), and the
-    default-off extensions bidf-mkd:diverse-memory (memory.min_classes=10,
-    memory.filter_query=true) and bidf-mkd:scheduled (an API event every events.patience updates).
+    Variants: every registered method, and METHOD:ABLATION for the ablations it declares
+    (apimeta.run_config.ABLATIONS): bidf-mkd:white-box is true gradients without early stop (an
+    upper bound, not black-box); bidf-mkd:diverse-memory (memory.min_classes=10,
+    memory.filter_query=true) and bidf-mkd:scheduled (an API event every events.patience updates)
+    are default-off extensions.
 
     Runs are stored under OUT/<scenario>/<variant>/ and reused when their eval.json exists, so
     an interrupted comparison resumes and several processes (each with its own --methods) can
