@@ -57,3 +57,12 @@ class APIUnavailableError(APIError):
 
 class CheckpointError(ApimetaError, RuntimeError):
     """A checkpoint is missing, corrupt or incompatible."""
+
+
+class TrainingInterrupted(ApimetaError):
+    """A training run stopped on SIGINT/SIGTERM after saving ``last.pt``; ``apimeta train
+    --resume --out DIR`` continues exactly. ``signal``: the signal number (2 or 15)."""
+
+    def __init__(self, message: str, step: int, run_dir: str, signal: int = 2):
+        super().__init__(message)
+        self.step, self.run_dir, self.signal = step, run_dir, signal

@@ -8,6 +8,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
 from apimeta.methods import METHODS, Method, check_run_config
 from apimeta.run_config import RunConfig
 from apimeta.runs import RunDir
@@ -27,4 +32,25 @@ def train(cfg: RunConfig, *, resume: bool = False, progress=None):  # type: igno
     return method.train(cfg, run, progress, resume=resume)
 
 
-__all__ = ["start_run", "train"]
+@contextlib.contextmanager
+def interrupts() -> Iterator[dict[str, int]]:
+    """Within the block SIGTERM interrupts like Ctrl-C (``KeyboardInterrupt``), so a training
+    run saves ``last.pt`` either way. Yields ``{"signal": n}``: the signal that arrived (SIGINT
+    unless SIGTERM did). A no-op outside the main thread."""
+    fired = {"signal": int(signal.SIGINT)}
+    if threading.current_thread() is not threading.main_thread():
+        yield fired
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        fired["signal"] = signum
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield fired
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+__all__ = ["interrupts", "start_run", "train"]

@@ -191,6 +191,18 @@ def test_budget_is_checked_before_sending_and_billed_retries_never_overspend(pro
     assert len(proxy.log) == 2 and ledger.used == 4 and ledger.used <= ledger.budget
 
 
+def test_a_split_batch_the_budget_cannot_pay_for_sends_no_chunk(proxy):
+    """Chunks of 4: the budget pays for the first two chunks of a 10-image batch, not the third.
+    The whole batch is refused before anything is sent or billed."""
+    ledger = QueryLedger(budget=9)
+    api = HttpAPI(proxy.url, "api-000", ledger=ledger, max_batch=4, **FAST)
+    with pytest.raises(QueryBudgetExceeded):
+        api.query(images(10))
+    assert proxy.log == [] and ledger.used == 0
+    api.query(images(9))  # 3 chunks, all paid for at once
+    assert len(proxy.log) == 3 and ledger.used == 9
+
+
 def test_concurrent_chunks_keep_order_and_exact_ledger(proxy, apis):
     ledger = QueryLedger()
     api = HttpAPI(proxy.url, "api-000", ledger=ledger, concurrency=3, **FAST)

@@ -7,9 +7,10 @@ errors, timeouts, 429 (honouring ``Retry-After``), 502, 503 and 504 with exponen
 seeded jitter, and never retries other 4xx. When retries run out it raises an :class:`APIError`
 subclass, so a training run stops cleanly (and resumes from its checkpoint and query cache).
 
-Ledger rules: a chunk of images is charged *before* it is sent (so :class:`QueryBudgetExceeded`
-stops before spending); each re-send is recorded with ``charge(..., retry=True,
-billed=bill_retries)``, so retries are visible and the budget is never silently exceeded.
+Ledger rules: a batch is charged as a whole *before* any of its chunks is sent (so
+:class:`QueryBudgetExceeded` stops before spending anything); each re-send is recorded with
+``charge(..., retry=True, billed=bill_retries)``, so retries are visible and the budget is
+never silently exceeded.
 
 Model discovery (:func:`load_http_zoo`) uses the model repository extension,
 ``POST /v2/repository/index``, which ``apimeta serve`` implements; to use a server without it,
@@ -438,6 +439,9 @@ class HttpAPI:
     def _fetch(self, x: Tensor) -> Tensor:
         if x.shape[0] == 0:
             return torch.empty(0, self.info.n_classes, device=x.device)
+        # the whole batch is charged before any chunk is sent: a batch the budget cannot pay
+        # for is refused with nothing spent (as LocalAPI does)
+        self.ledger.charge(self.info.name, int(x.shape[0]))
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
         chunks = [arr[i : i + self.max_batch] for i in range(0, arr.shape[0], self.max_batch)]
         if self.concurrency > 1 and len(chunks) > 1:
@@ -452,9 +456,9 @@ class HttpAPI:
         return out.to(x.device)
 
     def _send(self, arr: np.ndarray) -> np.ndarray:
-        """POST one chunk (n, C, H, W) -> (n, n_classes) float32; charged before sending."""
+        """POST one chunk (n, C, H, W) -> (n, n_classes) float32 (already charged by
+        :meth:`_fetch`; re-sends are charged as retries)."""
         n, name = int(arr.shape[0]), self.info.name
-        self.ledger.charge(name, n)
         body, headers = encode_request(arr, self.session.binary)
 
         def before_retry() -> None:

@@ -22,7 +22,7 @@ from rich.table import Table
 from apimeta.cli.app import app
 from apimeta.cli.common import console, err_console, friendly_errors, set_threads
 from apimeta.config import merge
-from apimeta.errors import APIUnavailableError, ConfigError
+from apimeta.errors import APIUnavailableError, ConfigError, TrainingInterrupted
 
 #: exit status of a run stopped by an unreachable API with a resumable checkpoint (EX_TEMPFAIL)
 EXIT_RESUMABLE = 75
@@ -131,7 +131,7 @@ def train(
     """
     with friendly_errors():
         from apimeta.run_config import ABLATIONS, resolve_config
-        from apimeta.runner import start_run
+        from apimeta.runner import interrupts, start_run
 
         if resume and out is None:
             raise ConfigError("--resume needs --out DIR (the run directory to continue)")
@@ -181,11 +181,20 @@ def train(
             TimeRemainingColumn(),
         )
         try:
-            with Progress(*columns, console=console, transient=True) as progress:
-                result = method.train(cfg, run, TrainProgress(progress), resume=resume)
+            with interrupts() as fired, Progress(*columns, console=console, transient=True) as p:
+                result = method.train(cfg, run, TrainProgress(p), resume=resume)
         except APIUnavailableError as e:  # checkpointed: tell how to resume, exit 75
             err_console.print(f"[bold red]error:[/] {escape(str(e))}")
             raise typer.Exit(EXIT_RESUMABLE) from None
+        except TrainingInterrupted as e:  # checkpointed: 130 (SIGINT) or 143 (SIGTERM)
+            err_console.print(f"[bold yellow]{escape(str(e))}[/]")
+            raise typer.Exit(128 + fired["signal"]) from None
+        except KeyboardInterrupt:  # before the first meta-update began: nothing trained yet
+            err_console.print(
+                f"[bold yellow]interrupted before training started; nothing to resume in "
+                f"{run.path} (start it again)[/]"
+            )
+            raise typer.Exit(128 + fired["signal"]) from None
         m = result.metrics
         console.print(
             result_table(

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from apimeta.apis.base import parse_output_mode
 from apimeta.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from apimeta.config import to_dict
-from apimeta.errors import APIUnavailableError, CheckpointError, ConfigError
+from apimeta.errors import APIUnavailableError, CheckpointError, ConfigError, TrainingInterrupted
 from apimeta.evaluate import evaluate_with_config, format_result, summary_score
 from apimeta.events import TRIGGERS, APIEvent, EventHook, save_recovered_grid
 from apimeta.losses import KD_LOSSES
@@ -231,25 +231,47 @@ class MetaTrainer(Method):
         """
         return {"rng": rng_states(self._rngs), "extra": self.extra_state()}
 
-    def _stop_resumable(self, snapshot: dict[str, Any], error: Exception) -> APIUnavailableError:
-        """Roll back to ``snapshot`` (the start of meta-update ``self.step``), write ``last.pt``
-        and return the error to raise. Resuming redoes that update from the same RNG states, so
-        the run continues as if never interrupted."""
+    def _rollback(self, snapshot: dict[str, Any]) -> None:
+        """Back to ``snapshot`` (the start of meta-update ``self.step``): RNG states, method
+        state (API methods keep their ledger), no gradients, no metrics of the partial update."""
         for key in [k for k in self._rngs if k not in snapshot["rng"]]:
             del self._rngs[key]  # created during the failed update: recreated fresh
         restore_rng_states(self._rngs, snapshot["rng"])
         self.rollback_update(snapshot["extra"])
         self.optimizer.zero_grad(set_to_none=True)
-        save_checkpoint(self.run.last_checkpoint, self._checkpoint())
         self.run.truncate_metrics(self.step)  # records of the discarded update
+
+    def _spent(self) -> str:
         ledger = getattr(self, "ledger", None)
-        spent = f" Queries so far: {ledger.used} (kept in the checkpoint)." if ledger else ""
+        return f" Queries so far: {ledger.used} (kept in the checkpoint)." if ledger else ""
+
+    def _stop_resumable(self, snapshot: dict[str, Any], error: Exception) -> APIUnavailableError:
+        """Roll back to ``snapshot``, write ``last.pt`` and return the error to raise. Resuming
+        redoes that update from the same RNG states, so the run continues as if never
+        interrupted."""
+        self._rollback(snapshot)
+        save_checkpoint(self.run.last_checkpoint, self._checkpoint())
         log.error("meta-update %d failed (%s); checkpointed", self.step + 1, error)
         return APIUnavailableError(
             f"{error}\nThe run stopped at meta-update {self.step} of {self.total_updates()} and "
             f"saved its state before the failed update in {self.run.last_checkpoint}; nothing "
-            f"trained is lost.{spent} When the API is back, continue with: "
+            f"trained is lost.{self._spent()} When the API is back, continue with: "
             f"apimeta train --resume --out {self.run.path}",
+            self.step,
+            str(self.run.path),
+        )
+
+    def _stop_interrupted(self, snapshot: dict[str, Any] | None) -> TrainingInterrupted:
+        """Ctrl-C / SIGTERM: roll back a partial meta-update (``snapshot``; None between
+        updates), write ``last.pt`` and return the error to raise."""
+        if snapshot is not None:
+            self._rollback(snapshot)
+        save_checkpoint(self.run.last_checkpoint, self._checkpoint())
+        log.warning("interrupted at meta-update %d; checkpointed", self.step)
+        return TrainingInterrupted(
+            f"interrupted: the run saved its state after meta-update {self.step} of "
+            f"{self.total_updates()} in {self.run.last_checkpoint}.{self._spent()} Continue "
+            f"with: apimeta train --resume --out {self.run.path}",
             self.step,
             str(self.run.path),
         )
@@ -333,49 +355,61 @@ class MetaTrainer(Method):
         ckpt_every = max(1, cfg.checkpoint_every)
         if st.step == 0 and total == 0 and st.best_score is None:
             self._validate()  # nothing to train: the init itself is the best and final model
-        while st.step < total:
-            t0 = time.perf_counter()
-            self.model.train()
-            self.optimizer.zero_grad(set_to_none=True)
-            snapshot = self._update_snapshot() if self.resumable_errors else None
-            try:
-                loss, metrics = self.meta_batch_loss(st.step)
-            except self.resumable_errors as e:
-                assert snapshot is not None
-                raise self._stop_resumable(snapshot, e) from e
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"meta-loss is {loss.item()} at meta-update {st.step}; "
-                    "lower outer_lr/inner_lr or check the data"
-                )
-            loss.backward()
-            self.optimizer.step()
-            st.step += 1
-            dt = time.perf_counter() - t0
-            st.elapsed += dt
-            record = {
-                "step": st.step,
-                "episode": st.step * cfg.meta_batch,
-                "phase": "train",
-                "loss": float(loss.detach()),
-                **metrics,
-                "step_time": dt,
-            }
-            self.run.log(record)
-            stop = self.should_stop()
-            last = st.step == total or stop
-            if st.step % eval_every == 0 or last:
-                self._validate()
-            if st.step % ckpt_every == 0 or last:
+        self._partial: dict[str, Any] | None = None  # set while an update is in progress
+        try:
+            while st.step < total and not self._train_step(total, eval_every, ckpt_every):
+                pass
+            if not self.run.last_checkpoint.exists() or total == 0:
                 save_checkpoint(self.run.last_checkpoint, self._checkpoint())
-            if progress is not None:
-                progress(st.step, total, {"phase": "train", **record})
-            if stop:
-                log.info("stopping early at meta-update %d (should_stop)", st.step)
-                break
-        if not self.run.last_checkpoint.exists() or total == 0:
+            return self._final_test()
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM mapped to it (runner.interrupts)
+            raise self._stop_interrupted(self._partial) from None
+
+    def _train_step(self, total: int, eval_every: int, ckpt_every: int) -> bool:
+        """One meta-update with its record, validation and checkpoint; True: stop early.
+
+        ``self._partial`` holds the snapshot from the start of the update until its optimizer
+        step is done, so an interrupt in between rolls the partial update back."""
+        cfg, st = self.cfg, self.state
+        t0 = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._partial = self._update_snapshot()
+        try:
+            loss, metrics = self.meta_batch_loss(st.step)
+        except self.resumable_errors as e:
+            raise self._stop_resumable(self._partial, e) from e
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"meta-loss is {loss.item()} at meta-update {st.step}; "
+                "lower outer_lr/inner_lr or check the data"
+            )
+        loss.backward()
+        self.optimizer.step()
+        st.step += 1
+        self._partial = None
+        dt = time.perf_counter() - t0
+        st.elapsed += dt
+        record = {
+            "step": st.step,
+            "episode": st.step * cfg.meta_batch,
+            "phase": "train",
+            "loss": float(loss.detach()),
+            **metrics,
+            "step_time": dt,
+        }
+        self.run.log(record)
+        stop = self.should_stop()
+        last = st.step == total or stop
+        if st.step % eval_every == 0 or last:
+            self._validate()
+        if st.step % ckpt_every == 0 or last:
             save_checkpoint(self.run.last_checkpoint, self._checkpoint())
-        return self._final_test()
+        if self._progress is not None:
+            self._progress(st.step, total, {"phase": "train", **record})
+        if stop:
+            log.info("stopping early at meta-update %d (should_stop)", st.step)
+        return stop
 
     def _final_test(self) -> TrainResult:
         cfg, st = self.cfg, self.state

@@ -1,0 +1,62 @@
+"""Ctrl-C (SIGINT) and SIGTERM during ``apimeta train``: last.pt is saved, the resume command is
+printed, the exit status is 130 / 143, and ``--resume`` finishes the run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from apimeta.checkpoint import load_checkpoint
+
+TRAIN = [
+    "train", "--method", "maml-real", "--dataset", "synthetic", "--threads", "1",
+    "--set", "width=8", "--set", "query=3", "--set", "meta_batch=1", "--set", "inner_steps=1",
+    "--set", "eval.tasks=2", "--set", "eval.test_tasks=2", "--set", "eval.test_steps=1",
+    "--set", "eval.every=100000", "--set", "checkpoint_every=100000",
+]  # fmt: skip
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from apimeta.cli import app; app()", *args]
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_last_pt_and_resume_finishes(tmp_path, sig, code):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        _cli(*TRAIN, "--episodes", "100000", "--out", str(out)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count('"phase": "train"') >= 3):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    # no periodic checkpoint yet (checkpoint_every is huge): only the signal can save one
+    assert not (out / "last.pt").exists()
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stdout + stderr
+    assert f"apimeta train --resume --out {out}" in " ".join((stdout + stderr).split())
+    step = load_checkpoint(out / "last.pt")["step"]
+    lines = [r for r in metrics.read_text().splitlines() if '"phase": "train"' in r]
+    assert step >= 3 and len(lines) == step  # records of a partial update were dropped
+    done = subprocess.run(
+        _cli("train", "--resume", "--out", str(out), "--episodes", str(step + 2), "--threads", "1"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert load_checkpoint(out / "last.pt")["step"] == step + 2
