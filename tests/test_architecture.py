@@ -102,7 +102,7 @@ def test_no_import_cycles():
         stack.append(m)
         for d in sorted(GRAPH[m]):
             if state.get(d) == 1:
-                cycles.append(stack[stack.index(d) :] + [d])
+                cycles.append([*stack[stack.index(d) :], d])
             elif d not in state:
                 visit(d)
         stack.pop()
