@@ -159,6 +159,12 @@ def test_binary_tensor_extension(server, apis):
         (lambda b: b["inputs"][0]["data"].__setitem__(3, 1.5), "[0, 1]"),
         (lambda b: b.update(outputs=[{"name": "logits"}]), "unknown output"),
         (lambda b: b.update(inputs=[]), "exactly one input"),
+        (lambda b: b.update(parameters=[1]), "'parameters' of the request must be an object"),
+        (lambda b: b["inputs"][0].update(parameters="x"), "'parameters' of input"),
+        (lambda b: b.update(outputs=[{"name": "scores", "parameters": 3}]), "'parameters' of"),
+        (lambda b: b["inputs"][0].update(data=["0.5"] * 96), "no strings"),
+        (lambda b: b["inputs"][0].update(data=[True] * 96), "booleans"),
+        (lambda b: b["inputs"][0].update(data=[None] * 96), "null"),
     ],
 )
 def test_bad_requests_are_400_with_a_message(server, mutate, needle):

@@ -69,6 +69,13 @@ def _with_binary(
 # ----------------------------------------------------------------------------- requests
 
 
+def _check_parameters(obj: dict[str, Any], what: str) -> None:
+    """``parameters``, where given, must be a JSON object (400 otherwise)."""
+    params = obj.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ProtocolError(400, f"'parameters' of {what} must be an object, got {params!r}")
+
+
 def encode_request(images: np.ndarray, binary: bool) -> tuple[bytes, dict[str, str]]:
     """An infer request for ``images`` (B, C, H, W) float32 -> (body, HTTP headers)."""
     spec: dict[str, Any] = {"name": INPUT_NAME, "shape": list(images.shape), "datatype": "FP32"}
@@ -111,9 +118,11 @@ def decode_request(
         raise ProtocolError(400, f"request body is not valid JSON ({e})") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise ProtocolError(400, "request JSON must be an object with an 'inputs' list")
+    _check_parameters(req, "the request")
     if len(req["inputs"]) != 1 or not isinstance(req["inputs"][0], dict):
         raise ProtocolError(400, f"model {model!r} takes exactly one input named {INPUT_NAME!r}")
     tin = req["inputs"][0]
+    _check_parameters(tin, f"input {INPUT_NAME!r}")
     if tin.get("name") != INPUT_NAME:
         raise ProtocolError(
             400, f"unknown input {tin.get('name')!r}; model {model!r} takes {INPUT_NAME!r}"
@@ -156,10 +165,15 @@ def decode_request(
         if data is None:
             raise ProtocolError(400, f"input {INPUT_NAME!r} has no 'data' (and no binary data)")
         try:
-            arr = np.asarray(data, dtype=np.float32).reshape(-1)
+            raw = np.asarray(data)
+            if raw.dtype.kind not in "iuf":  # strings, booleans, null, ragged lists
+                raise TypeError(raw.dtype)
+            arr = raw.astype(np.float32).reshape(-1)
         except (ValueError, TypeError):
             raise ProtocolError(
-                400, f"input {INPUT_NAME!r} 'data' must be a (flat or nested) list of numbers"
+                400,
+                f"input {INPUT_NAME!r} 'data' must be a (flat or nested) list of numbers "
+                "(no strings, booleans or null)",
             ) from None
         if arr.size != n:
             raise ProtocolError(
@@ -176,6 +190,7 @@ def decode_request(
         if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
             raise ProtocolError(400, "'outputs' must be a list of objects")
         for o in outputs:
+            _check_parameters(o, f"output {o.get('name')!r}")
             if o.get("name") != OUTPUT_NAME:
                 raise ProtocolError(
                     400,
