@@ -98,8 +98,20 @@ def test_file_errors(tmp_path: Path) -> None:
         load_config(RunConfig, unknown)
     code = tmp_path / "code.yaml"
     code.write_text("way: !!python/object/apply:os.system ['true']\n")
-    with pytest.raises(yaml.YAMLError):  # configs are data, never code
+    with pytest.raises(ConfigError, match="never code"):  # one line, no traceback
         load_config(RunConfig, code)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("way: [1, 2\nshot: 3\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml line \d+.*not valid YAML"):
+        load_config(RunConfig, broken)
+    with pytest.raises(ConfigError, match="plain YAML"):
+        load_config(RunConfig, overrides=["way=!!python/object/apply:os.system ['true']"])
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".nan", ".inf"])
+def test_non_finite_numbers_are_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="outer_lr: expected a finite number"):
+        load_config(RunConfig, overrides=[f"outer_lr={value}"])
 
 
 def test_empty_yaml_file_is_defaults(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ Configs are data, never code: only YAML scalars, lists and mappings are accepted
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -69,9 +70,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
     if tp is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str | int | float):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -125,7 +129,13 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. zo.q=20)")
         key, raw = item.split("=", 1)
-        _set_dotted(out, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(
+                f"override {item!r}: the value is not a plain YAML scalar, list or mapping"
+            ) from None
+        _set_dotted(out, key.strip(), value)
     return out
 
 
@@ -148,13 +158,33 @@ def load_config(
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = read_yaml(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a YAML mapping")
         data = merge(data, fix(loaded))
     for item in overrides or ():  # one at a time: a later override wins
         data = merge(data, fix(parse_overrides([item])))
     return from_dict(cls, data)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path`` (None if empty); broken YAML and YAML tags that would build
+    Python objects are a :class:`ConfigError` naming the file and line."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.constructor.ConstructorError as e:
+        where = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
+        raise ConfigError(
+            f"{path}{where}: the tag {e.problem.split()[-1] if e.problem else ''} is not allowed; "
+            "configs are data, never code: use plain values, lists and mappings"
+        ) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem}); fix the file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

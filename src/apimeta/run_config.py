@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from apimeta.config import from_dict, load_config, merge, parse_overrides, to_dict
+from apimeta.config import from_dict, load_config, merge, parse_overrides, read_yaml, to_dict
 from apimeta.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ def load_preset(name: str) -> dict[str, Any]:
 def _read_yaml(path: Path, quiet: bool) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    loaded = yaml.safe_load(path.read_text()) or {}
+    loaded = read_yaml(path) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a YAML mapping")
     return migrate_legacy(loaded, where=str(path), quiet=quiet)

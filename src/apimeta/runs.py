@@ -48,7 +48,13 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.created = not self.path.exists()  # made by this object (discard_if_empty may remove)
         self.path.mkdir(parents=True, exist_ok=True)
+
+    def discard_if_empty(self) -> None:
+        """Remove the directory again if this object created it and nothing was written."""
+        if self.created and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
 
     @classmethod
     def create(cls, cfg: RunConfig, root: str | Path = "runs", *, resume: bool = False) -> RunDir:

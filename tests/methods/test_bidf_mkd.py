@@ -196,3 +196,15 @@ def test_event_trigger_plateau_waits_for_a_plateau_every_does_not(trigger):
 def test_unknown_event_trigger_is_a_config_error(zoo, tmp_path):
     with pytest.raises(ConfigError, match=r"events\.trigger"):
         train(tiny_cfg(zoo, tmp_path, event_trigger="sometimes"))
+
+
+@pytest.mark.parametrize("method", ["bidf-mkd", "bbkd"])
+def test_a_budget_below_one_event_is_refused_before_the_run_starts(zoo, tmp_path, method):
+    """It used to train on nothing and print a results table (exit 0)."""
+    cfg = tiny_cfg(zoo, tmp_path, method=method, query_budget=100)
+    with pytest.raises(ConfigError, match=r"cannot pay for one API event.*at least \d+"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()  # nothing left half-written
+    with pytest.raises(ConfigError, match="query_budget must be >= 0"):
+        train(tiny_cfg(zoo, tmp_path, method=method, query_budget=-5))
+    assert not (tmp_path / "run").exists()

@@ -11,12 +11,13 @@ paid), and raises :class:`~apimeta.errors.APIUnavailableError` (``resumable_erro
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from apimeta.apis.base import BlackBoxAPI
 from apimeta.apis.ledger import QueryLedger
 from apimeta.apis.runtime import cache_mark, load_run_apis, resume_cache_billing, run_query_cache
-from apimeta.errors import APIError
+from apimeta.errors import APIError, ConfigError
 from apimeta.losses import kd_loss
 from apimeta.methods.trainer import MetaTrainer
 from apimeta.recovery import Objective, Recovered, SupportCE, gradient_source, recover
@@ -49,6 +50,20 @@ class APILearner(MetaTrainer):
             log.warning("zo.enabled=false: WHITE-BOX recovery (true gradients); not black-box")
             for api in self.apis:  # fail now, not at the first event
                 gradient_source(None, api, white_box=True)
+
+    def refuse_unaffordable(self, event_cost: Callable[[BlackBoxAPI], int]) -> None:
+        """A fresh run whose budget cannot pay for one API event (worst case, the cheapest API)
+        would make no query and learn nothing: refuse it before it starts, saying what it needs."""
+        cheapest = min(event_cost(api) for api in self.apis)
+        if self.ledger.used == 0 and not self.ledger.can_afford(cheapest):
+            raise ConfigError(
+                f"query_budget {self.ledger.budget} cannot pay for one API event, which costs up "
+                f"to {cheapest:,} queries with these settings (two recoveries of "
+                f"recovery.iters={self.cfg.recovery.iters} x recovery.per_class="
+                f"{self.cfg.recovery.per_class} x classes x (1 + zo.q) plus the KD targets); "
+                f"raise --query-budget to at least {cheapest} or lower recovery.iters, zo.q or "
+                "recovery.per_class"
+            )
 
     def api_state(self) -> dict[str, Any]:
         return {"ledger": self.ledger.state_dict(), "cache_mark": cache_mark(self.query_cache)}

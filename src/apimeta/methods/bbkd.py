@@ -48,6 +48,7 @@ class BBKD(APILearner):
 
     def setup(self) -> None:
         self.setup_apis()
+        self.refuse_unaffordable(self.event_cost)
         keys = sorted({(a.info.dataset, int(c)) for a in self.apis for c in a.info.classes})
         self.column = {k: i for i, k in enumerate(keys)}
         head = classifier_of(self.model)
@@ -98,10 +99,13 @@ class BBKD(APILearner):
     def should_stop(self) -> bool:
         return self.budget_exhausted and self.cfg.on_budget_exhausted == "stop"
 
+    def event_cost(self, api: BlackBoxAPI) -> int:
+        """Worst-case queries of one event: two recoveries, each with its final query."""
+        return 2 * (self.recovery_cost(api) + self.cfg.recovery.per_class * api.info.n_classes)
+
     def _event(self) -> None:
         api: BlackBoxAPI = self.pool.draw()
-        b = self.cfg.recovery.per_class * api.info.n_classes
-        if not self.ledger.can_afford(2 * (self.recovery_cost(api) + b)):
+        if not self.ledger.can_afford(self.event_cost(api)):
             self.budget_exhausted = True
             return
         recs = []

@@ -72,6 +72,7 @@ class BiDfMKD(APILearner):
                 f"{cfg.shot + cfg.query} a {cfg.shot}-shot {cfg.query}-query memory task needs; "
                 "raise recovery.per_class"
             )
+        self.refuse_unaffordable(self.event_cost)
         self.schedule = EventSchedule(cfg.events.trigger, cfg.events.patience)
         self.events: list[dict[str, Any]] = []
         self.budget_exhausted = False

@@ -93,6 +93,10 @@ def check_run_config(cfg: RunConfig) -> None:
         (cfg.inner_steps >= 0, f"inner_steps must be >= 0, got {cfg.inner_steps}"),
         (cfg.eval.tasks >= 1, f"eval.tasks must be >= 1, got {cfg.eval.tasks}"),
         (cfg.eval.test_tasks >= 1, f"eval.test_tasks must be >= 1, got {cfg.eval.test_tasks}"),
+        (
+            cfg.query_budget is None or cfg.query_budget >= 0,
+            f"query_budget must be >= 0 images, or none for no limit; got {cfg.query_budget}",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -332,22 +336,27 @@ class MetaTrainer(Method):
         *,
         resume: bool = False,
     ) -> TrainResult:
-        check_run_config(cfg)
         self.cfg, self.run, self._progress = cfg, run, progress
-        self.device = torch.device(cfg.device)
-        if cfg.eval.select_split == "test":
-            log.warning(
-                "eval.select_split='test': the best checkpoint is chosen on meta-TEST tasks; the "
-                "reported test accuracy is optimistic (reference behaviour, docs/design.md 9)"
-            )
-        self.datasets = load_run_datasets(cfg)
-        self.model, self.spec = meta_model_for_datasets(cfg, self.datasets)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
-        self.state = TrainerState()
-        self.event_hooks = [save_recovered_grid(run)]
-        self.setup()
-        if resume:
-            self._resume()
+        try:
+            check_run_config(cfg)
+            self.device = torch.device(cfg.device)
+            if cfg.eval.select_split == "test":
+                log.warning(
+                    "eval.select_split='test': the best checkpoint is chosen on meta-TEST tasks; "
+                    "the reported test accuracy is optimistic (reference behaviour, "
+                    "docs/design.md 9)"
+                )
+            self.datasets = load_run_datasets(cfg)
+            self.model, self.spec = meta_model_for_datasets(cfg, self.datasets)
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
+            self.state = TrainerState()
+            self.event_hooks = [save_recovered_grid(run)]
+            self.setup()
+            if resume:
+                self._resume()
+        except BaseException:
+            run.discard_if_empty()  # refused before anything was written: leave no run dir
+            raise
         run.save_config(cfg)  # on resume: the config as extended (e.g. more episodes)
         st = self.state
         total = self.total_updates()
