@@ -254,3 +254,54 @@ def test_training_learns_the_task(tmp_path: Path) -> None:
     )  # fmt: skip
     assert m.apis[0]["holdout_acc"] >= 0.8
     assert m.apis[0]["epochs_run"] == 8
+
+
+def _copy_zoo(zoo: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(zoo, dest)
+    return dest
+
+
+def test_zoo_show_checks_the_weights(zoo: Path, tmp_path: Path) -> None:
+    """Deleted or truncated weights used to be reported as a healthy zoo."""
+    from typer.testing import CliRunner
+
+    from apimeta.cli import app
+
+    bad = _copy_zoo(zoo, tmp_path / "bad")
+    (bad / "api-000.safetensors").unlink()
+    data = (bad / "api-001.safetensors").read_bytes()
+    (bad / "api-001.safetensors").write_bytes(data[: len(data) // 2])
+    res = CliRunner().invoke(app, ["zoo", "show", str(bad)])
+    assert res.exit_code == 1
+    assert "api-000: weights file api-000.safetensors is missing" in res.output
+    assert "api-001: weights file api-001.safetensors is unreadable" in res.output
+    assert "2 of 3 APIs are damaged" in res.output
+    assert CliRunner().invoke(app, ["zoo", "show", str(zoo)]).exit_code == 0
+
+
+def test_manifest_entries_are_checked_when_the_zoo_is_read(zoo: Path, tmp_path: Path) -> None:
+    """A missing key was a KeyError traceback; '../' in a file name loaded a file outside."""
+    bad = _copy_zoo(zoo, tmp_path / "z")
+    manifest = json.loads((bad / "zoo.json").read_text())
+    del manifest["apis"][1]["arch"], manifest["apis"][1]["mean"]
+    (bad / "zoo.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"API 1 \('api-001'\) lacks key\(s\) arch, mean"):
+        load_zoo(bad)
+    manifest = json.loads((zoo / "zoo.json").read_text())
+    manifest["apis"][0]["file"] = "../../elsewhere/x.safetensors"
+    (bad / "zoo.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="outside the zoo directory"):
+        read_manifest(bad)
+
+
+def test_a_checkpoint_spec_of_a_huge_model_is_refused_without_building_it() -> None:
+    from apimeta.models.meta import build_from_spec
+
+    spec = {"name": "resnet10", "num_classes": 5, "in_channels": 3, "image_size": 32,
+            "width": 32.0, "bn": "transductive", "adaptive_pool": False, "mean": None,
+            "std": None}  # fmt: skip
+    with pytest.raises(CheckpointError, match="parameters"):
+        build_from_spec(spec)
+    assert build_from_spec({**spec, "width": 0.25}) is not None

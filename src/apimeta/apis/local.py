@@ -102,6 +102,22 @@ def load_api_model(path: str | Path, entry: dict[str, Any]) -> nn.Module:
     return model.eval()
 
 
+def check_weights(root: str | Path, entry: dict[str, Any]) -> str | None:
+    """What is wrong with an entry's weights file (missing, truncated, not safetensors), or None.
+    Reads the header only."""
+    from safetensors import SafetensorError, safe_open
+
+    f = Path(root) / entry["file"]
+    if not f.is_file():
+        return f"weights file {entry['file']} is missing"
+    try:
+        with safe_open(str(f), "pt") as h:
+            h.keys()
+    except (SafetensorError, OSError) as e:
+        return f"weights file {entry['file']} is unreadable ({e})"
+    return None
+
+
 def reject_options(options: dict[str, Any], source: str | Path) -> None:
     """HTTP client options given for a zoo that is not served over HTTP: one clear error."""
     if options:
@@ -146,4 +162,4 @@ class TorchZoo:
         ]
 
 
-__all__ = ["LocalAPI", "TorchZoo", "load_api_model", "reject_options"]
+__all__ = ["LocalAPI", "TorchZoo", "check_weights", "load_api_model", "reject_options"]

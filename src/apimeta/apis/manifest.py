@@ -67,7 +67,42 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             f"{f} has manifest version {data.get('version')!r}; this apimeta reads version "
             f"{VERSION}. Rebuild the zoo with this version (--force)."
         )
+    for i, entry in enumerate(data["apis"]):
+        check_entry(entry, f.parent, f"{f}, API {i}")
     return data
+
+
+#: keys every manifest entry needs (``class_names`` defaults to the class ids)
+REQUIRED = ("name", "file", "arch", "width", "dataset", "classes", "channels", "image_size",
+            "mean", "std")  # fmt: skip
+
+
+def check_entry(entry: Any, root: Path, where: str) -> None:
+    """One :class:`ConfigError` listing what a manifest entry lacks; weight files must lie inside
+    the zoo directory ``root``."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: each entry of 'apis' must be an object")
+    missing = [k for k in REQUIRED if k not in entry]
+    if missing:
+        name = entry.get("name", "?")
+        raise ConfigError(
+            f"{where} ({name!r}) lacks key(s) {', '.join(missing)}; every API needs "
+            f"{', '.join(REQUIRED)} (see apimeta.apis.manifest)"
+        )
+    for key in ("file", "onnx_file"):
+        if key in entry and not inside(root, entry[key]):
+            raise ConfigError(
+                f"{where} ({entry['name']!r}): {key} {entry[key]!r} lies outside the zoo "
+                f"directory {root}; weight files must be inside it"
+            )
+
+
+def inside(root: Path, rel: Any) -> bool:
+    """Whether ``root / rel`` stays inside ``root`` (no absolute paths, no ``..`` escapes)."""
+    if not isinstance(rel, str) or not rel:
+        return False
+    base = root.resolve()
+    return (base / rel).resolve().is_relative_to(base)
 
 
 def entry_info(entry: dict[str, Any], output: str = "logits") -> APIInfo:
@@ -76,7 +111,7 @@ def entry_info(entry: dict[str, Any], output: str = "logits") -> APIInfo:
         name=entry["name"],
         dataset=entry["dataset"],
         classes=tuple(int(c) for c in entry["classes"]),
-        class_names=tuple(entry["class_names"]),
+        class_names=tuple(entry.get("class_names") or map(str, entry["classes"])),
         channels=int(entry["channels"]),
         image_size=int(entry["image_size"]),
         output=output,
@@ -86,4 +121,14 @@ def entry_info(entry: dict[str, Any], output: str = "logits") -> APIInfo:
     )
 
 
-__all__ = ["MANIFEST", "VERSION", "ZooManifest", "entry_info", "read_manifest", "zoo_dir"]
+__all__ = [
+    "MANIFEST",
+    "REQUIRED",
+    "VERSION",
+    "ZooManifest",
+    "check_entry",
+    "entry_info",
+    "inside",
+    "read_manifest",
+    "zoo_dir",
+]

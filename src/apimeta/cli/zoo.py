@@ -18,7 +18,7 @@ from rich.progress import (
 from rich.table import Table
 
 from apimeta.cli.app import app
-from apimeta.cli.common import console, friendly_errors, set_threads
+from apimeta.cli.common import console, err_console, friendly_errors, set_threads
 
 zoo_app = typer.Typer(
     help="Build and inspect API zoos: pools of trained classifiers served as black-box APIs.",
@@ -196,8 +196,11 @@ def build(
 def show(
     path: Path = typer.Argument(..., help="Zoo directory (holding zoo.json)."),
 ) -> None:
-    """Print the APIs of a zoo: architecture, dataset, classes, holdout accuracy, train time."""
-    from apimeta.apis.manifest import read_manifest
+    """Print the APIs of a zoo: architecture, dataset, classes, holdout accuracy, train time.
+
+    Checks every weights file; a missing or damaged one is listed and the exit status is 1."""
+    from apimeta.apis.local import check_weights
+    from apimeta.apis.manifest import read_manifest, zoo_dir
 
     with friendly_errors():
         data = read_manifest(path)
@@ -208,6 +211,19 @@ def show(
             f"seed {args.get('seed')}, epochs {args.get('epochs')}"
         )
         console.print(zoo_table(data["apis"]))
+        problems = [
+            f"{e['name']}: {p}"
+            for e in data["apis"]
+            if (p := check_weights(zoo_dir(path), e)) is not None
+        ]
+        for line in problems:
+            err_console.print(f"[bold red]damaged:[/] {line}")
+        if problems:
+            err_console.print(
+                f"{len(problems)} of {len(data['apis'])} APIs are damaged; rebuild them with "
+                "`apimeta zoo build` and the same arguments (finished APIs are reused)"
+            )
+            raise typer.Exit(1)
 
 
 @zoo_app.command("export-onnx")

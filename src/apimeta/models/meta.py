@@ -62,11 +62,29 @@ def meta_model_spec(
     }
 
 
-def build_from_spec(spec: dict[str, Any], seed: int | None = None) -> nn.Module:
+#: the largest meta-model a spec may ask for (a checkpoint's spec is checked before building)
+MAX_PARAMS = 100_000_000
+
+
+def build_from_spec(
+    spec: dict[str, Any], seed: int | None = None, max_params: int = MAX_PARAMS
+) -> nn.Module:
     """Build a model from a :func:`meta_model_spec` dict. ``seed``: initialize the weights from
-    a private generator state (the global RNG is left untouched)."""
+    a private generator state (the global RNG is left untouched). A spec of more than
+    ``max_params`` parameters (counted on the meta device, without allocating) is refused."""
     kwargs = dict(spec)
     name = kwargs.pop("name")
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in build_backbone(name, **kwargs).parameters())
+    except TypeError as e:
+        raise CheckpointError(f"model spec {spec} is not a valid backbone spec ({e})") from None
+    if n > max_params:
+        raise CheckpointError(
+            f"the model spec asks for a {name} of {n:,} parameters (width {kwargs.get('width')}), "
+            f"more than the {max_params:,} apimeta builds; the checkpoint is not a meta-model "
+            "apimeta wrote"
+        )
     if seed is None:
         return build_backbone(name, **kwargs)
     with torch.random.fork_rng(devices=[]):
