@@ -61,6 +61,8 @@ def test_eval_checkpoint_and_random(trained, tmp_path):
     data = json.loads(js.read_text())
     assert set(data["results"]["synthetic"]) == {"1-shot", "2-shot"}
     assert data["protocol"]["transductive"] is True
+    one = data["results"]["synthetic"]["1-shot"]  # per-task accuracies, for paired comparisons
+    assert len(one["accs"]) == 2 and sum(one["accs"]) / 2 == pytest.approx(one["mean"])
     res = runner.invoke(
         app,
         ["eval", "--init", "random", "--dataset", "synthetic", "--width", "8",

@@ -208,3 +208,13 @@ def test_a_budget_below_one_event_is_refused_before_the_run_starts(zoo, tmp_path
     with pytest.raises(ConfigError, match="query_budget must be >= 0"):
         train(tiny_cfg(zoo, tmp_path, method=method, query_budget=-5))
     assert not (tmp_path / "run").exists()
+
+
+def test_schedules_a_short_run_never_reaches_are_warned_about(zoo, tmp_path, caplog):
+    """A 2-update run with the default kd.adv_start=500 and eval.every=1000 used to run without
+    the boundary term and without model selection, silently."""
+    cfg = tiny_cfg(zoo, tmp_path, episodes=4, kd=KDConfig(adv_start=500))
+    with caplog.at_level("WARNING"):
+        train(cfg)
+    assert "kd.adv_start=500 >= the run's 2 meta-updates" in caplog.text
+    assert "meta-val runs only at the end" in caplog.text

@@ -77,7 +77,12 @@ def eval_cmd(
         "model", "--which", help="State dict key to load from the checkpoint.", hidden=True
     ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the results as JSON here."),
+    json_out: Path | None = typer.Option(
+        None,
+        "--json",
+        help="Write the results as JSON here, with per-task accuracies ('accs', in task order: "
+        "the same seeded tasks for every init, so two files can be compared task by task).",
+    ),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),
 ) -> None:
     """Fine-tune an initialization on fixed seeded few-shot tasks; print mean ± 95% CI."""
@@ -166,6 +171,7 @@ def eval_cmd(
                     transductive=not non_transductive,
                     seed=seed,
                     device=device,
+                    keep_accs=json_out is not None,  # per-task accuracies for paired comparisons
                     progress=cb,
                 )
         seconds = time.perf_counter() - t0

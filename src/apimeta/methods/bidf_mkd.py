@@ -73,6 +73,14 @@ class BiDfMKD(APILearner):
                 "raise recovery.per_class"
             )
         self.refuse_unaffordable(self.event_cost)
+        total = self.total_updates()
+        if cfg.kd.adv > 0 and total > 0 and cfg.kd.adv_start >= total:
+            log.warning(
+                "kd.adv_start=%d >= the run's %d meta-updates: the boundary term never switches "
+                "on (every query set is recovered with CE). Set kd.adv_start below %d (e.g. %d), "
+                "or kd.adv=0 to say so",
+                cfg.kd.adv_start, total, total, total // 4,
+            )  # fmt: skip
         self.schedule = EventSchedule(cfg.events.trigger, cfg.events.patience)
         self.events: list[dict[str, Any]] = []
         self.budget_exhausted = False

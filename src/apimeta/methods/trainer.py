@@ -362,6 +362,13 @@ class MetaTrainer(Method):
         total = self.total_updates()
         eval_every = max(1, cfg.eval.every // cfg.meta_batch)
         ckpt_every = max(1, cfg.checkpoint_every)
+        if 1 < total <= eval_every:
+            log.warning(
+                "eval.every=%d episodes is %d meta-updates, not fewer than the run's %d: meta-val "
+                "runs only at the end, so best.pt = last.pt (no selection). Set eval.every to at "
+                "most %d episodes for several checkpoints to choose from",
+                cfg.eval.every, eval_every, total, max(cfg.meta_batch, total * cfg.meta_batch // 4),
+            )  # fmt: skip
         if st.step == 0 and total == 0 and st.best_score is None:
             self._validate()  # nothing to train: the init itself is the best and final model
         self._partial: dict[str, Any] | None = None  # set while an update is in progress
