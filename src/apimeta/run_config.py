@@ -138,7 +138,8 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a training run needs. Defaults = the ``cpu`` preset's except where it says."""
+    """Everything a training run needs. The defaults are below; presets (``apimeta/presets``)
+    override them."""
 
     method: str = "bidf-mkd"  # registry apimeta.methods.METHODS
     dataset: str = "emoji"  # comma-separated for API-MH (emoji,kanji)

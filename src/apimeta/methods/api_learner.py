@@ -14,9 +14,13 @@ import logging
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch
+from torch import Tensor
+
 from apimeta.apis.base import BlackBoxAPI
 from apimeta.apis.ledger import QueryLedger
 from apimeta.apis.runtime import cache_mark, load_run_apis, resume_cache_billing, run_query_cache
+from apimeta.episodes import APIEpisode
 from apimeta.errors import APIError, ConfigError
 from apimeta.losses import kd_loss
 from apimeta.methods.trainer import MetaTrainer
@@ -98,6 +102,25 @@ class APILearner(MetaTrainer):
             objective=objective if objective is not None else SupportCE(),
             final_query=final_query,
             device=self.device,
+        )
+
+    @staticmethod
+    def episode_of(
+        api: BlackBoxAPI, support: Recovered, query: Recovered, keep: Tensor | None = None
+    ) -> APIEpisode:
+        """The :class:`APIEpisode` of two recoveries from ``api`` (``keep``: query images the
+        memory may store; default all)."""
+        return APIEpisode(
+            api=api.info.name,
+            dataset=api.info.dataset,
+            classes=api.info.classes,
+            support_x=support.images,
+            support_y=support.targets,
+            query_x=query.images,
+            query_y=query.targets,
+            query_keep=keep
+            if keep is not None
+            else torch.ones_like(query.targets, dtype=torch.bool),
         )
 
     def recovery_cost(self, api: BlackBoxAPI) -> int:

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 
 from apimeta.apis.base import BlackBoxAPI
-from apimeta.episodes import APIEpisode
 from apimeta.errors import ConfigError, QueryBudgetExceeded
 from apimeta.events import APIEvent
 from apimeta.losses import output_kind
@@ -128,16 +127,7 @@ class BBKD(APILearner):
         self.pool_probs.append(output_kind(api.info.output) != "logits")
         self.n_events += 1
         first, second = recs
-        episode = APIEpisode(
-            api=api.info.name,
-            dataset=api.info.dataset,
-            classes=api.info.classes,
-            support_x=first.images,
-            support_y=first.targets,
-            query_x=second.images,
-            query_y=second.targets,
-            query_keep=torch.ones_like(second.targets, dtype=torch.bool),
-        )
+        episode = self.episode_of(api, first, second)
         record = {
             "step": self.step + 1,  # the meta-update it belongs to (dropped with it on resume)
             "event": self.n_events - 1,

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from apimeta.apis.base import BlackBoxAPI
 from apimeta.bilevel import api_kd, frozen_student, inner_kd, outer_kd_loss
-from apimeta.episodes import APIEpisode, Episode
+from apimeta.episodes import Episode
 from apimeta.errors import ConfigError, EpisodeError, QueryBudgetExceeded
 from apimeta.events import APIEvent, EventSchedule
 from apimeta.losses import output_kind
@@ -183,16 +183,7 @@ class BiDfMKD(APILearner):
         keep = t_q.argmax(1) == qry.targets
         if not cfg.memory.filter_query:
             keep = torch.ones_like(keep)
-        episode = APIEpisode(
-            api=api.info.name,
-            dataset=api.info.dataset,
-            classes=api.info.classes,
-            support_x=sup.images,
-            support_y=sup.targets,
-            query_x=qry.images,
-            query_y=qry.targets,
-            query_keep=keep,
-        )
+        episode = self.episode_of(api, sup, qry, keep)
         if cfg.memory.enabled:
             self.memory.add_episode(episode)
         record = {
