@@ -11,6 +11,7 @@ from apimeta.config import apimeta_home
 from apimeta.data import SPLITS, load_dataset
 from apimeta.data import emoji as emoji_mod
 from apimeta.data import kanji as kanji_mod
+from apimeta.data.cache import load_cached
 from apimeta.errors import ConfigError, DatasetNotFoundError
 
 SMALL = {"classes_per_split": (3, 2, 2), "per_class": 4}
@@ -120,3 +121,20 @@ def test_missing_kanjivg_package_is_a_clear_error(monkeypatch):
     finally:
         monkeypatch.undo()
         kanji_mod.kanji_dir.cache_clear()
+
+
+def test_a_cache_damaged_inside_its_image_data_is_rebuilt(caplog):
+    """The header parses, only pixel bytes changed: it used to be loaded silently and used."""
+    good = load_dataset("kanji", seed=2, **SMALL)
+    (path,) = [p for p in (apimeta_home() / "datasets").glob("kanji-*.safetensors")
+               if load_cached(p) is not None and torch.equal(_all_bytes(load_cached(p)),
+                                                             _all_bytes(good))]  # fmt: skip
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF  # one byte of tensor data (past the header), flipped
+    path.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        assert load_cached(path) is None
+        again = load_dataset("kanji", seed=2, **SMALL)
+    assert "checksum mismatch" in caplog.text
+    assert torch.equal(_all_bytes(again), _all_bytes(good))
+    assert load_cached(path) is not None  # rebuilt in place

@@ -1,10 +1,11 @@
 """On-disk cache of decoded/rendered datasets under ``apimeta_home() / "datasets"``.
 
 One dataset = one safetensors file holding ``images`` (N, C, H, W) uint8 and ``labels`` (N,)
-int64 plus a JSON string (class names, split class ids, stats) in the file's metadata. Files are
-written atomically and named by a hash of every parameter that changes their bytes, so a stale
-or foreign cache file is never read. Loading is a memory map + copy: well under a second for the
-built-in datasets.
+int64 plus a JSON string (class names, split class ids, stats, a sha256 of the tensors' bytes) in
+the file's metadata. Files are written atomically and named by a hash of every parameter that
+changes their bytes, so a stale or foreign cache file is never read; the checksum is verified on
+every load, so a file damaged inside its image data is rebuilt (with a warning), never used.
+Loading is a memory map + copy + hash: about a second for the built-in datasets.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from apimeta.io import atomic_write
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: with the content checksum
 
 
 def cache_dir() -> Path:
@@ -44,6 +45,14 @@ def cache_path(name: str, **params: Any) -> Path:
     return cache_dir() / f"{name}-{cache_key(name=name, **params)}.safetensors"
 
 
+def checksum(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 of the contiguous bytes of ``images`` and ``labels``."""
+    h = hashlib.sha256()
+    for t in (images, labels):
+        h.update(t.contiguous().numpy().data)
+    return h.hexdigest()
+
+
 def save_dataset(ds: FewShotDataset, path: Path) -> None:
     """Write ``ds`` to ``path`` atomically (one safetensors file)."""
     images = torch.cat([ds.splits[s].images for s in SPLITS]).contiguous()
@@ -56,6 +65,7 @@ def save_dataset(ds: FewShotDataset, path: Path) -> None:
         "mean": list(ds.mean),
         "std": list(ds.std),
         "meta": ds.meta,
+        "sha256": checksum(images, labels),
     }
     tensors = {"images": images, "labels": labels}
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"apimeta": json.dumps(meta)}))
@@ -75,6 +85,9 @@ def load_cached(path: Path) -> FewShotDataset | None:
         log.warning("ignoring unreadable dataset cache %s (%s); rebuilding it", path, e)
         return None
     images, labels = tensors["images"], tensors["labels"]
+    if meta.get("sha256") != checksum(images, labels):
+        log.warning("dataset cache %s is damaged (checksum mismatch); rebuilding it", path)
+        return None
     splits, start = {}, 0
     for s, n in zip(SPLITS, meta["sizes"], strict=True):
         splits[s] = ImageSplit(images[start : start + n], labels[start : start + n])
