@@ -136,3 +136,19 @@ def test_bench_reuses_the_training_runs_own_meta_test_exactly(tmp_path):
     cfg = from_dict(RunConfig, row["config"])
     fresh = evaluate_init(cfg, tmp_path / "b" / "SS" / "bidf-mkd" / "best.pt", (1, 5), 3)
     assert row["results"] == json.loads(json.dumps(fresh))
+
+
+def test_train_takes_the_dataset_of_a_local_zoo(tmp_path):
+    """`--zoo` of a synthetic zoo without --dataset used to train on emoji (the default / the
+    preset's dataset) and fail only after rendering it."""
+    zoo = tmp_path / "zoo"
+    build_zoo(["synthetic"], 2, ["conv4"], 5, zoo, epochs=1, conv4_width=8)
+    run = tmp_path / "run"
+    res = runner.invoke(
+        app,
+        ["train", "--method", "bidf-mkd", "--zoo", str(zoo), "--episodes", "2",
+         "--query-budget", "100000", "--out", str(run), "--set", "meta_batch=2", *TINY],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "trained on synthetic" in res.output
+    assert yaml.safe_load((run / "config.yaml").read_text())["dataset"] == "synthetic"

@@ -105,6 +105,11 @@ def inside(root: Path, rel: Any) -> bool:
     return (base / rel).resolve().is_relative_to(base)
 
 
+def zoo_datasets(path: str | Path) -> list[str]:
+    """The datasets the APIs of the zoo at ``path`` were trained on, in order of appearance."""
+    return list(dict.fromkeys(str(e["dataset"]) for e in read_manifest(path)["apis"]))
+
+
 def entry_info(entry: dict[str, Any], output: str = "logits") -> APIInfo:
     """The learner-visible :class:`APIInfo` of a manifest entry."""
     return APIInfo(
@@ -130,5 +135,6 @@ __all__ = [
     "entry_info",
     "inside",
     "read_manifest",
+    "zoo_datasets",
     "zoo_dir",
 ]

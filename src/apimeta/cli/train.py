@@ -166,6 +166,8 @@ def train(
             sets=sets,
             resume_from=out if resume else None,
         )
+        if not resume and dataset is None and not any(x.startswith("dataset=") for x in sets):
+            cfg = _dataset_of_zoo(cfg)
         set_threads(cfg.threads)
         method, run = start_run(cfg, resume=resume)
         console.print(
@@ -204,6 +206,26 @@ def train(
             )
         )
         console.print(f"run directory: [cyan]{run.path}[/]")
+
+
+def _dataset_of_zoo(cfg: Any) -> Any:
+    """With no --dataset: the datasets of a local zoo (not the preset's), read from zoo.json
+    before anything is loaded."""
+    import dataclasses
+
+    from apimeta.apis.http import is_http
+    from apimeta.apis.manifest import zoo_datasets
+
+    if not cfg.zoo or is_http(cfg.zoo):
+        return cfg
+    names = zoo_datasets(cfg.zoo)
+    if names and set(names) != set(cfg.dataset_names):
+        console.print(
+            f"the zoo's APIs were trained on {','.join(names)}: training and evaluating on it "
+            f"(not {cfg.dataset}); pass --dataset to choose"
+        )
+        cfg = dataclasses.replace(cfg, dataset=",".join(names))
+    return cfg
 
 
 __all__ = ["EXIT_RESUMABLE", "TrainProgress", "result_table"]
