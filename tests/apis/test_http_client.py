@@ -118,6 +118,33 @@ def test_non_v2_server_is_a_protocol_mismatch():
         HttpAPI(srv.url, "m", **FAST)
 
 
+def test_discovery_sends_a_json_body_and_explains_a_refusal():
+    """Servers that validate the body of POST /v2/repository/index answered 422 to the empty
+    one we sent, and `--zoo http://host:port` failed with raw validation text."""
+    from fastapi import Body, FastAPI, HTTPException
+
+    app = FastAPI()
+    seen: list[dict] = []
+
+    @app.get("/v2")
+    def meta():
+        return {"name": "other", "version": "1", "extensions": ["model_repository"]}
+
+    @app.post("/v2/repository/index")
+    def index(body: dict = Body(...)):  # noqa: B008  (FastAPI's way to require a JSON body)
+        seen.append(body)
+        if body.get("ready") is None and len(seen) > 1:
+            raise HTTPException(422, "no listing here")
+        return [{"name": "m1", "state": "READY"}, {"name": "m2", "state": "UNAVAILABLE"}]
+
+    with UvicornThread(app) as srv:
+        session = HttpSession(srv.url, **{k: v for k, v in FAST.items() if k != "api_key"})
+        assert session.model_names() == ["m1"] and seen == [{}]
+        with pytest.raises(ProtocolMismatchError, match=r"HTTP 422.*v2/models/NAME"):
+            session.model_names()
+        session.close()
+
+
 def test_5xx_burst_is_retried_and_ledger_counts_retries_separately(proxy, apis):
     ledger = QueryLedger(budget=100)
     api = HttpAPI(proxy.url, "api-000", ledger=ledger, **FAST)

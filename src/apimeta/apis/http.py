@@ -13,7 +13,7 @@ Ledger rules: a batch is charged as a whole *before* any of its chunks is sent (
 never silently exceeded.
 
 Model discovery (:func:`load_http_zoo`) uses the model repository extension,
-``POST /v2/repository/index``, which ``apimeta serve`` implements; to use a server without it,
+``POST /v2/repository/index`` (JSON body ``{}``), which ``apimeta serve`` implements; to use a server without it,
 point at one model: ``http://host:port/v2/models/NAME``.
 """
 
@@ -255,8 +255,12 @@ class HttpSession:
             )
         return HttpAPIError(f"{where}: HTTP {code}: {msg}", code)
 
-    def get_json(self, path: str, what: str, method: str = "GET") -> Any:
-        resp = self.request(method, path, what=what)
+    def get_json(self, path: str, what: str, method: str = "GET", body: Any | None = None) -> Any:
+        """``method path`` (with ``body`` as JSON, if given) -> the parsed JSON answer."""
+        content = headers = None
+        if body is not None:
+            content, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
+        resp = self.request(method, path, content=content, headers=headers, what=what)
         try:
             return resp.json()
         except (ValueError, UnicodeDecodeError):
@@ -287,12 +291,16 @@ class HttpSession:
 
     def model_names(self) -> list[str]:
         """Names of the READY models (model repository extension, ``POST /v2/repository/index``)."""
-        try:
-            index = self.get_json("/v2/repository/index", "model index", method="POST")
-        except ModelNotFoundError:
+        try:  # a JSON body: servers that validate it (Triton, KServe) refuse an empty one
+            index = self.get_json("/v2/repository/index", "model index", method="POST", body={})
+        except HttpAPIError as e:
+            if e.status is None or not 400 <= e.status < 500 or e.status in (401, 413):
+                raise
             raise ProtocolMismatchError(
-                f"{self.base_url} does not implement the model repository extension "
-                "(POST /v2/repository/index); give one model as http://host:port/v2/models/NAME"
+                f"{self.base_url} did not list its models (POST /v2/repository/index answered "
+                f"HTTP {e.status}; the model repository extension is optional); give one model "
+                "as http://host:port/v2/models/NAME",
+                e.status,
             ) from None
         if not isinstance(index, list):
             raise ProtocolMismatchError(
