@@ -131,7 +131,7 @@ def test_discovery_sends_a_json_body_and_explains_a_refusal():
         return {"name": "other", "version": "1", "extensions": ["model_repository"]}
 
     @app.post("/v2/repository/index")
-    def index(body: dict = Body(...)):  # noqa: B008  (FastAPI's way to require a JSON body)
+    def index(body: dict = Body(...)):  # a JSON body is required (422 without one)
         seen.append(body)
         if body.get("ready") is None and len(seen) > 1:
             raise HTTPException(422, "no listing here")

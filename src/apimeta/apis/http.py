@@ -13,8 +13,8 @@ Ledger rules: a batch is charged as a whole *before* any of its chunks is sent (
 never silently exceeded.
 
 Model discovery (:func:`load_http_zoo`) uses the model repository extension,
-``POST /v2/repository/index`` (JSON body ``{}``), which ``apimeta serve`` implements; to use a server without it,
-point at one model: ``http://host:port/v2/models/NAME``.
+``POST /v2/repository/index`` (JSON body ``{}``), which ``apimeta serve`` implements; to use a
+server without it, point at one model: ``http://host:port/v2/models/NAME``.
 """
 
 from __future__ import annotations
