@@ -147,7 +147,8 @@ def test_train_takes_the_dataset_of_a_local_zoo(tmp_path):
     res = runner.invoke(
         app,
         ["train", "--method", "bidf-mkd", "--zoo", str(zoo), "--episodes", "2",
-         "--query-budget", "100000", "--out", str(run), "--set", "meta_batch=2", *TINY],
+         "--query-budget", "100000", "--out", str(run), "--set", "meta_batch=2",
+         "--set", "eval.test_tasks=2", *TINY],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "trained on synthetic" in res.output
