@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
+from fastapi import FastAPI, Request  # module level: FastAPI resolves annotations here
 
 from apimeta.apis import QueryLedger, restrict_output
 from apimeta.apis.cache import QueryCache
@@ -18,6 +19,7 @@ from apimeta.apis.http import (
     ProtocolMismatchError,
     load_http_zoo,
 )
+from apimeta.apis.server import create_app
 from apimeta.errors import ConfigError, QueryBudgetExceeded
 from apimeta.testing import FaultyProxy, UvicornThread, free_port, tiny_apis
 
@@ -116,6 +118,41 @@ def test_non_v2_server_is_a_protocol_mismatch():
 
     with UvicornThread(app) as srv, pytest.raises(ProtocolMismatchError, match="v2"):
         HttpAPI(srv.url, "m", **FAST)
+
+
+def test_tensor_names_come_from_the_model_metadata(apis):
+    """A third-party server whose model calls its tensors pixel_values / logits: the client used
+    to send `input` and read `scores`, so the first query failed (StopIteration)."""
+
+    api = apis[0]
+    meta = create_app([api]).state.models["api-000"].metadata(8)
+    meta["inputs"][0]["name"], meta["outputs"][0]["name"] = "pixel_values", "logits"
+    app = FastAPI()
+
+    @app.get("/v2")
+    def server():  # no binary extension advertised: the client must send JSON
+        return {"name": "third-party", "version": "9", "extensions": []}
+
+    @app.get("/v2/models/m")
+    def metadata():
+        return {**meta, "name": "m"}
+
+    @app.post("/v2/models/m/infer")
+    async def infer(request: Request):
+        req = await request.json()
+        (tin,) = req["inputs"]
+        assert tin["name"] == "pixel_values" and "binary_data_size" not in tin.get("parameters", {})
+        x = torch.tensor(tin["data"], dtype=torch.float32).view(tin["shape"])
+        out = api.query(x)
+        return {"outputs": [{"name": "logits", "shape": list(out.shape), "datatype": "FP32",
+                             "data": out.flatten().tolist()}]}  # fmt: skip
+
+    with UvicornThread(app) as srv:
+        client = HttpAPI(srv.url, "m", ledger=QueryLedger(), **FAST)
+        x = images(3)
+        torch.testing.assert_close(client.query(x), local_logits(api, x), atol=1e-5, rtol=1e-5)
+        assert (client.input_name, client.output_name) == ("pixel_values", "logits")
+        client.close()
 
 
 def test_discovery_sends_a_json_body_and_explains_a_refusal():

@@ -47,7 +47,7 @@ from apimeta.apis.base import (
 )
 from apimeta.apis.cache import QueryCache, cached_query
 from apimeta.apis.ledger import QueryLedger
-from apimeta.apis.v2 import HEADER_LENGTH, OUTPUT_NAME, decode_response, encode_request
+from apimeta.apis.v2 import HEADER_LENGTH, decode_response, encode_request
 from apimeta.errors import APIError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -313,6 +313,20 @@ class HttpSession:
             self.client.close()
 
 
+def _tensor_names(meta: Any, name: str, base_url: str) -> tuple[str, str]:
+    """(input name, output name) from v2 model metadata: the model's own tensor names."""
+    try:
+        inp, out = meta["inputs"][0], meta["outputs"][0]
+        if inp.get("datatype", "FP32") != "FP32":
+            raise ValueError(f"input datatype {inp.get('datatype')!r}, not FP32")
+        return str(inp["name"]), str(out["name"])
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise ProtocolMismatchError(
+            f"model metadata of {name!r} at {base_url} names no usable FP32 input and output "
+            f"tensor ({type(e).__name__}: {e})"
+        ) from None
+
+
 def _info_from_metadata(meta: Any, name: str, base_url: str) -> tuple[APIInfo, int | None]:
     """APIInfo (and the server's max batch, if given) from v2 model metadata."""
     try:
@@ -416,6 +430,7 @@ class HttpAPI:
                 f"{self.session.base_url} serves no model {model_name!r} (served: {known})", 404
             ) from None
         served, server_batch = _info_from_metadata(meta, model_name, self.session.base_url)
+        self.input_name, self.output_name = _tensor_names(meta, model_name, self.session.base_url)
         self.server_output = served.output
         self._extra: str | None = None
         if output is not None and output != served.output:
@@ -467,7 +482,7 @@ class HttpAPI:
         """POST one chunk (n, C, H, W) -> (n, n_classes) float32 (already charged by
         :meth:`_fetch`; re-sends are charged as retries)."""
         n, name = int(arr.shape[0]), self.info.name
-        body, headers = encode_request(arr, self.session.binary)
+        body, headers = encode_request(arr, self.session.binary, self.input_name, self.output_name)
 
         def before_retry() -> None:
             self.ledger.charge(name, n, retry=True, billed=self.bill_retries)
@@ -486,11 +501,11 @@ class HttpAPI:
         hl = resp.headers.get(HEADER_LENGTH)
         where = f"{self.session.base_url}{self._path}/infer"
         try:
-            shape, dtype, scores = decode_response(resp.content, hl)
+            shape, dtype, scores = decode_response(resp.content, hl, self.output_name)
         except (ValueError, KeyError, TypeError, StopIteration) as e:
             raise ProtocolMismatchError(
                 f"{where} answered something that is not a v2 inference response with output "
-                f"{OUTPUT_NAME!r} ({type(e).__name__}: {e})"
+                f"{self.output_name!r} ({type(e).__name__}: {e})"
             ) from None
         want = [n, self.info.n_classes]
         if dtype != "FP32" or shape != want or scores.size != n * self.info.n_classes:

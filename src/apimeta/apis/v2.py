@@ -76,18 +76,24 @@ def _check_parameters(obj: dict[str, Any], what: str) -> None:
         raise ProtocolError(400, f"'parameters' of {what} must be an object, got {params!r}")
 
 
-def encode_request(images: np.ndarray, binary: bool) -> tuple[bytes, dict[str, str]]:
-    """An infer request for ``images`` (B, C, H, W) float32 -> (body, HTTP headers)."""
-    spec: dict[str, Any] = {"name": INPUT_NAME, "shape": list(images.shape), "datatype": "FP32"}
+def encode_request(
+    images: np.ndarray,
+    binary: bool,
+    input_name: str = INPUT_NAME,
+    output_name: str = OUTPUT_NAME,
+) -> tuple[bytes, dict[str, str]]:
+    """An infer request for ``images`` float32 (the model's input shape, e.g. (B, C, H, W)) ->
+    (body, HTTP headers). The tensor names are the model's (its metadata)."""
+    spec: dict[str, Any] = {"name": input_name, "shape": list(images.shape), "datatype": "FP32"}
     if binary:
         head = {
             "inputs": [spec],
-            "outputs": [{"name": OUTPUT_NAME, "parameters": {"binary_data": True}}],
+            "outputs": [{"name": output_name, "parameters": {"binary_data": True}}],
         }
         body, headers = _with_binary(head, spec, images)
         return body, {**headers, "Content-Type": "application/octet-stream"}
     spec["data"] = images.reshape(-1)
-    body = json_dumps({"inputs": [spec], "outputs": [{"name": OUTPUT_NAME}]})
+    body = json_dumps({"inputs": [spec], "outputs": [{"name": output_name}]})
     return body, {"Content-Type": "application/json"}
 
 
@@ -219,13 +225,16 @@ def encode_response(
     return json_dumps(resp), {}, "application/json"
 
 
-def decode_response(body: bytes, header_len: int | str | None) -> tuple[list[int], Any, np.ndarray]:
-    """(shape, datatype, values as a flat float32 array) of the ``scores`` output.
+def decode_response(
+    body: bytes, header_len: int | str | None, output_name: str = OUTPUT_NAME
+) -> tuple[list[int], Any, np.ndarray]:
+    """(shape, datatype, values as a flat float32 array) of the output ``output_name``.
 
-    ``header_len``: the ``Inference-Header-Content-Length`` header (None: all JSON)."""
+    ``header_len``: the ``Inference-Header-Content-Length`` header (None: all JSON). Raises
+    ``StopIteration`` when the response has no such output."""
     head_len = int(header_len) if header_len is not None else len(body)
     head = json_loads(body[:head_len])
-    out = next(o for o in head["outputs"] if o.get("name") == OUTPUT_NAME)
+    out = next(o for o in head["outputs"] if o.get("name") == output_name)
     shape, dtype = [int(s) for s in out["shape"]], out.get("datatype")
     params = out.get("parameters") or {}
     if "binary_data_size" in params:
