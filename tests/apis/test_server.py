@@ -165,6 +165,10 @@ def test_binary_tensor_extension(server, apis):
         (lambda b: b["inputs"][0].update(data=["0.5"] * 96), "no strings"),
         (lambda b: b["inputs"][0].update(data=[True] * 96), "booleans"),
         (lambda b: b["inputs"][0].update(data=[None] * 96), "null"),
+        (
+            lambda b: b.update(outputs=[{"name": "scores", "parameters": {"class_count": 2}}]),
+            "classification extension",
+        ),
     ],
 )
 def test_bad_requests_are_400_with_a_message(server, mutate, needle):

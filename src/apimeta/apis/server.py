@@ -21,6 +21,9 @@ Status codes: 400 bad request (shape, datatype, NaN, range, JSON), 401 missing/w
 404 unknown model, 413 batch or body too large, 429 rate limited (with ``Retry-After``), 403
 server-side quota exhausted. One JSON access-log line per request goes to logger
 ``apimeta.server.access``.
+
+Not implemented (a client asking for them gets 404, or 400 for ``class_count``): the model
+configuration, statistics and model control endpoints, and the classification extension.
 """
 
 from __future__ import annotations

@@ -197,6 +197,12 @@ def decode_request(
             raise ProtocolError(400, "'outputs' must be a list of objects")
         for o in outputs:
             _check_parameters(o, f"output {o.get('name')!r}")
+            if "class_count" in (o.get("parameters") or {}):
+                raise ProtocolError(
+                    400,
+                    "the classification extension (class_count) is not implemented by this "
+                    f"server; ask for the {OUTPUT_NAME!r} tensor and take the top classes of it",
+                )
             if o.get("name") != OUTPUT_NAME:
                 raise ProtocolError(
                     400,
