@@ -10,6 +10,16 @@ from torch import Tensor
 from apimeta.errors import EpisodeError
 
 
+def _check_set(part: str, x: Tensor, y: Tensor) -> None:
+    """Images (B, C, H, W) and int64 labels (B,) of one set (``part``: support or query)."""
+    if x.dim() != 4:
+        raise EpisodeError(f"{part}_x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise EpisodeError(f"{part}_y must be (B,) with B={x.shape[0]}, got shape {tuple(y.shape)}")
+    if y.dtype != torch.long:
+        raise EpisodeError(f"{part}_y must be int64, got {y.dtype}")
+
+
 @dataclass
 class Episode:
     """One N-way K-shot task with an explicit support/query split.
@@ -32,14 +42,7 @@ class Episode:
             raise EpisodeError("an episode needs at least one class")
         for part in ("support", "query"):
             x, y = getattr(self, f"{part}_x"), getattr(self, f"{part}_y")
-            if x.dim() != 4:
-                raise EpisodeError(f"{part}_x must be (B, C, H, W), got shape {tuple(x.shape)}")
-            if y.dim() != 1 or y.shape[0] != x.shape[0]:
-                raise EpisodeError(
-                    f"{part}_y must be (B,) with B={x.shape[0]}, got shape {tuple(y.shape)}"
-                )
-            if y.dtype != torch.long:
-                raise EpisodeError(f"{part}_y must be int64, got {y.dtype}")
+            _check_set(part, x, y)
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n):
                 raise EpisodeError(f"{part}_y must lie in [0, {n}), got [{y.min()}, {y.max()}]")
         if self.support_x.shape[1:] != self.query_x.shape[1:]:
@@ -88,14 +91,7 @@ class APIEpisode:
         if n < 1:
             raise EpisodeError("an API episode needs at least one class")
         for part in ("support", "query"):
-            x, y = getattr(self, f"{part}_x"), getattr(self, f"{part}_y")
-            if x.dim() != 4 or y.dim() != 1 or y.shape[0] != x.shape[0]:
-                raise EpisodeError(
-                    f"{part}: images must be (B, C, H, W) and labels (B,), got "
-                    f"{tuple(x.shape)} and {tuple(y.shape)}"
-                )
-            if y.dtype != torch.long:
-                raise EpisodeError(f"{part}_y must be int64, got {y.dtype}")
+            _check_set(part, getattr(self, f"{part}_x"), getattr(self, f"{part}_y"))
         if self.query_keep.shape != self.query_y.shape or self.query_keep.dtype != torch.bool:
             raise EpisodeError(
                 f"query_keep must be a bool mask of shape {tuple(self.query_y.shape)}, got "

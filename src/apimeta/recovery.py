@@ -58,11 +58,13 @@ ITERATES.register("last")(lambda it, loss, surrogate: -float(it))
 @dataclass
 class Gradient:
     """One gradient estimate at x: ``grad`` (B, C, H, W) of the per-sample losses, the losses
-    ``base_loss`` (B,) and API scores ``base_scores`` (B, K) at the unperturbed x."""
+    ``base_loss`` (B,) and API scores ``base_scores`` (B, K) at the unperturbed x. ``charged``:
+    images the source billed to the ledger itself (not sent through ``query``)."""
 
     grad: Tensor
     base_loss: Tensor
     base_scores: Tensor
+    charged: int = 0
 
 
 class GradientSource:
@@ -131,7 +133,7 @@ class WhiteBoxGradient(GradientSource):
         scores = self.model(xg).float()
         losses = loss_fn(scores, torch.arange(b, device=x.device))
         (grad,) = torch.autograd.grad(losses.sum(), xg)
-        return Gradient(grad, losses.detach(), scores.detach())
+        return Gradient(grad, losses.detach(), scores.detach(), charged=b)
 
 
 def gradient_source(
@@ -401,8 +403,7 @@ def recover(
             exhausted = True
             log.info("recovery from %s: budget exceeded mid-iteration %d", info.name, it)
             break
-        if source.white_box:
-            used += b
+        used += est.charged
         surrogate = zo_surrogate(x, est.grad)
         opt.zero_grad(set_to_none=True)
         surrogate.backward()
