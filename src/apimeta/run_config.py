@@ -110,8 +110,10 @@ class HttpConfig:
     out the run stops with ``last.pt`` and can be resumed. ``bill_retries``: count re-sent images
     against ``query_budget`` too (they are always recorded under ``ledger.retries``).
     ``query_cache``: an on-disk query cache (SQLite) so a resumed run does not pay again for
-    queries answered before an interruption; ``"auto"`` = ``<run dir>/query-cache.sqlite``.
-    Also used by local and ONNX zoos.
+    queries answered before an interruption (and, after a SIGKILL, the ledger still counts
+    every answer received); ``"auto"`` = ``<run dir>/query-cache.sqlite`` for any zoo,
+    ``"http"`` (the default) = the same for a zoo served over HTTP and none for local zoos,
+    ``"off"``/None = no cache, or a path.
     """
 
     api_key_file: str | None = None
@@ -121,7 +123,7 @@ class HttpConfig:
     max_backoff: float = 20.0
     concurrency: int = 1  # request chunks in flight at once
     bill_retries: bool = False
-    query_cache: str | None = None  # path | "auto" | None
+    query_cache: str | None = "http"  # path | "auto" | "http" | "off"
 
 
 @dataclass

@@ -270,6 +270,90 @@ def write_tiny_zoo(root: Path) -> Path:
     return root
 
 
+def foreign_v2_app(
+    models: dict[str, torch.nn.Module],
+    channels: int,
+    image_size: int,
+    *,
+    input_name: str = "pixel_values",
+    output_name: str = "probabilities",
+    scale: float = 255.0,
+) -> Any:
+    """A third-party-style v2 server (FastAPI) for tests: none of apimeta's conventions.
+
+    Each model takes ``input_name`` flat FP32 ``[B, C*S*S]`` pixel values in ``[0, scale]`` and
+    returns two outputs, ``label`` (INT64 argmax, listed first) and ``output_name`` (softmax
+    probabilities). No ``parameters`` in the metadata (so no classes), no extensions (JSON
+    only: a binary request is a 400), no model repository (``POST /v2/repository/index`` is a
+    404); the app counts images received in ``app.state.images``.
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI()
+    app.state.images = 0
+    width = channels * image_size * image_size
+
+    def meta(name: str, model: torch.nn.Module) -> dict[str, Any]:
+        n = int(model(torch.zeros(1, channels, image_size, image_size)).shape[1])
+        return {
+            "name": name,
+            "versions": ["1"],
+            "platform": "sklearn",
+            "inputs": [{"name": input_name, "datatype": "FP32", "shape": [-1, width]}],
+            "outputs": [
+                {"name": "label", "datatype": "INT64", "shape": [-1]},
+                {"name": output_name, "datatype": "FP32", "shape": [-1, n]},
+            ],
+        }
+
+    with torch.no_grad():
+        metas = {name: meta(name, m.eval()) for name, m in models.items()}
+
+    @app.get("/v2")
+    def server_meta() -> dict[str, Any]:
+        return {"name": "thirdparty", "version": "0.1", "extensions": []}
+
+    @app.get("/v2/models/{name}")
+    def model_meta(name: str) -> Any:
+        if name not in metas:
+            return JSONResponse({"error": f"no model {name}"}, 404)
+        return metas[name]
+
+    async def infer(name: str, request: Request) -> Any:
+        if name not in metas:
+            return JSONResponse({"error": f"no model {name}"}, 404)
+        if request.headers.get("inference-header-content-length") is not None:
+            return JSONResponse({"error": "binary data is not supported"}, 400)
+        req = await request.json()
+        (tin,) = req["inputs"]
+        if tin["name"] != input_name or tin["datatype"] != "FP32":
+            return JSONResponse({"error": f"expected FP32 input {input_name}"}, 400)
+        shape = tin["shape"]
+        if len(shape) != 2 or shape[1] != width:
+            return JSONResponse({"error": f"expected shape [B, {width}], got {shape}"}, 400)
+        x = torch.tensor(tin["data"], dtype=torch.float32).view(shape[0], width)
+        if float(x.min()) < 0 or float(x.max()) > scale * (1 + 1e-5):
+            return JSONResponse({"error": f"pixel values must lie in [0, {scale}]"}, 400)
+        app.state.images += shape[0]
+        with torch.no_grad():
+            x = (x / scale).view(-1, channels, image_size, image_size)
+            probs = torch.softmax(models[name](x), 1)
+        return {
+            "model_name": name,
+            "outputs": [
+                {"name": "label", "datatype": "INT64", "shape": [shape[0]],
+                 "data": probs.argmax(1).tolist()},
+                {"name": output_name, "datatype": "FP32", "shape": list(probs.shape),
+                 "data": probs.reshape(-1).tolist()},
+            ],
+        }  # fmt: skip
+
+    infer.__annotations__["request"] = Request  # a real class (annotations here are strings)
+    app.post("/v2/models/{name}/infer")(infer)
+    return app
+
+
 def make_config(base: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
     """A :class:`RunConfig` from ``base`` <- ``overrides``, each in the sectioned or the flat
     (legacy) layout, e.g. ``make_config(episodes=4, adv_start=1, zo=ZOConfig(q=2))``. A

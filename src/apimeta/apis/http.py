@@ -46,9 +46,10 @@ from apimeta.apis.base import (
     validate_query,
 )
 from apimeta.apis.cache import QueryCache, cached_query
+from apimeta.apis.describe import FLOAT_TYPES, InputAdapter, ModelSpec
 from apimeta.apis.ledger import QueryLedger
 from apimeta.apis.v2 import HEADER_LENGTH, decode_response, encode_request
-from apimeta.errors import APIError, ConfigError
+from apimeta.errors import APIError, ConfigError, InvalidQueryError
 
 logger = logging.getLogger(__name__)
 
@@ -313,62 +314,95 @@ class HttpSession:
             self.client.close()
 
 
-def _tensor_names(meta: Any, name: str, base_url: str) -> tuple[str, str]:
-    """(input name, output name) from v2 model metadata: the model's own tensor names."""
+def _tensor_specs(meta: Any, name: str, base_url: str) -> tuple[dict, dict]:
+    """(input spec, output spec) of v2 model metadata: the model's own tensor names, shapes and
+    datatypes. One input; the first output is read unless a description names another."""
     try:
-        inp, out = meta["inputs"][0], meta["outputs"][0]
-        if inp.get("datatype", "FP32") != "FP32":
-            raise ValueError(f"input datatype {inp.get('datatype')!r}, not FP32")
-        return str(inp["name"]), str(out["name"])
+        inputs, outputs = meta["inputs"], meta["outputs"]
+        if len(inputs) != 1:
+            raise ValueError(
+                f"{len(inputs)} inputs ({', '.join(str(i.get('name')) for i in inputs)})"
+            )
+        inp, out = inputs[0], outputs[0]
+        str(inp["name"]), str(out["name"])
+        if inp.get("datatype", "FP32") not in FLOAT_TYPES:
+            raise ValueError(
+                f"input datatype {inp.get('datatype')!r}; apimeta sends FP32, FP16 or FP64"
+            )
+        return inp, out
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
         raise ProtocolMismatchError(
-            f"model metadata of {name!r} at {base_url} names no usable FP32 input and output "
-            f"tensor ({type(e).__name__}: {e})"
+            f"model metadata of {name!r} at {base_url} names no usable input and output tensor "
+            f"({type(e).__name__}: {e})"
         ) from None
 
 
+#: the metadata ``parameters`` a model must carry to be used without a description
+OWN_PARAMETERS = ("dataset", "classes", "output")
+
+
 def _info_from_metadata(meta: Any, name: str, base_url: str) -> tuple[APIInfo, int | None]:
-    """APIInfo (and the server's max batch, if given) from v2 model metadata."""
+    """APIInfo (and the server's max batch, if given) from the v2 model metadata of an
+    apimeta-style server (``parameters`` say dataset, classes and output)."""
+    p = meta.get("parameters") if isinstance(meta, dict) else None
+    p = p if isinstance(p, dict) else {}
+    missing = [k for k in OWN_PARAMETERS if k not in p]
+    if missing:
+        raise ConfigError(
+            f"model {name!r} at {base_url} does not say its {', '.join(missing)} (its metadata "
+            "has no such parameters); describe it in an API description file and pass that "
+            "as the zoo (see the README, 'Bring your own API')"
+        )
     try:
         shape_in = [int(s) for s in meta["inputs"][0]["shape"]]
         shape_out = [int(s) for s in meta["outputs"][0]["shape"]]
         if len(shape_in) != 4 or len(shape_out) != 2 or shape_in[2] != shape_in[3]:
             raise ValueError(f"input shape {shape_in}, output shape {shape_out}")
-        p = meta.get("parameters") or {}
 
         def lst(key: str, default: list) -> list:
             v = p.get(key)
             return json.loads(v) if isinstance(v, str) else (v if v is not None else default)
 
-        n_classes = shape_out[1]
-        classes = lst("classes", list(range(n_classes)))
+        classes = lst("classes", [])
         info = APIInfo(
             name=name,
-            dataset=str(p.get("dataset", "unknown")),
+            dataset=str(p["dataset"]),
             classes=tuple(int(c) for c in classes),
             class_names=tuple(str(c) for c in lst("class_names", [str(c) for c in classes])),
             channels=shape_in[1],
             image_size=shape_in[2],
-            output=str(p.get("output", "logits")),
+            output=str(p["output"]),
             mean=tuple(float(m) for m in lst("mean", [])),
             std=tuple(float(s) for s in lst("std", [])),
             tags={**dict(lst("tags", {})), "server": base_url},
         )
-        if info.n_classes != n_classes:
+        parse_output_mode(info.output)
+        if info.n_classes != shape_out[1]:
             raise ValueError(f"{info.n_classes} classes but output shape {shape_out}")
         mb = p.get("max_batch_size")
         return info, (int(mb) if mb is not None else None)
-    except (KeyError, IndexError, TypeError, ValueError) as e:
+    except (KeyError, IndexError, TypeError, ValueError, InvalidQueryError) as e:
         raise ProtocolMismatchError(
             f"model metadata of {name!r} at {base_url} is not usable v2 metadata for an image "
             f"classifier (input [-1, C, S, S], output [-1, n_classes]): {e}"
         ) from None
 
 
+def _max_batch_of(meta: Any) -> int | None:
+    p = meta.get("parameters") if isinstance(meta, dict) else None
+    mb = p.get("max_batch_size") if isinstance(p, dict) else None
+    try:
+        return int(mb) if mb is not None and int(mb) > 0 else None
+    except (TypeError, ValueError):
+        return None
+
+
 class HttpAPI:
     """A model served over HTTP, as a :class:`~apimeta.apis.base.BlackBoxAPI`.
 
-    ``info`` comes from the model metadata. ``output``: None takes the server's output mode; a
+    ``info`` comes from the model metadata, or from ``spec`` (an API description, for models
+    whose metadata does not say their classes; see :mod:`apimeta.apis.describe`), checked
+    against the metadata's shapes. ``output``: None takes the server's output mode; a
     further restriction of a ``logits`` server is applied client-side (a client can never get
     more than the server serves). ``concurrency``: chunks in flight at once (thread pool).
     ``max_batch``: images per request (default: the server's ``max_batch_size``).
@@ -398,6 +432,7 @@ class HttpAPI:
         seed: int = 0,
         session: HttpSession | None = None,
         check_range: bool = True,
+        spec: ModelSpec | None = None,
     ):
         self._own_session = session is None
         self.session = session or HttpSession(
@@ -429,8 +464,32 @@ class HttpAPI:
             raise ModelNotFoundError(
                 f"{self.session.base_url} serves no model {model_name!r} (served: {known})", 404
             ) from None
-        served, server_batch = _info_from_metadata(meta, model_name, self.session.base_url)
-        self.input_name, self.output_name = _tensor_names(meta, model_name, self.session.base_url)
+        base = self.session.base_url
+        tin, tout = _tensor_specs(meta, model_name, base)
+        if spec is None:
+            served, server_batch = _info_from_metadata(meta, model_name, base)
+            self.adapter = InputAdapter()
+        else:
+            if spec.output_name is not None:
+                named = [o for o in meta["outputs"] if o.get("name") == spec.output_name]
+                if not named:
+                    raise ConfigError(
+                        f"model {model_name!r} at {base} has no output {spec.output_name!r} "
+                        f"(outputs: {', '.join(str(o.get('name')) for o in meta['outputs'])})"
+                    )
+                tout = named[0]
+            if spec.input_name is not None and spec.input_name != tin["name"]:
+                raise ConfigError(
+                    f"model {model_name!r} at {base} takes input {tin['name']!r}, not "
+                    f"{spec.input_name!r} as described"
+                )
+            served = spec.complete(
+                tin.get("shape"), tout.get("shape"), f"model {model_name!r} at {base}",
+                tags={"server": base},
+            )  # fmt: skip
+            server_batch = _max_batch_of(meta)
+            self.adapter = dataclasses.replace(spec.adapter, dtype=tin.get("datatype", "FP32"))
+        self.input_name, self.output_name = str(tin["name"]), str(tout["name"])
         self.server_output = served.output
         self._extra: str | None = None
         if output is not None and output != served.output:
@@ -465,7 +524,7 @@ class HttpAPI:
         # the whole batch is charged before any chunk is sent: a batch the budget cannot pay
         # for is refused with nothing spent (as LocalAPI does)
         self.ledger.charge(self.info.name, int(x.shape[0]))
-        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        arr = self.adapter(x)  # the model's layout, scaling and datatype
         chunks = [arr[i : i + self.max_batch] for i in range(0, arr.shape[0], self.max_batch)]
         if self.concurrency > 1 and len(chunks) > 1:
             if self._pool is None:
@@ -479,7 +538,7 @@ class HttpAPI:
         return out.to(x.device)
 
     def _send(self, arr: np.ndarray) -> np.ndarray:
-        """POST one chunk (n, C, H, W) -> (n, n_classes) float32 (already charged by
+        """POST one chunk (n, ...) -> (n, n_classes) float32 (already charged by
         :meth:`_fetch`; re-sends are charged as retries)."""
         n, name = int(arr.shape[0]), self.info.name
         body, headers = encode_request(arr, self.session.binary, self.input_name, self.output_name)
@@ -508,10 +567,10 @@ class HttpAPI:
                 f"{self.output_name!r} ({type(e).__name__}: {e})"
             ) from None
         want = [n, self.info.n_classes]
-        if dtype != "FP32" or shape != want or scores.size != n * self.info.n_classes:
+        if dtype not in FLOAT_TYPES or shape != want or scores.size != n * self.info.n_classes:
             raise BadOutputError(
                 f"{where} returned {dtype} scores of shape {shape} with {scores.size} values; "
-                f"expected FP32 {want}"
+                f"expected FP32 (or FP16, FP64) {want}"
             )
         scores = scores.astype(np.float32, copy=True).reshape(want)
         if not np.isfinite(scores).all():
@@ -548,20 +607,28 @@ _SESSION_KEYS = (
 
 
 def load_http_zoo(
-    url: str, ledger: QueryLedger | None = None, output: str | None = None, **options: Any
+    url: str,
+    ledger: QueryLedger | None = None,
+    output: str | None = None,
+    specs: list[ModelSpec] | None = None,
+    **options: Any,
 ) -> list[HttpAPI]:
     """All READY models of the server at ``url`` as :class:`HttpAPI` s sharing one session.
 
     ``url``: ``http://host:port`` (models listed by ``POST /v2/repository/index``) or
     ``http://host:port/v2/models/NAME`` (that model only). ``output``: None or the server's mode
     takes what the server serves; ``"logits"`` (the default of ``load_zoo``) also accepts a more
-    restricted server; a stricter mode than the server's is applied client-side. ``options``:
+    restricted server; a stricter mode than the server's is applied client-side. ``specs``: the
+    described models (an API description): exactly these are used. ``options``:
     :class:`HttpAPI` keyword arguments.
     """
     ledger = ledger if ledger is not None else QueryLedger()
     session = HttpSession(url, **{k: options.pop(k) for k in _SESSION_KEYS if k in options})
     path = urlsplit(url).path.rstrip("/")
-    if path.startswith("/v2/models/"):
+    by_name = {m.name: m for m in specs or []}
+    if specs:
+        names = list(by_name)
+    elif path.startswith("/v2/models/"):
         names = [path.split("/")[3]]
     elif path in ("", "/v2"):
         names = session.model_names()
@@ -571,13 +638,20 @@ def load_http_zoo(
         )
     apis = []
     for name in names:
-        api = HttpAPI(session.base_url, name, ledger=ledger, session=session, **options)
+        spec = by_name.get(name)
+        api = HttpAPI(session.base_url, name, ledger=ledger, session=session, spec=spec, **options)
         if output is not None and output != api.info.output:
             if output == "logits":
                 logger.info("%s serves %s; using that", name, api.info.output)
             else:
                 api = HttpAPI(
-                    session.base_url, name, ledger=ledger, session=session, output=output, **options
+                    session.base_url,
+                    name,
+                    ledger=ledger,
+                    session=session,
+                    output=output,
+                    spec=spec,
+                    **options,
                 )
         apis.append(api)
     if not apis:

@@ -104,9 +104,11 @@ def load_api_model(path: str | Path, entry: dict[str, Any]) -> nn.Module:
 
 def check_weights(root: str | Path, entry: dict[str, Any]) -> str | None:
     """What is wrong with an entry's weights file (missing, truncated, not safetensors), or None.
-    Reads the header only."""
+    Reads the header only. A foreign ONNX entry (no ``file``): its ONNX file must parse."""
     from safetensors import SafetensorError, safe_open
 
+    if "file" not in entry:
+        return _check_onnx(Path(root) / entry["onnx_file"])
     f = Path(root) / entry["file"]
     if not f.is_file():
         return f"weights file {entry['file']} is missing"
@@ -115,6 +117,18 @@ def check_weights(root: str | Path, entry: dict[str, Any]) -> str | None:
             h.keys()
     except (SafetensorError, OSError) as e:
         return f"weights file {entry['file']} is unreadable ({e})"
+    return None
+
+
+def _check_onnx(f: Path) -> str | None:
+    if not f.is_file():
+        return f"ONNX file {f.name} is missing"
+    try:
+        import onnx
+
+        onnx.load(str(f), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError, ValueError, ... on a damaged file
+        return f"ONNX file {f.name} is unreadable ({type(e).__name__})"
     return None
 
 
@@ -155,6 +169,12 @@ class TorchZoo:
         if not data["apis"]:
             raise ConfigError(
                 f"the zoo at {path} has no finished APIs yet; run `apimeta zoo build`"
+            )
+        foreign = [e["name"] for e in data["apis"] if "file" not in e]
+        if foreign:
+            raise ConfigError(
+                f"APIs {', '.join(foreign[:3])} of the zoo at {path} are ONNX models only (no "
+                "weights file); open the zoo with the onnx backend"
             )
         return [
             LocalAPI(load_api_model(path, e).to(device), entry_info(e, output), ledger, max_batch)

@@ -8,6 +8,17 @@ A zoo directory holds one weights file per API (``api-000.safetensors`` ...; ONN
                "image_size", "mean", "std", "holdout_acc", "seed", "train_time_s", "epochs_run",
                "n_params", "onnx_file"?}, ...]}
 
+An entry *without* ``file`` is a foreign ONNX model (not built by apimeta) and needs only
+``name``, ``onnx_file``, ``dataset``, ``classes`` (integer ids, in output order) and ``output``
+(what the model returns: logits | probs | topk:K | label); it may give the other keys of an API
+description (``channels``, ``image_size``, ``layout``, ``mean``/``std`` or ``input_range``,
+``input_name``, ``output_name``, ``class_names``; see :mod:`apimeta.apis.describe`). Its tensor
+names, datatype and shapes are read from the graph and checked when the zoo loads::
+
+    {"version": 1, "apis": [{"name": "mlp", "onnx_file": "mlp.onnx", "dataset": "emoji",
+                             "classes": [3, 8, 21], "output": "probs", "layout": "flat",
+                             "channels": 3}]}
+
 Learners only ever see the :class:`~apimeta.apis.base.APIInfo` of an entry (:func:`entry_info`).
 """
 
@@ -72,9 +83,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return data
 
 
-#: keys every manifest entry needs (``class_names`` defaults to the class ids)
+#: keys every manifest entry of an apimeta-built API needs (``class_names`` defaults to the ids)
 REQUIRED = ("name", "file", "arch", "width", "dataset", "classes", "channels", "image_size",
             "mean", "std")  # fmt: skip
+#: keys of an entry without ``file``: a foreign ONNX model
+FOREIGN_REQUIRED = ("name", "onnx_file", "dataset", "classes", "output")
 
 
 def check_entry(entry: Any, root: Path, where: str) -> None:
@@ -82,12 +95,14 @@ def check_entry(entry: Any, root: Path, where: str) -> None:
     the zoo directory ``root``."""
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: each entry of 'apis' must be an object")
-    missing = [k for k in REQUIRED if k not in entry]
+    need = REQUIRED if "file" in entry or "onnx_file" not in entry else FOREIGN_REQUIRED
+    missing = [k for k in need if k not in entry]
     if missing:
         name = entry.get("name", "?")
+        kind = "an apimeta-built API" if need is REQUIRED else "a foreign ONNX model (no file)"
         raise ConfigError(
-            f"{where} ({name!r}) lacks key(s) {', '.join(missing)}; every API needs "
-            f"{', '.join(REQUIRED)} (see apimeta.apis.manifest)"
+            f"{where} ({name!r}) lacks key(s) {', '.join(missing)}; {kind} needs "
+            f"{', '.join(need)} (see apimeta.apis.manifest)"
         )
     for key in ("file", "onnx_file"):
         if key in entry and not inside(root, entry[key]):
@@ -127,6 +142,7 @@ def entry_info(entry: dict[str, Any], output: str = "logits") -> APIInfo:
 
 
 __all__ = [
+    "FOREIGN_REQUIRED",
     "MANIFEST",
     "REQUIRED",
     "VERSION",

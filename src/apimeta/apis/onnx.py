@@ -3,11 +3,14 @@
 The exported graph takes ``input`` (B, C, H, W) float32 images in [0, 1] (normalization is
 inside the graph; the batch axis is dynamic) and returns ``scores`` (B, n_classes) logits; the
 output restriction is applied after onnxruntime, as in :class:`~apimeta.apis.local.LocalAPI`.
+Foreign ONNX models keep their own tensor names, datatypes and layouts (an API description or
+a ``zoo.json`` entry says what :class:`OnnxAPI` cannot read from the graph).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import shutil
@@ -27,6 +30,7 @@ from apimeta.apis.base import (
     restrict_output,
     validate_query,
 )
+from apimeta.apis.describe import ONNX_TYPES, InputAdapter, ModelSpec, spec_from_entry
 from apimeta.apis.ledger import QueryLedger
 from apimeta.apis.local import load_api_model, reject_options
 from apimeta.apis.manifest import MANIFEST, entry_info, read_manifest
@@ -157,16 +161,75 @@ def _session(path: str | Path, threads: int | None = 1) -> Any:
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
+        missing = _missing_external_data(Path(path))
+        if missing:
+            raise CheckpointError(
+                f"ONNX file {path} keeps its weights in {', '.join(missing)}, which is missing "
+                "next to it; copy that file beside the .onnx (or save the model with its "
+                "weights inside: onnx.save(model, path, save_as_external_data=False))"
+            ) from None
         raise CheckpointError(
-            f"onnxruntime cannot load {path} ({e}); re-export it with `apimeta zoo export-onnx`"
+            f"onnxruntime cannot load {path} ({str(e).strip()[:300]}); is it a valid ONNX model? "
+            "(for an apimeta zoo: re-export it with `apimeta zoo export-onnx`)"
         ) from None
 
 
-class OnnxAPI:
-    """An exported classifier on onnxruntime (CPU), as a :class:`BlackBoxAPI`.
+def _missing_external_data(path: Path) -> list[str]:
+    """External weight files an ONNX model refers to that are not next to it."""
+    try:
+        import onnx
 
-    ``threads``: onnxruntime intra-op threads (None: onnxruntime's default, all cores).
-    ``max_batch``: images per ``run`` call.
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not parseable at all: the caller reports the onnxruntime error
+        return []
+    names = set()
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            names |= {kv.value for kv in t.external_data if kv.key == "location"}
+    return sorted(n for n in names if not (path.parent / n).is_file())
+
+
+def _graph_io(sess: Any, where: str, input_name: str | None, output_name: str | None) -> tuple:
+    """(input, output) NodeArgs of an onnxruntime session: its only input (or the one named)
+    and its first output (or the one named); the input must be a float tensor."""
+    inputs, outputs = sess.get_inputs(), sess.get_outputs()
+    if input_name is not None:
+        inputs = [i for i in inputs if i.name == input_name] or inputs
+        if inputs[0].name != input_name:
+            raise ConfigError(
+                f"{where} has no input {input_name!r} (inputs: "
+                f"{', '.join(i.name for i in sess.get_inputs())})"
+            )
+    if len(inputs) != 1:
+        raise ConfigError(
+            f"{where} takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); apimeta "
+            "sends one image tensor: name it with input_name"
+        )
+    if output_name is not None:
+        named = [o for o in outputs if o.name == output_name]
+        if not named:
+            raise ConfigError(
+                f"{where} has no output {output_name!r} (outputs: "
+                f"{', '.join(o.name for o in outputs)})"
+            )
+        outputs = named
+    if inputs[0].type not in ONNX_TYPES:
+        raise ConfigError(
+            f"{where} takes {inputs[0].type} input {inputs[0].name!r}; apimeta sends float "
+            "images (float, float16 or double)"
+        )
+    return inputs[0], outputs[0]
+
+
+class OnnxAPI:
+    """An ONNX classifier on onnxruntime (CPU), as a :class:`BlackBoxAPI`.
+
+    The tensor names and the input datatype are the graph's own (or ``input_name`` /
+    ``output_name``); its input and output shapes are checked against ``info`` and the
+    ``adapter`` (layout and scaling of a foreign model; default: (B, C, H, W) in [0, 1]) when
+    the API is created. ``native_output``: what the graph returns; logits are restricted to
+    ``info.output``, anything else is passed on as it is. ``threads``: onnxruntime intra-op threads (None: onnxruntime's default,
+    all cores). ``max_batch``: images per ``run`` call.
     """
 
     platform = "onnxruntime_onnx"
@@ -180,31 +243,93 @@ class OnnxAPI:
         threads: int | None = 1,
         max_batch: int = 4096,
         check_range: bool = True,
+        adapter: InputAdapter | None = None,
+        input_name: str | None = None,
+        output_name: str | None = None,
+        native_output: str = "logits",
+        session: Any = None,
     ):
         parse_output_mode(info.output)
+        if native_output not in ("logits", info.output):
+            raise ConfigError(
+                f"API {info.name!r} returns {native_output!r}; it cannot answer {info.output!r} "
+                f"(only logits can be restricted further)"
+            )
+        self.native_output = native_output
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(
-                f"ONNX file {self.path} of API {info.name!r} is missing; run "
-                "`apimeta zoo export-onnx DIR` to write it"
+                f"ONNX file {self.path} of API {info.name!r} is missing; put it there (for an "
+                "apimeta zoo: run `apimeta zoo export-onnx DIR`)"
             )
         self.info = info
         self.ledger = ledger if ledger is not None else QueryLedger()
         self.max_batch = max_batch
         self.check_range = check_range
-        self._sess = _session(self.path, threads)
+        self._sess = session if session is not None else _session(self.path, threads)
+        where = f"ONNX model {self.path.name} (API {info.name!r})"
+        tin, tout = _graph_io(self._sess, where, input_name, output_name)
+        adapter = adapter if adapter is not None else InputAdapter()
+        self.adapter = dataclasses.replace(adapter, dtype=ONNX_TYPES[tin.type])
+        self.input_name, self.output_name = tin.name, tout.name
+        check = ModelSpec(
+            info.name, info.dataset, info.classes, info.class_names, info.output,
+            info.channels, info.image_size, self.adapter,
+        )  # fmt: skip
+        check.complete(tin.shape, tout.shape, where)
+
+    @classmethod
+    def from_spec(
+        cls,
+        path: str | Path,
+        spec: ModelSpec,
+        ledger: QueryLedger | None = None,
+        output: str | None = None,
+        **kw: Any,
+    ) -> OnnxAPI:
+        """The described model ``spec`` in the ONNX file ``path``; channels and image size the
+        description leaves out come from the graph. ``output``: a restriction of a model that
+        returns logits (None or ``logits``: as the model answers)."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"ONNX file {path} of API {spec.name!r} is missing")
+        sess = _session(path, kw.pop("threads", 1))
+        where = f"ONNX model {path.name} (API {spec.name!r})"
+        tin, tout = _graph_io(sess, where, spec.input_name, spec.output_name)
+        info = spec.complete(tin.shape, tout.shape, where, tags={"file": path.name})
+        if output not in (None, "logits", spec.output):
+            info = dataclasses.replace(info, output=output)
+        return cls(
+            path,
+            info,
+            ledger,
+            native_output=spec.output,
+            adapter=spec.adapter,
+            input_name=tin.name,
+            output_name=tout.name,
+            session=sess,
+            **kw,
+        )
 
     def query(self, x: Tensor) -> Tensor:
         """(B, C, H, W) in [0, 1] -> (B, n_classes) scores in the API's output mode."""
         validate_query(x, self.info, self.check_range)
         self.ledger.charge(self.info.name, int(x.shape[0]))
-        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        arr = self.adapter(x)
         outs = [
-            self._sess.run([OUTPUT_NAME], {INPUT_NAME: arr[i : i + self.max_batch]})[0]
+            self._sess.run([self.output_name], {self.input_name: arr[i : i + self.max_batch]})[0]
             for i in range(0, arr.shape[0], self.max_batch)
         ]
-        logits = torch.from_numpy(np.concatenate(outs) if len(outs) > 1 else outs[0])
-        return restrict_output(logits.float(), self.info.output).to(x.device)
+        out = np.concatenate(outs) if len(outs) > 1 else outs[0]
+        if out.ndim != 2 or out.shape != (arr.shape[0], self.info.n_classes):
+            raise CheckpointError(
+                f"ONNX model {self.path.name} returned shape {list(out.shape)}; expected "
+                f"[{arr.shape[0]}, {self.info.n_classes}]"
+            )
+        scores = torch.from_numpy(np.asarray(out, dtype=np.float32))
+        if self.native_output == "logits":
+            scores = restrict_output(scores, self.info.output)
+        return scores.to(x.device)
 
     def __repr__(self) -> str:
         return f"OnnxAPI({self.info.name!r}, {self.path.name!r})"
@@ -231,6 +356,11 @@ def export_zoo_onnx(
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for i, entry in enumerate(data["apis"]):
+        if "file" not in entry:  # a foreign ONNX model: nothing to export
+            if out.resolve() != src.resolve():
+                shutil.copy2(src / entry["onnx_file"], out / entry["onnx_file"])
+            entries.append(entry)
+            continue
         model = load_api_model(src, entry)
         onnx_file = f"{Path(entry['file']).stem}.onnx"
         export_onnx(
@@ -255,7 +385,12 @@ def load_onnx_zoo(
     threads: int | None = 1,
     max_batch: int = 4096,
 ) -> list[OnnxAPI]:
-    """Every API of an exported zoo as :class:`OnnxAPI` s sharing one ledger."""
+    """Every API of a zoo with ONNX files as :class:`OnnxAPI` s sharing one ledger.
+
+    Entries of apimeta-built APIs (with ``file``) need ``onnx_file`` (``apimeta zoo
+    export-onnx``); entries without ``file`` are foreign ONNX models described by the keys of
+    :mod:`apimeta.apis.describe` (see :mod:`apimeta.apis.manifest`). ``output``: the output
+    restriction of apimeta-built APIs (a foreign model answers in its own ``output``)."""
     parse_output_mode(output)
     root = root_of(path)
     data = read_manifest(root)
@@ -268,16 +403,15 @@ def load_onnx_zoo(
             else f"the zoo at {root} has no APIs; run `apimeta zoo build`"
         )
     ledger = ledger if ledger is not None else QueryLedger()
-    return [
-        OnnxAPI(
-            root / e["onnx_file"],
-            entry_info(e, output),
-            ledger,
-            threads=threads,
-            max_batch=max_batch,
-        )
-        for e in data["apis"]
-    ]
+    apis = []
+    for i, e in enumerate(data["apis"]):
+        kw = {"threads": threads, "max_batch": max_batch}
+        if "file" in e:
+            apis.append(OnnxAPI(root / e["onnx_file"], entry_info(e, output), ledger, **kw))
+        else:
+            spec = spec_from_entry(e, f"{root / MANIFEST}, API {i} ({e['name']!r})")
+            apis.append(OnnxAPI.from_spec(root / e["onnx_file"], spec, ledger, output, **kw))
+    return apis
 
 
 @API_SOURCES.register("onnx")

@@ -28,7 +28,7 @@ from typing import Any
 from apimeta.apis.base import BlackBoxAPI
 from apimeta.apis.cache import QueryCache
 from apimeta.apis.ledger import QueryLedger
-from apimeta.apis.sources import is_http, load_zoo
+from apimeta.apis.sources import load_zoo, served_over_http
 from apimeta.errors import ConfigError
 from apimeta.run_config import RunConfig
 from apimeta.seeding import derive_seed
@@ -65,9 +65,12 @@ def http_client_options(cfg: RunConfig) -> dict[str, Any]:
 
 
 def query_cache_path(cfg: RunConfig, run_dir: str | Path | None) -> Path | None:
-    """Where ``cfg.http.query_cache`` puts the query cache (``"auto"``: in the run directory)."""
+    """Where ``cfg.http.query_cache`` puts the query cache: ``"auto"`` in the run directory;
+    ``"http"`` (the default) there too when the zoo is served over HTTP, else none."""
     where = cfg.http.query_cache
-    if not where:
+    if where == "http":
+        where = "auto" if served_over_http(cfg.zoo) else None
+    if not where or where in ("off", "none"):
         return None
     if where == "auto":
         if run_dir is None:
@@ -90,7 +93,7 @@ def load_run_apis(
             "this method learns from APIs: pass --zoo DIR (build one with `apimeta zoo build`) "
             "or --zoo http://host:port (a server started with `apimeta serve`)"
         )
-    options = http_client_options(cfg) if is_http(cfg.zoo) else {}
+    options = http_client_options(cfg) if served_over_http(cfg.zoo) else {}
     cache_path = query_cache_path(cfg, run_dir)
     apis = load_zoo(
         cfg.zoo,
@@ -100,9 +103,19 @@ def load_run_apis(
         cache=QueryCache(cache_path) if cache_path is not None else None,
         **options,
     )
+    from apimeta.data import DATASETS
+
     wanted = set(cfg.dataset_names)
     have = {a.info.dataset for a in apis}
-    if not have & wanted:
+    own = {d for d in have if d not in DATASETS}
+    if own and not have & wanted:  # described APIs with their own label sets
+        log.warning(
+            "the APIs label classes of %s (not an apimeta dataset); meta-testing on %s, whose "
+            "classes they may have seen",
+            sorted(own),
+            sorted(wanted),
+        )
+    elif not have & wanted:
         raise ConfigError(
             f"the zoo's APIs cover datasets {sorted(have)}, but the run evaluates on "
             f"{sorted(wanted)}; pass --dataset {','.join(sorted(have))}"

@@ -1,7 +1,9 @@
 """Opening a zoo: ``load_zoo`` picks the registered API source (:data:`API_SOURCES`) that fits.
 
-Sources shipped: ``http`` (a v2 server URL), ``onnx`` (a zoo directory with ONNX files) and
-``torch`` (a zoo directory of safetensors weights); each registers itself in its own module.
+Sources shipped: ``described`` (an API description file, :mod:`apimeta.apis.describe`: other
+people's models on a v2 server or in ONNX files), ``http`` (a v2 server URL), ``onnx`` (a zoo
+directory with ONNX files) and ``torch`` (a zoo directory of safetensors weights); each but the
+first registers itself in its own module.
 """
 
 from __future__ import annotations
@@ -12,9 +14,74 @@ from typing import Any
 from apimeta.apis import http, local, onnx  # noqa: F401  (register their sources)
 from apimeta.apis.base import API_SOURCES, APISource, BlackBoxAPI, parse_output_mode
 from apimeta.apis.cache import CachedAPI, QueryCache
-from apimeta.apis.http import is_http
+from apimeta.apis.describe import description_datasets, is_description, read_description
+from apimeta.apis.http import is_http, load_http_zoo
 from apimeta.apis.ledger import QueryLedger
+from apimeta.apis.local import reject_options
+from apimeta.apis.manifest import zoo_datasets
+from apimeta.apis.onnx import OnnxAPI
 from apimeta.errors import ConfigError
+
+
+@API_SOURCES.register("described")
+class DescribedZoo:
+    """An API description file (YAML/JSON): described models on a v2 server or in ONNX files."""
+
+    priority = -10
+    handles_cache = False
+
+    @staticmethod
+    def matches(source: str) -> bool:
+        return is_description(source)
+
+    @staticmethod
+    def load(
+        source: str, *, ledger: QueryLedger, output: str, device: str = "cpu", **options: Any
+    ) -> list[BlackBoxAPI]:
+        desc = read_description(source)
+        max_batch = options.pop("max_batch", 4096)
+        if desc.is_http:
+            return list(
+                load_http_zoo(
+                    desc.source, ledger=ledger, output=output, specs=list(desc.models), **options
+                )
+            )
+        reject_options(options, source)
+        root = Path(desc.source)
+        no_file = [m.name for m in desc.models if not m.onnx_file]
+        if no_file:
+            raise ConfigError(
+                f"{source}: models {', '.join(no_file)} have no onnx_file, and the source "
+                f"{root} is a folder; give each its onnx_file or make source a server URL"
+            )
+        return [
+            OnnxAPI.from_spec(root / str(m.onnx_file), m, ledger, output, max_batch=max_batch)
+            for m in desc.models
+        ]
+
+
+def served_over_http(source: str | Path | None) -> bool:
+    """Whether the zoo ``source`` is a server: a URL, or a description whose source is one."""
+    if source is None:
+        return False
+    if is_http(str(source)):
+        return True
+    if is_description(source):
+        try:
+            return read_description(source, resolve=False).is_http
+        except ConfigError:
+            return False
+    return False
+
+
+def declared_datasets(source: str | Path) -> list[str]:
+    """The datasets a zoo says its APIs were trained on, read without loading anything (a zoo
+    directory's manifest, a description file; [] for a server)."""
+    if is_http(str(source)):
+        return []
+    if is_description(source):
+        return description_datasets(source)
+    return zoo_datasets(source)
 
 
 def find_source(source: str | Path, backend: str = "auto") -> type[APISource]:
@@ -49,6 +116,7 @@ def load_zoo(
     """Open a zoo as black-box APIs sharing one :class:`QueryLedger` (created if None).
 
     ``source``: a zoo directory (``zoo.json``), or ``http(s)://host:port`` of an API server, or
+    an API description file (other people's models; :mod:`apimeta.apis.describe`), or
     anything another registered source accepts. ``backend``: ``"auto"`` (the first matching
     source: http, then onnx when the zoo has ONNX files, then torch) or a source name.
     ``output``: the output restriction (logits | probs | topk:K | label). ``cache``: a
@@ -72,4 +140,12 @@ def load_zoo(
     return apis
 
 
-__all__ = ["API_SOURCES", "find_source", "is_http", "load_zoo"]
+__all__ = [
+    "API_SOURCES",
+    "DescribedZoo",
+    "declared_datasets",
+    "find_source",
+    "is_http",
+    "load_zoo",
+    "served_over_http",
+]

@@ -57,10 +57,22 @@ def json_loads(data: bytes | str) -> Any:
     return json.loads(data)
 
 
+#: float datatypes on the wire -> little-endian numpy dtype
+WIRE_TYPES = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8"}
+
+
+def datatype_of(arr: np.ndarray) -> str:
+    """The v2 datatype of a float array (FP32, FP16, FP64)."""
+    for name, code in WIRE_TYPES.items():
+        if arr.dtype == np.dtype(code):
+            return name
+    raise TypeError(f"no v2 float datatype for {arr.dtype}")
+
+
 def _with_binary(
     head: dict[str, Any], tensor: dict[str, Any], arr: np.ndarray
 ) -> tuple[bytes, dict[str, str]]:
-    raw = arr.astype("<f4", copy=False).tobytes()
+    raw = arr.astype(WIRE_TYPES[tensor["datatype"]], copy=False).tobytes()
     tensor["parameters"] = {**tensor.get("parameters", {}), "binary_data_size": len(raw)}
     body = json_dumps(head)
     return body + raw, {"Inference-Header-Content-Length": str(len(body))}
@@ -82,9 +94,14 @@ def encode_request(
     input_name: str = INPUT_NAME,
     output_name: str = OUTPUT_NAME,
 ) -> tuple[bytes, dict[str, str]]:
-    """An infer request for ``images`` float32 (the model's input shape, e.g. (B, C, H, W)) ->
-    (body, HTTP headers). The tensor names are the model's (its metadata)."""
-    spec: dict[str, Any] = {"name": input_name, "shape": list(images.shape), "datatype": "FP32"}
+    """An infer request for float ``images`` in the model's input shape and datatype (e.g.
+    (B, C, H, W) float32) -> (body, HTTP headers). The tensor names are the model's (its
+    metadata)."""
+    spec: dict[str, Any] = {
+        "name": input_name,
+        "shape": list(images.shape),
+        "datatype": datatype_of(images),
+    }
     if binary:
         head = {
             "inputs": [spec],
@@ -236,8 +253,9 @@ def decode_response(
 ) -> tuple[list[int], Any, np.ndarray]:
     """(shape, datatype, values as a flat float32 array) of the output ``output_name``.
 
-    ``header_len``: the ``Inference-Header-Content-Length`` header (None: all JSON). Raises
-    ``StopIteration`` when the response has no such output."""
+    ``header_len``: the ``Inference-Header-Content-Length`` header (None: all JSON). Binary
+    outputs may be FP32, FP16 or FP64. Raises ``StopIteration`` when the response has no such
+    output."""
     head_len = int(header_len) if header_len is not None else len(body)
     head = json_loads(body[:head_len])
     out = next(o for o in head["outputs"] if o.get("name") == output_name)
@@ -245,7 +263,10 @@ def decode_response(
     params = out.get("parameters") or {}
     if "binary_data_size" in params:
         size = int(params["binary_data_size"])
-        scores = np.frombuffer(body[head_len : head_len + size], dtype="<f4")
+        if dtype not in WIRE_TYPES:
+            raise ValueError(f"binary output of datatype {dtype!r}; expected FP32, FP16 or FP64")
+        raw = np.frombuffer(body[head_len : head_len + size], dtype=WIRE_TYPES[dtype])
+        scores = raw.astype(np.float32)
     else:
         scores = np.asarray(out["data"], dtype=np.float32)
     return shape, dtype, scores
@@ -255,7 +276,9 @@ __all__ = [
     "HEADER_LENGTH",
     "INPUT_NAME",
     "OUTPUT_NAME",
+    "WIRE_TYPES",
     "ProtocolError",
+    "datatype_of",
     "decode_request",
     "decode_response",
     "encode_request",

@@ -209,16 +209,16 @@ def train(
 
 
 def _dataset_of_zoo(cfg: Any) -> Any:
-    """With no --dataset: the datasets of a local zoo (not the preset's), read from zoo.json
-    before anything is loaded."""
+    """With no --dataset: the datasets of a local zoo or description (not the preset's), read
+    before anything is loaded (only apimeta datasets: an own label set cannot be evaluated)."""
     import dataclasses
 
-    from apimeta.apis.http import is_http
-    from apimeta.apis.manifest import zoo_datasets
+    from apimeta.apis.sources import declared_datasets
+    from apimeta.data import DATASETS
 
-    if not cfg.zoo or is_http(cfg.zoo):
+    if not cfg.zoo:
         return cfg
-    names = zoo_datasets(cfg.zoo)
+    names = [d for d in declared_datasets(cfg.zoo) if d in DATASETS]
     if names and set(names) != set(cfg.dataset_names):
         console.print(
             f"the zoo's APIs were trained on {','.join(names)}: training and evaluating on it "

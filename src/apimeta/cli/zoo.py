@@ -59,7 +59,7 @@ def zoo_table(apis: list[dict[str, Any]], title: str | None = None) -> Table:
         acc = e.get("holdout_acc")
         table.add_row(
             e["name"],
-            f"{e['arch']}@{e['width']:g}",
+            f"{e['arch']}@{e['width']:g}" if "arch" in e else f"onnx ({e.get('output')})",
             e["dataset"],
             "-" if acc is None else f"{100 * acc:.1f}%",
             str(e.get("epochs_run", "-")),
@@ -194,14 +194,24 @@ def build(
 
 @zoo_app.command("show")
 def show(
-    path: Path = typer.Argument(..., help="Zoo directory (holding zoo.json)."),
+    source: str = typer.Argument(
+        ..., help="Zoo directory (zoo.json), API description file, or http://host:port."
+    ),
 ) -> None:
     """Print the APIs of a zoo: architecture, dataset, classes, holdout accuracy, train time.
 
-    Checks every weights file; a missing or damaged one is listed and the exit status is 1."""
+    Checks every weights file; a missing or damaged one is listed and the exit status is 1.
+    A description file or a server is opened (names, shapes and widths checked) and its APIs
+    listed; one that cannot be used is an error (exit 2)."""
+    from apimeta.apis.describe import is_description
+    from apimeta.apis.http import is_http
     from apimeta.apis.local import check_weights
     from apimeta.apis.manifest import read_manifest, zoo_dir
 
+    if is_description(source) or is_http(source):
+        _show_apis(source)
+        return
+    path = Path(source)
     with friendly_errors():
         data = read_manifest(path)
         args = data.get("build_args", {})
@@ -224,6 +234,35 @@ def show(
                 "`apimeta zoo build` and the same arguments (finished APIs are reused)"
             )
             raise typer.Exit(1)
+
+
+def _show_apis(source: str) -> None:
+    """List the APIs of a description file or a server, as loaded (nothing is queried)."""
+    from apimeta.apis.sources import load_zoo
+
+    with friendly_errors():
+        apis = load_zoo(source)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("name", "kind", "dataset", "input", "output", "classes"):
+        table.add_column(col, no_wrap=True, overflow="ellipsis")
+    for a in apis:
+        i = a.info
+        names = ",".join(i.class_names)
+        layout = getattr(getattr(a, "adapter", None), "layout", "nchw")
+        table.add_row(
+            i.name,
+            type(getattr(a, "api", a)).__name__,
+            i.dataset,
+            f"{i.channels}x{i.image_size}x{i.image_size} {layout}",
+            i.output,
+            names if len(names) <= 24 else names[:23] + "…",
+        )
+    console.print(f"[bold]{source}[/]: {len(apis)} API{'s' if len(apis) != 1 else ''}")
+    console.print(table)
+    for a in apis:
+        close = getattr(a, "close", None)
+        if close is not None:
+            close()
 
 
 @zoo_app.command("export-onnx")
