@@ -59,3 +59,20 @@ def test_cache_is_shared_between_connections(tmp_path):
     assert list(got) == ["k1"] and got["k1"].tolist() == [0.0, 1.0, 2.0]
     a.close()
     b.close()
+
+
+def test_the_query_cache_is_on_by_default_for_http_zoos_only(tmp_path):
+    from apimeta.apis.runtime import query_cache_path
+    from apimeta.testing import make_config
+
+    desc = tmp_path / "apis.yaml"
+    desc.write_text(
+        "source: http://127.0.0.1:1\nmodels: {m: {classes: [1], dataset: d, output: probs}}\n"
+    )
+    run = tmp_path / "run"
+    assert query_cache_path(make_config(zoo="http://h:1"), run) == run / "query-cache.sqlite"
+    assert query_cache_path(make_config(zoo=str(desc)), run) == run / "query-cache.sqlite"
+    assert query_cache_path(make_config(zoo=str(tmp_path)), run) is None  # a local zoo
+    off = make_config(zoo="http://h:1", http={"query_cache": "off"})
+    assert query_cache_path(off, run) is None
+    assert query_cache_path(make_config(zoo=str(tmp_path), http={"query_cache": "auto"}), run)

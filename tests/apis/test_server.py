@@ -219,6 +219,29 @@ def test_access_log_is_one_json_line_with_a_hashed_key(server, caplog):
     assert missing["status"] == 404 and missing["model"] == "nope"
 
 
+def test_a_client_disconnect_is_logged_as_499_not_500(server, caplog):
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(str(server.base_url))
+    path = "/v2/models/api-001/infer"
+    with caplog.at_level(logging.INFO, logger="apimeta.server.access"):
+        with socket.create_connection((url.hostname, url.port)) as sock:
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+                '{"inputs": ['.encode()
+            )
+            time.sleep(0.2)
+        deadline = time.monotonic() + 5.0
+        lines: list[dict] = []
+        while not lines and time.monotonic() < deadline:
+            recs = [json.loads(r.getMessage()) for r in caplog.records if r.name.endswith("access")]
+            lines = [line for line in recs if line["path"] == path]
+            time.sleep(0.01)
+    assert [line["status"] for line in lines] == [499]
+
+
 def test_rate_limit_is_429_with_retry_after(apis):
     app = create_app(apis, rate_limit=0.01, rate_burst=2)
     with UvicornThread(app) as srv, httpx.Client(base_url=srv.url) as client:

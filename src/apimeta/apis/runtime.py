@@ -9,7 +9,8 @@ sends the same queries.
   it is, so images sent during it stay counted; with a query cache the redo takes the answers it
   already got from the cache (not billed again). Re-sent: only the request that failed.
 * SIGKILL: the ledger comes from the last checkpoint, so images sent after it were paid to the
-  server but are missing from it. With a query cache (``http.query_cache``) every answer received
+  server but are missing from it. With a query cache (``http.query_cache``, on by default for a
+  zoo served over HTTP) every answer received
   before the kill was stored (one SQLite transaction per batch), so the redo takes it from the
   cache without sending it; and since the checkpoint holds the cache's newest row id
   (:func:`cache_mark`), those hits on rows stored after the checkpoint are charged to the ledger

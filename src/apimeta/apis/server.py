@@ -45,6 +45,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from apimeta.apis.base import APIInfo, BlackBoxAPI, parse_output_mode, restrict_output
 from apimeta.apis.v2 import (
@@ -338,11 +339,16 @@ def create_app(
                 413, f"request body of {length} bytes exceeds the limit of {body_limit} bytes"
             )
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > body_limit:
-                raise ProtocolError(413, f"request body exceeds the limit of {body_limit} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > body_limit:
+                    raise ProtocolError(
+                        413, f"request body exceeds the limit of {body_limit} bytes"
+                    )
+                chunks.append(chunk)
+        except ClientDisconnect:  # the client went away: not a server error (499, as nginx)
+            raise ProtocolError(499, "client disconnected before sending its request") from None
         return b"".join(chunks)
 
     @app.post("/v2/models/{name}/infer")

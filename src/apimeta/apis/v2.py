@@ -214,7 +214,7 @@ def decode_request(
             raise ProtocolError(400, "'outputs' must be a list of objects")
         for o in outputs:
             _check_parameters(o, f"output {o.get('name')!r}")
-            if "class_count" in (o.get("parameters") or {}):
+            if {"class_count", "classification"} & set(o.get("parameters") or {}):
                 raise ProtocolError(
                     400,
                     "the classification extension (class_count) is not implemented by this "
