@@ -133,6 +133,7 @@ class EvalConfig:
     every: int = 1000  # episodes between meta-val passes
     tasks: int = 100  # meta-val tasks per pass
     test_tasks: int = 600  # meta-test tasks at the end of training
+    test_shots: list[int] = field(default_factory=lambda: [1, 5])  # shots of that meta-test
     test_steps: int = 10  # fine-tuning steps at meta-val/meta-test
     select_split: str = "val"  # val | test (the reference; optimistic)
     transductive: bool = True

@@ -94,6 +94,10 @@ def check_run_config(cfg: RunConfig) -> None:
         (cfg.eval.tasks >= 1, f"eval.tasks must be >= 1, got {cfg.eval.tasks}"),
         (cfg.eval.test_tasks >= 1, f"eval.test_tasks must be >= 1, got {cfg.eval.test_tasks}"),
         (
+            bool(cfg.eval.test_shots) and all(k >= 1 for k in cfg.eval.test_shots),
+            f"eval.test_shots must list shot counts >= 1 (e.g. 1,5), got {cfg.eval.test_shots}",
+        ),
+        (
             cfg.query_budget is None or cfg.query_budget >= 0,
             f"query_budget must be >= 0 images, or none for no limit; got {cfg.query_budget}",
         ),
@@ -200,18 +204,22 @@ class MetaTrainer(Method):
         tasks: int,
         model: nn.Module | None = None,
         phase: str | None = None,
+        shots: tuple[int, ...] | None = None,
     ) -> tuple[float, dict[str, dict[str, Any]]]:
         """Evaluate ``model`` (default the meta-model) on ``split`` of every dataset at
-        ``cfg.shot``; returns (selection score = mean over datasets, {dataset: results})."""
+        ``shots`` (default ``cfg.shot``); returns (selection score = mean over datasets at
+        ``cfg.shot``, or the first shot count, {dataset: results})."""
         cfg = self.cfg
         model = self.model if model is None else model
+        shots = tuple(dict.fromkeys(shots)) if shots else (cfg.shot,)
         out: dict[str, dict[str, Any]] = {}
         for ds in self.datasets:
             cb = _eval_progress(self._progress, phase or split, ds.name)
             out[ds.name] = evaluate_with_config(
-                model, ds, cfg, split=split, shots=(cfg.shot,), tasks=tasks, progress=cb
+                model, ds, cfg, split=split, shots=shots, tasks=tasks, progress=cb
             )
-        score = sum(summary_score(r) for r in out.values()) / len(out)
+        key = f"{cfg.shot if cfg.shot in shots else shots[0]}-shot"
+        score = sum(summary_score({key: r[key]}) for r in out.values()) / len(out)
         return score, out
 
     # ---- the loop ----------------------------------------------------------------------
@@ -429,12 +437,15 @@ class MetaTrainer(Method):
 
     def _final_test(self) -> TrainResult:
         cfg, st = self.cfg, self.state
-        _, final = self.evaluate_split("test", cfg.eval.test_tasks, phase="test")
+        shots = tuple(cfg.eval.test_shots)
+        _, final = self.evaluate_split("test", cfg.eval.test_tasks, phase="test", shots=shots)
         best: dict[str, Any] = final
         best_path = self.run.best_checkpoint if self.run.best_checkpoint.exists() else None
         if best_path is not None and st.best_step != st.step:
             model, _, _ = load_meta_model(best_path, device=self.device)
-            _, best = self.evaluate_split("test", cfg.eval.test_tasks, model=model, phase="test")
+            _, best = self.evaluate_split(
+                "test", cfg.eval.test_tasks, model=model, phase="test", shots=shots
+            )
         metrics = {
             "method": self.name,
             "steps": st.step,
