@@ -224,6 +224,11 @@ def config_diff(
     return out
 
 
+def _plain(v: Any) -> Any:
+    """500.0 -> 500 (schedule values are floats so that fractions fit)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
 def _queries_used(run: RunDir) -> int:
     used = 0
     for r in run.read_metrics():
@@ -276,7 +281,9 @@ def comparison_table(
         table.append(line)
     notes = [
         f"- {r['scenario']} {r['variant']}: reused run trained with "
-        + ", ".join(f"{k}={a!r} (table: {b!r})" for k, (a, b) in r["config_diff"].items())
+        + ", ".join(
+            f"{k}={_plain(a)!r} (table: {_plain(b)!r})" for k, (a, b) in r["config_diff"].items()
+        )
         for r in rows
         if r.get("config_diff")
     ]

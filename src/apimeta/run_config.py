@@ -63,6 +63,14 @@ class ZOConfig:
     lowres: int = 8  # r for the lowres estimator (3*r*r dims)
 
 
+def schedule_point(value: float, total: int) -> int:
+    """A schedule value as a count: ``value`` in (0, 1) is that fraction of ``total`` (rounded,
+    at least 1), so a schedule scales with the run's length; >= 1 (or 0) is an absolute count."""
+    if 0 < value < 1:
+        return max(1, round(value * total))
+    return int(value)
+
+
 @dataclass
 class KDConfig:
     """Bi-level knowledge distillation from an API (docs/design.md 4.4-4.6)."""
@@ -71,7 +79,9 @@ class KDConfig:
     T: float = 1.0  # temperature
     inner_steps: int = 10  # inner-level KD steps on the support set S
     adv: float = 1.0  # lambda_adv of the boundary term of Q; 0 disables it
-    adv_start: int = 500  # meta-updates before the boundary term switches on
+    # meta-updates before the boundary term switches on; a value in (0, 1) is that fraction of
+    # the run's meta-updates (see schedule_point)
+    adv_start: float = 500
     cache_api_outputs: bool = True  # query the API once per set, not once per inner step
 
 
@@ -130,7 +140,7 @@ class HttpConfig:
 class EvalConfig:
     """Meta-validation (checkpoint selection) and meta-test (docs/design.md 6)."""
 
-    every: int = 1000  # episodes between meta-val passes
+    every: float = 1000  # episodes between meta-val passes; in (0, 1): that fraction of the run
     tasks: int = 100  # meta-val tasks per pass
     test_tasks: int = 600  # meta-test tasks at the end of training
     test_shots: list[int] = field(default_factory=lambda: [1, 5])  # shots of that meta-test
@@ -372,4 +382,5 @@ __all__ = [
     "migrate_legacy",
     "resolve_config",
     "run_config_from_dict",
+    "schedule_point",
 ]

@@ -54,7 +54,7 @@ def test_bench_table_reuses_finished_runs(tmp_path):
     res = runner.invoke(app, [*args, "--set", "kd.adv_start=3"])
     assert res.exit_code == 0, res.output
     table = (tmp_path / "b" / "results.md").read_text()
-    assert "SS bidf-mkd: reused run trained with kd.adv_start=500 (table: 3)" in table
+    assert "SS bidf-mkd: reused run trained with kd.adv_start=0.25 (table: 3)" in table
 
 
 def test_bench_restarts_a_run_killed_before_its_first_checkpoint(tmp_path):

@@ -218,3 +218,20 @@ def test_schedules_a_short_run_never_reaches_are_warned_about(zoo, tmp_path, cap
         train(cfg)
     assert "kd.adv_start=500 >= the run's 2 meta-updates" in caplog.text
     assert "meta-val runs only at the end" in caplog.text
+
+
+def test_fractional_schedules_scale_with_the_run(zoo, tmp_path, caplog):
+    """kd.adv_start and eval.every in (0, 1) are fractions of the run: the boundary term starts
+    and meta-val runs at the same relative points whatever --episodes is."""
+    from apimeta.run_config import EvalConfig, schedule_point
+
+    assert [schedule_point(v, 2000) for v in (0.25, 500, 0, 0.0001)] == [500, 500, 0, 1]
+    cfg = tiny_cfg(
+        zoo, tmp_path, episodes=8, kd=KDConfig(adv_start=0.5), eval=EvalConfig(every=0.5)
+    )
+    with caplog.at_level("WARNING"):
+        m, _ = train(cfg)
+    assert m.adv_start == 2 and "never switches on" not in caplog.text
+    assert "meta-val runs only at the end" not in caplog.text
+    vals = [r for r in m.run.read_metrics() if r.get("phase") == "val"]
+    assert [r["step"] for r in vals] == [2, 4]  # every 4 of the 8 episodes = 2 updates

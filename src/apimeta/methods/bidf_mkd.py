@@ -40,6 +40,7 @@ from apimeta.memory import TaskMemory
 from apimeta.methods.api_learner import APILearner
 from apimeta.methods.interface import METHODS
 from apimeta.recovery import Boundary, Objective, SupportCE
+from apimeta.run_config import schedule_point
 from apimeta.transforms import crop_flip, resize
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,13 @@ class BiDfMKD(APILearner):
             )
         self.refuse_unaffordable(self.event_cost)
         total = self.total_updates()
-        if cfg.kd.adv > 0 and total > 0 and cfg.kd.adv_start >= total:
+        self.adv_start = schedule_point(cfg.kd.adv_start, total)
+        if cfg.kd.adv > 0 and total > 0 and self.adv_start >= total:
             log.warning(
                 "kd.adv_start=%d >= the run's %d meta-updates: the boundary term never switches "
                 "on (every query set is recovered with CE). Set kd.adv_start below %d (e.g. %d), "
-                "or kd.adv=0 to say so",
-                cfg.kd.adv_start, total, total, total // 4,
+                "a fraction of the run such as 0.25, or kd.adv=0 to say so",
+                self.adv_start, total, total, total // 4,
             )  # fmt: skip
         self.schedule = EventSchedule(cfg.events.trigger, cfg.events.patience)
         self.events: list[dict[str, Any]] = []
@@ -126,7 +128,7 @@ class BiDfMKD(APILearner):
         """How Q is recovered: the boundary objective against the adapted student once
         ``kd.adv_start`` updates have passed (APIs with logits or probs), else CE (4.5)."""
         cfg = self.cfg
-        if cfg.kd.adv <= 0 or step < cfg.kd.adv_start:
+        if cfg.kd.adv <= 0 or step < self.adv_start:
             return SupportCE()
         if output_kind(api.info.output) in ("logits", "probs"):
             return Boundary(frozen_student(self.model, fast, self._to_model), cfg.kd.adv)

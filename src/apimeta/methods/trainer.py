@@ -51,7 +51,7 @@ from apimeta.models import BACKBONES
 from apimeta.models.meta import load_meta_model, load_run_datasets, meta_model_for_datasets
 from apimeta.recovery import ITERATES
 from apimeta.registry import Registry
-from apimeta.run_config import RunConfig
+from apimeta.run_config import RunConfig, schedule_point
 from apimeta.runs import RunDir
 from apimeta.scenarios import SCENARIOS
 from apimeta.seeding import make_generator
@@ -92,6 +92,11 @@ def check_run_config(cfg: RunConfig) -> None:
         (cfg.episodes >= 0, f"episodes must be >= 0, got {cfg.episodes}"),
         (cfg.inner_steps >= 0, f"inner_steps must be >= 0, got {cfg.inner_steps}"),
         (cfg.eval.tasks >= 1, f"eval.tasks must be >= 1, got {cfg.eval.tasks}"),
+        (
+            cfg.eval.every > 0,
+            f"eval.every must be > 0 (episodes, or a fraction of the run), got {cfg.eval.every}",
+        ),
+        (cfg.kd.adv_start >= 0, f"kd.adv_start must be >= 0, got {cfg.kd.adv_start}"),
         (cfg.eval.test_tasks >= 1, f"eval.test_tasks must be >= 1, got {cfg.eval.test_tasks}"),
         (
             bool(cfg.eval.test_shots) and all(k >= 1 for k in cfg.eval.test_shots),
@@ -368,14 +373,15 @@ class MetaTrainer(Method):
         run.save_config(cfg)  # on resume: the config as extended (e.g. more episodes)
         st = self.state
         total = self.total_updates()
-        eval_every = max(1, cfg.eval.every // cfg.meta_batch)
+        episodes = schedule_point(cfg.eval.every, total * cfg.meta_batch)
+        eval_every = max(1, episodes // cfg.meta_batch)
         ckpt_every = max(1, cfg.checkpoint_every)
         if 1 < total <= eval_every:
             log.warning(
                 "eval.every=%d episodes is %d meta-updates, not fewer than the run's %d: meta-val "
                 "runs only at the end, so best.pt = last.pt (no selection). Set eval.every to at "
                 "most %d episodes for several checkpoints to choose from",
-                cfg.eval.every, eval_every, total, max(cfg.meta_batch, total * cfg.meta_batch // 4),
+                episodes, eval_every, total, max(cfg.meta_batch, total * cfg.meta_batch // 4),
             )  # fmt: skip
         if st.step == 0 and total == 0 and st.best_score is None:
             self._validate()  # nothing to train: the init itself is the best and final model
