@@ -157,6 +157,8 @@ class RunConfig:
     method: str = "bidf-mkd"  # registry apimeta.methods.METHODS
     dataset: str = "emoji"  # comma-separated for API-MH (emoji,kanji)
     data_root: str | None = None
+    # extra dataset loader options, e.g. {channels: 1} for grey folder images, {eval_only: true}
+    data_options: dict[str, Any] = field(default_factory=dict)
     zoo: str | None = None  # zoo dir, ONNX dir or http(s)://host:port
     scenario: str = "auto"  # auto | SS | SH | MH
     api_output: str = "logits"  # output mode simulated by local/ONNX zoos (servers decide)

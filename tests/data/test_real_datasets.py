@@ -233,6 +233,39 @@ def test_folder_split_file(tmp_path):
         load_dataset("folder", root=tmp_path)
 
 
+def test_folder_for_meta_test_only(tmp_path):
+    _write_folder(tmp_path, ["a", "b", "c", "d", "e"], per=3)
+    ds = load_dataset("folder", root=tmp_path, eval_only=True, channels=1)
+    assert [len(ds.splits[s]) for s in SPLITS] == [0, 0, 15]
+    assert ds.splits["test"].classes == [0, 1, 2, 3, 4] and ds.splits["train"].images.shape[1] == 1
+    assert len(ds.mean) == 1 and 0.2 < ds.mean[0] < 0.8  # stats of all images
+    (tmp_path / "split.json").write_text(json.dumps({"train": [], "val": [], "test": ["b", "e"]}))
+    ds = load_dataset("folder", root=tmp_path)
+    assert ds.class_names == ["b", "e"] and len(ds.splits["train"]) == 0
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["a"], "val": [], "test": ["b"]}))
+    with pytest.raises(ConfigError, match=r"'val' .* is empty; give classes to both"):
+        load_dataset("folder", root=tmp_path)
+
+
+def test_folder_cli_loader_options_and_eval_only(tmp_path):
+    from typer.testing import CliRunner
+
+    from apimeta.cli import app
+
+    _write_folder(tmp_path / "imgs", [f"c{i}" for i in range(5)], per=4)
+    args = ["eval", "--init", "random", "--dataset", "folder", "--data-root",
+            str(tmp_path / "imgs"), "--shots", "1", "--tasks", "2", "--query", "2",
+            "--steps", "1", "--width", "8", "--threads", "1", "--json", str(tmp_path / "r.json")]  # fmt: skip
+    res = CliRunner().invoke(app, [*args, "--data-option", "eval_only=true",
+                                   "--data-option", "channels=1"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["results"]["folder"]["1-shot"]["n"] == 2
+    res = CliRunner().invoke(app, [*args, "--data-option", "chanels=1"])
+    assert res.exit_code == 2
+    assert "does not take option(s) chanels" in " ".join(res.output.split())
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="data-root"):
         load_dataset("folder")

@@ -68,6 +68,12 @@ def eval_cmd(
         2022, "--seed", help="Seed of the fixed task list (and of the random init)."
     ),
     data_root: str | None = typer.Option(None, "--data-root", help="Root of local datasets."),
+    data_option: list[str] = typer.Option(
+        [],
+        "--data-option",
+        help="Dataset loader option KEY=VALUE (repeatable), e.g. channels=1 or eval_only=true "
+        "for folder data.",
+    ),
     backbone: str = typer.Option("conv4", "--backbone", help="Backbone for --init random."),
     width: float = typer.Option(32, "--width", help="Conv4 filters / ResNet width (random)."),
     image_size: int | None = typer.Option(
@@ -87,12 +93,14 @@ def eval_cmd(
 ) -> None:
     """Fine-tune an initialization on fixed seeded few-shot tasks; print mean ± 95% CI."""
     with friendly_errors():
+        from apimeta.config import parse_overrides
         from apimeta.evaluate import evaluate
         from apimeta.io import atomic_write_json
         from apimeta.models.meta import load_init, load_meta_model, load_run_datasets
         from apimeta.run_config import RunConfig
 
         set_threads(threads)
+        options = parse_overrides(data_option) if data_option else None
         shot_list = parse_shots(shots)
         if split not in ("train", "val", "test"):
             raise ConfigError(f"--split must be train, val or test; got {split!r}")
@@ -102,6 +110,7 @@ def eval_cmd(
             cfg = RunConfig(
                 dataset=dataset or "emoji",
                 data_root=data_root,
+                data_options=options or {},
                 backbone=backbone,
                 width=width,
                 image_size=image_size or RunConfig().image_size,
@@ -127,6 +136,7 @@ def eval_cmd(
             cfg = RunConfig(
                 dataset=dataset or ckpt_cfg.dataset,
                 data_root=data_root if data_root is not None else ckpt_cfg.data_root,
+                data_options=options if options is not None else ckpt_cfg.data_options,
                 image_size=size or spec["image_size"],
                 seed=seed,
             )

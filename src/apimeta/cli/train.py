@@ -98,6 +98,12 @@ def train(
         None, "--dataset", "-d", help="Dataset(s), comma-separated for API-MH."
     ),
     data_root: str | None = typer.Option(None, "--data-root", help="Root of local datasets."),
+    data_option: list[str] = typer.Option(
+        [],
+        "--data-option",
+        help="Dataset loader option KEY=VALUE (repeatable), e.g. channels=1 or eval_only=true "
+        "for folder data.",
+    ),
     zoo: str | None = typer.Option(None, "--zoo", help="API zoo dir, ONNX dir or http(s) URL."),
     episodes: int | None = typer.Option(None, "--episodes", help="Training episodes."),
     shot: int | None = typer.Option(None, "--shot", help="K shots per class."),
@@ -130,6 +136,7 @@ def train(
     and prints the meta-test table.
     """
     with friendly_errors():
+        from apimeta.config import parse_overrides
         from apimeta.run_config import ABLATIONS, resolve_config
         from apimeta.runner import interrupts, start_run
 
@@ -141,6 +148,7 @@ def train(
             "method": method,
             "dataset": dataset,
             "data_root": data_root,
+            "data_options": parse_overrides(data_option) if data_option else None,
             "zoo": zoo,
             "episodes": episodes,
             "shot": shot,

@@ -2,10 +2,13 @@
 
 Classes are the sub-folders of ``root`` (sorted by name; images sorted by file name). The split
 comes from ``root/split.json`` (``{"train": [...], "val": [...], "test": [...]}``, class folder
-names, disjoint) if present, otherwise from a seeded shuffle of the classes, ~64/16/20 % with at
-least one class per split. Images are resized to ``image_size`` x ``image_size`` (default 32)
-without cropping and converted to ``channels`` (3 = RGB, 1 = grey). Normalization stats are the
-per-channel mean/std of the train split. Decoded arrays are cached like the other datasets.
+names, disjoint; ``train`` and ``val`` may be empty lists for a dataset that is only
+meta-tested) if present, otherwise from a seeded shuffle of the classes, ~64/16/20 % with at
+least one class per split. ``eval_only=True``: every class is a meta-test class (nothing to
+train or validate on; for ``apimeta eval`` and the meta-test of a run trained elsewhere).
+Images are resized to ``image_size`` x ``image_size`` (default 32) without cropping and converted
+to ``channels`` (3 = RGB, 1 = grey). Normalization stats are the per-channel mean/std of the
+train split (of all images when it is empty). Decoded arrays are cached like the other datasets.
 """
 
 from __future__ import annotations
@@ -55,9 +58,15 @@ def read_split(path: Path, classes: list[str]) -> dict[str, list[str]]:
             f"folder: {path} must hold {{'train': [...], 'val': [...], 'test': [...]}}"
         )
     known, seen = set(classes), set()
+    if not split["test"]:
+        raise ConfigError(f"folder: split 'test' in {path} is empty")
+    if bool(split["train"]) != bool(split["val"]):
+        empty = "train" if not split["train"] else "val"
+        raise ConfigError(
+            f"folder: split {empty!r} in {path} is empty; give classes to both train and val, "
+            "or leave both empty for a meta-test-only dataset"
+        )
     for s in SPLITS:
-        if not split[s]:
-            raise ConfigError(f"folder: split {s!r} in {path} is empty")
         for c in split[s]:
             if c not in known:
                 raise ConfigError(
@@ -85,8 +94,10 @@ def load_folder(
     cache: bool = True,
     workers: int | None = None,
     progress: Progress | None = None,
+    eval_only: bool = False,
 ) -> FewShotDataset:
-    """Images from ``root/<class>/*``: (C=channels, s, s) uint8, s = ``image_size`` (default 32)."""
+    """Images from ``root/<class>/*``: (C=channels, s, s) uint8, s = ``image_size`` (default 32).
+    ``eval_only``: every class in the test split (overrides ``split.json``)."""
     if channels not in (1, 3):
         raise ConfigError(f"folder: channels must be 1 or 3, got {channels}")
     root = _need_root(root, "folder", _HELP)
@@ -98,11 +109,12 @@ def load_folder(
     if not files:
         raise DatasetNotFoundError(f"folder: no class folders with images in {root}; {_HELP}")
     split_file = root / "split.json"
-    split = (
-        read_split(split_file, list(files))
-        if split_file.is_file()
-        else seeded_split(list(files), seed)
-    )
+    if eval_only:
+        split = {"train": [], "val": [], "test": sorted(files)}
+    elif split_file.is_file():
+        split = read_split(split_file, list(files))
+    else:
+        split = seeded_split(list(files), seed)
     order = [c for s in SPLITS for c in split[s]]
     size = image_size or 32
     n = tuple(len(split[s]) for s in SPLITS)
@@ -112,12 +124,13 @@ def load_folder(
         job = functools.partial(decode_files, size=size, mode=mode)
         arrays = parallel_map(job, [files[c] for c in order], workers, progress)
         ds = build_dataset("folder", arrays, order, n, (0.5,) * channels, (0.25,) * channels)
-        ds.mean, ds.std = _stats(ds.splits["train"].images)
+        train = ds.splits["train"].images
+        ds.mean, ds.std = _stats(train if len(train) else ds.splits["test"].images)
         ds.meta = {"root": str(root), "split": split}
         return ds
 
     sources = [Path(f) for c in order for f in files[c]]
-    if split_file.is_file():
+    if split_file.is_file() and not eval_only:
         sources.append(split_file)
     return _cached(
         "folder",

@@ -161,6 +161,10 @@ def build_dataset(
     splits, c = {}, 0
     for s, n in zip(SPLITS, n_per_split, strict=True):
         parts = per_class[c : c + n]
+        if not parts:  # an empty split (an evaluation-only folder dataset)
+            shape = (0, *per_class[0].shape[1:])
+            splits[s] = ImageSplit(torch.zeros(shape, dtype=torch.uint8), torch.zeros(0))
+            continue
         images = torch.from_numpy(np.concatenate(parts))
         labels = torch.cat(
             [torch.full((len(a),), c + i, dtype=torch.long) for i, a in enumerate(parts)]

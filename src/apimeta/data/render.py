@@ -84,14 +84,17 @@ def parallel_map(
     """``[fn(x) for x in items]`` over up to ``workers`` processes, in order.
 
     ``fn`` must be picklable (a module-level function or a ``functools.partial`` of one).
-    ``workers=None`` uses one process per CPU (at most 8) for large jobs and none for small
-    ones; ``workers=0`` or ``1`` runs in this process. The result does not depend on it.
-    ``progress(done, total)`` is called as items finish.
+    ``workers=None`` uses one process per torch thread (``torch.get_num_threads()``, so
+    ``--threads 1`` means no worker processes; at most 8 and the CPU count) for large jobs and
+    none for small ones; ``workers=0`` or ``1`` runs in this process. The result does not
+    depend on it. ``progress(done, total)`` is called as items finish. On an interrupt
+    (Ctrl-C, or SIGTERM mapped to ``KeyboardInterrupt``) the workers are stopped, not orphaned.
     """
     items = list(items)
     total = len(items)
     if workers is None:
-        workers = min(8, os.cpu_count() or 1) if total >= _PARALLEL_MIN_CLASSES else 1
+        cap = min(8, os.cpu_count() or 1, torch.get_num_threads())
+        workers = cap if total >= _PARALLEL_MIN_CLASSES else 1
     chunk = max(1, min(32, total // max(1, 8 * workers)))
     chunks = [items[i : i + chunk] for i in range(0, total, chunk)]
     out: list[np.ndarray] = []
@@ -100,13 +103,18 @@ def parallel_map(
     if workers > 1 and multiprocessing.parent_process() is None:
         try:
             # spawn: never fork a process that may hold torch/OpenMP threads.
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
+            ex = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+            try:
                 futures = [ex.submit(_map_chunk, fn, c) for c in chunks]
                 for f in futures:
                     out.extend(f.result())
                     done += 1
                     if progress is not None:
                         progress(len(out), total)
+            except BaseException:
+                _stop_pool(ex)
+                raise
+            ex.shutdown(wait=True)
         except BrokenProcessPool as e:  # e.g. a script without an `if __name__ == "__main__"`
             log.warning("worker processes failed (%s); continuing in this process", e)
     else:
@@ -119,6 +127,17 @@ def parallel_map(
         "processed %d %s in %.1f s (%d workers)", total, what, time.perf_counter() - t0, workers
     )
     return out
+
+
+def _stop_pool(ex: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and terminate the worker processes (an interrupt)."""
+    procs = list((getattr(ex, "_processes", None) or {}).values())
+    ex.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5)
 
 
 def render_classes(

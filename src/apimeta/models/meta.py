@@ -16,22 +16,40 @@ from torch import nn
 
 from apimeta.checkpoint import load_checkpoint
 from apimeta.data.base import FewShotDataset, load_dataset
-from apimeta.errors import CheckpointError
+from apimeta.errors import CheckpointError, ConfigError
 from apimeta.models import build_backbone
 from apimeta.run_config import RunConfig, run_config_from_dict
 from apimeta.seeding import derive_seed
 
 
 def load_run_datasets(cfg: RunConfig, **options: Any) -> list[FewShotDataset]:
-    """Load every dataset of ``cfg.dataset`` at ``cfg.image_size`` from ``cfg.data_root``.
+    """Load every dataset of ``cfg.dataset`` at ``cfg.image_size`` from ``cfg.data_root``, with
+    the loader options ``cfg.data_options`` (then ``options``).
 
     The dataset's own (rendering) seed stays at its default: ``cfg.seed`` must not change the
     images, so every run and method sees the same meta-val/meta-test data.
     """
-    return [
-        load_dataset(name, root=cfg.data_root, image_size=cfg.image_size, **options)
-        for name in cfg.dataset_names
-    ]
+    import inspect
+
+    from apimeta.data import DATASETS
+
+    opts = {**cfg.data_options, **options}
+    out = []
+    for name in cfg.dataset_names:
+        loader = DATASETS.get(name)
+        takes = inspect.signature(loader).parameters
+        free = any(p.kind is p.VAR_KEYWORD for p in takes.values())
+        bad = sorted(
+            k for k in opts if (k not in takes and not free) or k in ("root", "image_size", "seed")
+        )
+        if bad:
+            usable = [k for k in takes if k not in ("root", "image_size", "seed", "progress")]
+            raise ConfigError(
+                f"dataset {name!r} does not take option(s) {', '.join(bad)} (data_options); "
+                f"it takes {', '.join(usable) or 'none'}"
+            )
+        out.append(load_dataset(name, root=cfg.data_root, image_size=cfg.image_size, **opts))
+    return out
 
 
 def meta_model_spec(
