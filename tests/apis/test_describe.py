@@ -321,3 +321,35 @@ def test_a_description_of_onnx_files_and_zoo_show(foreign_onnx, tmp_path):
     data["models"]["mlp"]["classes"] = [1, 2]
     res = CliRunner().invoke(app, ["zoo", "show", str(write(d, data))])
     assert res.exit_code == 2 and "but 2 classes are described" in " ".join(res.output.split())
+
+
+def test_a_float64_onnx_model_gets_float64_input(tmp_path):
+    model = MLP().double().eval()
+    with torch.no_grad():
+        torch.onnx.export(model, (torch.rand(2, C * S * S, dtype=torch.float64),),
+                          str(tmp_path / "mlp.onnx"), input_names=["x"], output_names=["probs"],
+                          dynamic_axes={"x": {0: "n"}}, dynamo=False)  # fmt: skip
+    (api,) = load_zoo(zoo_with(tmp_path, foreign_entry()))
+    assert api.adapter.dtype == "FP64"
+    x = images(3, seed=2)
+    with torch.no_grad():
+        want = model(x.double().reshape(3, -1)).float()
+    torch.testing.assert_close(api.query(x), want, atol=1e-6, rtol=1e-6)
+
+
+def test_v2_codec_carries_fp16_and_fp64_tensors():
+    from apimeta.apis.v2 import decode_response, encode_request
+
+    for dtype, name in ((np.float16, "FP16"), (np.float64, "FP64")):
+        arr = np.arange(6, dtype=dtype).reshape(2, 3) / 7
+        body, headers = encode_request(arr, True, "in", "out")
+        head = json.loads(body[: int(headers["Inference-Header-Content-Length"])])
+        assert head["inputs"][0]["datatype"] == name
+        assert len(body) - int(headers["Inference-Header-Content-Length"]) == arr.nbytes
+    resp = {"outputs": [{"name": "out", "shape": [2, 3], "datatype": "FP16",
+                         "parameters": {"binary_data_size": 12}}]}  # fmt: skip
+    head = json.dumps(resp).encode()
+    raw = (np.arange(6, dtype="<f2") / 4).tobytes()
+    shape, dtype, scores = decode_response(head + raw, len(head), "out")
+    assert (shape, dtype) == ([2, 3], "FP16") and scores.dtype == np.float32
+    np.testing.assert_allclose(scores, np.arange(6) / 4)
