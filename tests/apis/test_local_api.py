@@ -152,3 +152,32 @@ def test_shared_ledger_across_apis() -> None:
     a.query(images(3))
     b.query(images(2))
     assert ledger.per_api == {"a": 3, "b": 2} and ledger.used == 5
+
+
+def test_channels_last_and_chunks_answer_as_the_plain_forward():
+    from apimeta.apis.local import CPU_CHUNK
+    from apimeta.testing import tiny_info, tiny_model
+
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_model(0)
+
+        def forward(self, x):
+            calls.append((x.shape[0], x.is_contiguous(memory_format=torch.channels_last)))
+            return self.net(x)
+
+    x = torch.rand(250, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = tiny_model(0)(x)
+    fast = LocalAPI(Counting(), tiny_info("a"))
+    torch.testing.assert_close(fast.query(x), want, atol=1e-5, rtol=1e-5)
+    assert fast.chunk == CPU_CHUNK == 100
+    assert calls == [(100, True), (100, True), (50, True)]
+    calls.clear()
+    plain = LocalAPI(Counting(), tiny_info("a"), channels_last=False, chunk=4096)
+    torch.testing.assert_close(plain.query(x), want, atol=1e-5, rtol=1e-5)
+    assert calls == [(250, False)]
+    assert LocalAPI(tiny_model(0), tiny_info("a"), max_batch=30).chunk == 30
