@@ -111,9 +111,6 @@ def demo_cmd(
                 f"episodes={episodes}",
                 f"query_budget={query_budget}",
                 f"eval.every={max(episodes // 4, 4)}",
-                # the boundary term from a quarter of the run on, as in the benchmark scripts
-                # (the preset's absolute 500 updates are never reached in a demo-sized run)
-                f"kd.adv_start={max(episodes // 16, 1)}",
                 "eval.tasks=50",
                 f"eval.test_tasks={tasks}",
                 f"threads={threads}",
