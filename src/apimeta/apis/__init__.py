@@ -3,7 +3,8 @@
 ``base`` (the contract, ``APIInfo``, the API-source registry), ``ledger``, ``cache``; backends
 ``local`` (in process; the ``torch`` source), ``onnx``, ``http`` (client) and ``server``; the
 wire format ``v2``; zoos: ``manifest`` (zoo.json), ``recipe`` (training one API), ``zoo``
-(building a zoo), ``sources`` (``load_zoo``), ``runtime`` (the APIs of a training run).
+(building a zoo), ``describe`` (API descriptions of other people's models), ``sources``
+(``load_zoo``), ``runtime`` (the APIs of a training run).
 """
 
 from apimeta.apis.base import (
