@@ -192,3 +192,22 @@ def test_a_run_directory_of_the_flat_layout_loads_and_resumes(tmp_path: Path) ->
     assert (cfg.recovery.per_class, cfg.eval.test_steps, cfg.events.trigger) == (3, 2, "every")
     again = resolve_config(resume_from=tmp_path, direct={"episodes": 80})
     assert again.episodes == 80 and again.recovery.per_class == 3 and again.zo.q == 4
+
+
+def test_deterministic_kernels_only_touch_cuda_settings(monkeypatch):
+    import torch
+
+    from apimeta.seeding import deterministic_kernels
+
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)  # restored afterwards
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not deterministic_kernels("cpu") and not calls
+    assert deterministic_kernels("cuda:0")  # no GPU needed to set the flags
+    assert calls == [{"warn_only": True}] and torch.backends.cudnn.benchmark is False
+    import os
+
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.backends.cudnn.deterministic is True

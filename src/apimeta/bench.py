@@ -54,8 +54,9 @@ VARIANTS = variants()
 
 
 def zoo_free(name: str) -> bool:
-    """Whether a variant never queries an API (its result does not depend on the zoo)."""
-    return not METHODS.get(variant(name)[0]).queries_apis
+    """Whether a variant's result does not depend on the zoo (it neither queries nor reads it)."""
+    method = METHODS.get(variant(name)[0])
+    return not (method.queries_apis or method.uses_zoo)
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ def config_diff(
     the top-level keys in ``ignore``."""
     out: dict[str, Any] = {}
     for k in sorted(set(old) | set(new)):
-        if k in ("out", "threads") or (not prefix and k in ignore):
+        if k in ("out", "threads", "device") or (not prefix and k in ignore):
             continue
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -257,6 +258,47 @@ def mean_over_datasets(results: dict[str, dict[str, Any]], shot: int) -> dict[st
     return {"mean": sum(c["mean"] for c in cells) / n, "ci95": ci}
 
 
+def gap_share(method: float, random: float, oracle: float) -> float:
+    """(method - random) / (oracle - random): the share of what the zoo's own data teaches
+    (``maml-zoo`` over random init) that a method recovers; NaN when the oracle is no better."""
+    span = oracle - random
+    return (method - random) / span if span > 0 else float("nan")
+
+
+def gap_share_table(
+    rows: Sequence[dict[str, Any]], scenarios: Sequence[str], shots: Sequence[int]
+) -> str:
+    """Markdown: the gap share of every other row per scenario x shot, when the rows hold both
+    ``random`` and ``maml-zoo`` (else "")."""
+    by = {(r["scenario"], r["variant"]): r for r in rows}
+
+    def acc(s: str, v: str, k: int) -> float | None:
+        r = by.get((s, v))
+        cell = mean_over_datasets(r["results"], k) if r else None
+        return cell["mean"] if cell else None
+
+    cols = [(s, k) for s in scenarios for k in shots]
+    if not any(acc(s, "random", k) is not None and acc(s, "maml-zoo", k) is not None
+               for s, k in cols):  # fmt: skip
+        return ""
+    lines = []
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        if v in ("random", "maml-zoo"):
+            continue
+        line = [v]
+        for s, k in cols:
+            a, lo, hi = acc(s, v, k), acc(s, "random", k), acc(s, "maml-zoo", k)
+            line.append(
+                "—" if None in (a, lo, hi) else f"{100 * gap_share(a, lo, hi):.0f}%"  # type: ignore[arg-type]
+            )
+        lines.append(line)
+    header = ["gap share"] + [f"{s} {k}-shot" for s, k in cols]
+    return (
+        "Gap share = (method - random) / (maml-zoo - random): how much of what the zoo's own "
+        "data teaches a method gets out of the APIs.\n\n" + markdown_table(header, lines)
+    )
+
+
 def comparison_table(
     rows: Sequence[dict[str, Any]], scenarios: Sequence[str], shots: Sequence[int]
 ) -> str:
@@ -288,6 +330,9 @@ def comparison_table(
         if r.get("config_diff")
     ]
     text = markdown_table(header, table)
+    share = gap_share_table(rows, scenarios, shots)
+    if share:
+        text += "\n" + share
     if notes:
         text += "\nConfig differences of reused runs:\n\n" + "\n".join(notes) + "\n"
     return text
@@ -323,6 +368,8 @@ __all__ = [
     "comparison_table",
     "config_diff",
     "evaluate_init",
+    "gap_share",
+    "gap_share_table",
     "machine_line",
     "mean_over_datasets",
     "per_dataset_table",

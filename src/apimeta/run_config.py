@@ -164,6 +164,7 @@ class RunConfig:
     api_output: str = "logits"  # output mode simulated by local/ONNX zoos (servers decide)
     seed: int = 2022
     device: str = "cpu"
+    deterministic: bool = True  # deterministic CUDA kernels (exact resume); CPU: always
     threads: int | None = None
 
     # meta-model and episodes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import torch
 
@@ -20,3 +21,17 @@ def make_generator(
     g = torch.Generator(device=device)
     g.manual_seed(derive_seed(seed, *names))
     return g
+
+
+def deterministic_kernels(device: str | torch.device) -> bool:
+    """On a CUDA ``device``: deterministic kernels, so a resumed run repeats an uninterrupted one
+    (cuDNN deterministic, no autotuning, a fixed cuBLAS workspace, and
+    ``torch.use_deterministic_algorithms`` warning about any op without a deterministic
+    version). CPU kernels already are: a no-op there. Returns whether anything was set."""
+    if torch.device(device).type != "cuda":
+        return False
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return True

@@ -134,3 +134,19 @@ def test_onnx_apis_can_be_served(onnx_zoo):
             want = torch.softmax(load_api_model(src, read_manifest(src)["apis"][1])(x), 1)
         torch.testing.assert_close(client.query(x), want, atol=1e-5, rtol=1e-5)
         client.close()
+
+
+def test_onnx_execution_providers_follow_the_device(monkeypatch, caplog):
+    import onnxruntime as ort
+
+    from apimeta.apis.onnx import providers_for
+
+    assert providers_for("cpu") == providers_for(None) == ["CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with caplog.at_level("WARNING"):
+        assert providers_for("cuda:0") == ["CPUExecutionProvider"]
+    assert "no CUDAExecutionProvider" in caplog.text and "apimeta[gpu]" in caplog.text
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    assert providers_for("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]

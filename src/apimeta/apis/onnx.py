@@ -149,7 +149,24 @@ def export_onnx(
     return path
 
 
-def _session(path: str | Path, threads: int | None = 1) -> Any:
+def providers_for(device: str | torch.device | None) -> list[str]:
+    """onnxruntime execution providers for a torch device: CUDA (then CPU) for ``cuda[:N]`` when
+    onnxruntime has it (``pip install apimeta[gpu]``: onnxruntime-gpu), else CPU with a warning."""
+    import onnxruntime as ort
+
+    if device is None or torch.device(device).type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    logger.warning(
+        "device %s asked for, but this onnxruntime has no CUDAExecutionProvider: ONNX APIs run "
+        "on the CPU (install onnxruntime-gpu: pip install 'apimeta[gpu]')",
+        device,
+    )
+    return ["CPUExecutionProvider"]
+
+
+def _session(path: str | Path, threads: int | None = 1, device: str | None = None) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -159,7 +176,7 @@ def _session(path: str | Path, threads: int | None = 1) -> Any:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), opts, providers=providers_for(device))
     except Exception as e:  # onnxruntime raises its own exception types
         missing = _missing_external_data(Path(path))
         if missing:
@@ -228,7 +245,8 @@ class OnnxAPI:
     ``output_name``); its input and output shapes are checked against ``info`` and the
     ``adapter`` (layout and scaling of a foreign model; default: (B, C, H, W) in [0, 1]) when
     the API is created. ``native_output``: what the graph returns; logits are restricted to
-    ``info.output``, anything else is passed on as it is. ``threads``: onnxruntime intra-op threads (None: onnxruntime's default,
+    ``info.output``, anything else is passed on as it is. ``device``: a CUDA torch device runs
+    the graph on onnxruntime's CUDA provider where installed (see :func:`providers_for`). ``threads``: onnxruntime intra-op threads (None: onnxruntime's default,
     all cores). ``max_batch``: images per ``run`` call.
     """
 
@@ -248,6 +266,7 @@ class OnnxAPI:
         output_name: str | None = None,
         native_output: str = "logits",
         session: Any = None,
+        device: str | None = None,
     ):
         parse_output_mode(info.output)
         if native_output not in ("logits", info.output):
@@ -266,7 +285,7 @@ class OnnxAPI:
         self.ledger = ledger if ledger is not None else QueryLedger()
         self.max_batch = max_batch
         self.check_range = check_range
-        self._sess = session if session is not None else _session(self.path, threads)
+        self._sess = session if session is not None else _session(self.path, threads, device)
         where = f"ONNX model {self.path.name} (API {info.name!r})"
         tin, tout = _graph_io(self._sess, where, input_name, output_name)
         adapter = adapter if adapter is not None else InputAdapter()
@@ -293,7 +312,7 @@ class OnnxAPI:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"ONNX file {path} of API {spec.name!r} is missing")
-        sess = _session(path, kw.pop("threads", 1))
+        sess = _session(path, kw.pop("threads", 1), kw.pop("device", None))
         where = f"ONNX model {path.name} (API {spec.name!r})"
         tin, tout = _graph_io(sess, where, spec.input_name, spec.output_name)
         info = spec.complete(tin.shape, tout.shape, where, tags={"file": path.name})
@@ -384,6 +403,7 @@ def load_onnx_zoo(
     *,
     threads: int | None = 1,
     max_batch: int = 4096,
+    device: str | None = None,
 ) -> list[OnnxAPI]:
     """Every API of a zoo with ONNX files as :class:`OnnxAPI` s sharing one ledger.
 
@@ -405,7 +425,7 @@ def load_onnx_zoo(
     ledger = ledger if ledger is not None else QueryLedger()
     apis = []
     for i, e in enumerate(data["apis"]):
-        kw = {"threads": threads, "max_batch": max_batch}
+        kw = {"threads": threads, "max_batch": max_batch, "device": device}
         if "file" in e:
             apis.append(OnnxAPI(root / e["onnx_file"], entry_info(e, output), ledger, **kw))
         else:
@@ -439,7 +459,14 @@ class OnnxZoo:
     ) -> list[OnnxAPI]:
         options.pop("max_batch", None)  # onnxruntime runs its own default batches
         reject_options(options, source)
-        return load_onnx_zoo(source, ledger=ledger, output=output)
+        return load_onnx_zoo(source, ledger=ledger, output=output, device=device)
 
 
-__all__ = ["OnnxAPI", "OnnxZoo", "export_onnx", "export_zoo_onnx", "load_onnx_zoo"]
+__all__ = [
+    "OnnxAPI",
+    "OnnxZoo",
+    "export_onnx",
+    "export_zoo_onnx",
+    "load_onnx_zoo",
+    "providers_for",
+]

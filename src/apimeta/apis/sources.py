@@ -55,7 +55,9 @@ class DescribedZoo:
                 f"{root} is a folder; give each its onnx_file or make source a server URL"
             )
         return [
-            OnnxAPI.from_spec(root / str(m.onnx_file), m, ledger, output, max_batch=max_batch)
+            OnnxAPI.from_spec(
+                root / str(m.onnx_file), m, ledger, output, max_batch=max_batch, device=device
+            )
             for m in desc.models
         ]
 
@@ -72,6 +74,19 @@ def served_over_http(source: str | Path | None) -> bool:
         except ConfigError:
             return False
     return False
+
+
+def zoo_classes(source: str | Path, **client_options: Any) -> dict[str, list[int]]:
+    """The classes the APIs of a zoo predict, per dataset (sorted ids), read from its manifest,
+    description or model metadata; nothing is queried (the APIs get a zero budget)."""
+    apis = load_zoo(source, ledger=QueryLedger(budget=0), **client_options)
+    out: dict[str, set[int]] = {}
+    for a in apis:
+        out.setdefault(a.info.dataset, set()).update(int(c) for c in a.info.classes)
+        close = getattr(a, "close", None)
+        if close is not None:
+            close()
+    return {d: sorted(c) for d, c in out.items()}
 
 
 def declared_datasets(source: str | Path) -> list[str]:
@@ -148,4 +163,5 @@ __all__ = [
     "is_http",
     "load_zoo",
     "served_over_http",
+    "zoo_classes",
 ]

@@ -33,7 +33,8 @@ def bench_cmd(
         help="NAME=ZOO:DATASET[,DATASET] (repeatable), e.g. SS=runs/zoos/emoji-conv4:emoji.",
     ),
     methods: str = typer.Option(
-        "random,maml-real,bbkd,bidf-mkd,bidf-mkd:no-boundary,bidf-mkd:no-memory,bidf-mkd:white-box",
+        "random,maml-real,maml-zoo,bbkd,bidf-mkd,bidf-mkd:no-boundary,bidf-mkd:no-memory,"
+        "bidf-mkd:white-box",
         "--methods",
         help="Comma-separated method variants (rows of the table): " + ", ".join(_variants()) + ".",
     ),
@@ -50,6 +51,9 @@ def bench_cmd(
         None, "--table", help="Markdown file to write (default OUT/results.md)."
     ),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),
+    device: str | None = typer.Option(
+        None, "--device", help="Torch device of every run (cpu, cuda, cuda:1 ...)."
+    ),
 ) -> None:
     """Train every method variant in every scenario, evaluate each on the same meta-test tasks
     and write a Markdown table with queries used and wall time.
@@ -82,7 +86,7 @@ def bench_cmd(
         for n in names:
             variant(n)
         shot_list = parse_shots(shots)
-        base = base_config(preset, sets)
+        base = base_config(preset, [*sets, *([f"device={device}"] if device else [])])
         rows = []
         cols = (
             TextColumn("{task.description}"),

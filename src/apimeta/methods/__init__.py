@@ -8,7 +8,7 @@ itself with ``@METHODS.register(name)``; add its import below (docs/architecture
 
 from __future__ import annotations
 
-from apimeta.methods import bbkd, bidf_mkd, maml_real, random_init  # noqa: F401  (register)
+from apimeta.methods import bbkd, bidf_mkd, maml_real, maml_zoo, random_init  # noqa: F401
 from apimeta.methods.api_learner import APILearner
 from apimeta.methods.interface import METHODS, Method, ProgressFn, TrainResult
 from apimeta.methods.trainer import MetaTrainer, TrainerState, check_run_config

@@ -42,13 +42,15 @@ class Method(ABC):
     ``reads``: the :data:`~apimeta.run_config.SECTIONS` of the run config the method uses (the
     top-level keys are shared by all). ``ablations``: names in
     :data:`~apimeta.run_config.ABLATIONS` that make sense for it (``bench`` rows ``name:ablation``).
-    ``queries_apis``: whether it learns from a zoo (its result depends on ``zoo``).
+    ``queries_apis``: whether it learns from a zoo by querying it; ``uses_zoo``: whether its
+    result depends on ``zoo`` without querying it (the ``maml-zoo`` oracle reads its classes).
     """
 
     name: ClassVar[str] = "method"
     reads: ClassVar[tuple[str, ...]] = ("eval",)
     ablations: ClassVar[tuple[str, ...]] = ()
     queries_apis: ClassVar[bool] = False
+    uses_zoo: ClassVar[bool] = False
 
     @abstractmethod
     def train(

@@ -54,7 +54,7 @@ from apimeta.registry import Registry
 from apimeta.run_config import RunConfig, schedule_point
 from apimeta.runs import RunDir
 from apimeta.scenarios import SCENARIOS
-from apimeta.seeding import make_generator
+from apimeta.seeding import deterministic_kernels, make_generator
 from apimeta.zo import DIRECTIONS, ESTIMATORS
 
 log = logging.getLogger(__name__)
@@ -353,6 +353,8 @@ class MetaTrainer(Method):
         try:
             check_run_config(cfg)
             self.device = torch.device(cfg.device)
+            if cfg.deterministic:
+                deterministic_kernels(self.device)
             if cfg.eval.select_split == "test":
                 log.warning(
                     "eval.select_split='test': the best checkpoint is chosen on meta-TEST tasks; "
