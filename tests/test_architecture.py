@@ -27,6 +27,7 @@ LAYERS = {
     "apimeta.transforms": 0,
     "apimeta.runs": 0,
     "apimeta.report": 0,
+    "apimeta.stats": 0,
     "apimeta.apis": 1,
     "apimeta.models": 1,
     "apimeta.data": 1,
