@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from apimeta.config import from_dict, merge, to_dict
@@ -35,6 +36,7 @@ from apimeta.report import fmt_acc, markdown_table
 from apimeta.run_config import ABLATIONS, SECTIONS, RunConfig, base_config, migrate_legacy
 from apimeta.runner import start_run
 from apimeta.runs import RunDir
+from apimeta.stats import paired_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +115,20 @@ def evaluate_init(
     model = load_init(checkpoint, cfg, datasets)
     out: dict[str, dict[str, Any]] = {}
     for ds in datasets:
-        have = (known or {}).get(ds.name, {})
+        have = {
+            k: r for k, r in (known or {}).get(ds.name, {}).items() if r and "accs" in r
+        }  # reused only with its per-task accuracies (paired comparisons need them)
         todo = tuple(k for k in shots if f"{k}-shot" not in have)
         new = (
             evaluate_with_config(
-                model, ds, cfg, split="test", shots=todo, tasks=tasks, progress=progress
+                model,
+                ds,
+                cfg,
+                split="test",
+                shots=todo,
+                tasks=tasks,
+                progress=progress,
+                keep_accs=True,
             )
             if todo
             else {}
@@ -135,18 +146,28 @@ def run_one(
     shots: Sequence[int],
     tasks: int,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
-    """Train (unless reusable) and evaluate one variant in one scenario; returns the eval row."""
+    """Train (unless reusable) and evaluate one variant in one scenario; returns the eval row
+    (per-task accuracies included). ``seed``: this training seed, in ``<run dir>/seed-N``
+    (None: the config's seed, in the run dir itself)."""
     method, overrides = variant(name)
     path = run_dir_for(out, scenario, name)
+    if seed is not None:
+        path = path / f"seed-{seed}"
     done = path / "eval.json"
     data = merge(base, {"method": method, "zoo": scenario.zoo, "dataset": scenario.dataset})
     data = merge(data, overrides)
+    # the training run's own final meta-test is the bench's (same tasks and shots): reused below
+    data = merge(data, {"eval": {"test_tasks": tasks, "test_shots": list(shots)}})
+    if seed is not None:
+        data["seed"] = seed
     data["out"] = str(path)
     cfg = from_dict(RunConfig, data)
     if done.exists():
         row = json.loads(done.read_text())
-        if row.get("tasks") == tasks and row.get("shots") == list(shots):
+        accs = all("accs" in r for res in row.get("results", {}).values() for r in res.values())
+        if row.get("tasks") == tasks and row.get("shots") == list(shots) and accs:
             row["scenario"] = scenario.name  # zoo-free rows are shared by scenarios
             ignore = ("zoo", "scenario") if zoo_free(name) else ()
             unread = tuple(s for s in SECTIONS if s not in METHODS.get(method).reads)
@@ -192,6 +213,7 @@ def run_one(
         "api_events": _api_events(path),
         "train_seconds": train_metrics.get("train_seconds", 0.0),
         "wall_seconds": time.perf_counter() - t0,
+        "seed": cfg.seed,
         "tasks": tasks,
         "shots": list(shots),
         "results": results,
@@ -216,6 +238,8 @@ def config_diff(
     out: dict[str, Any] = {}
     for k in sorted(set(old) | set(new)):
         if k in ("out", "threads", "device") or (not prefix and k in ignore):
+            continue
+        if prefix == "eval." and k in ("test_tasks", "test_shots"):  # the bench's own choice
             continue
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -299,6 +323,87 @@ def gap_share_table(
     )
 
 
+def seed_groups(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Rows by (scenario, variant), one row per training seed, in seed order."""
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault((r["scenario"], r["variant"]), []).append(r)
+    for group in out.values():
+        group.sort(key=lambda r: r.get("seed") or 0)
+    return out
+
+
+def seed_mean_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (scenario, variant): per cell the mean over seeds of the seed means, with
+    ``ci95`` holding the standard deviation over seeds (0 with one seed); queries, events and
+    time averaged."""
+    out = []
+    for (_, _), group in seed_groups(rows).items():
+        first = dict(group[0])
+        results: dict[str, dict[str, Any]] = {}
+        for ds, per_shot in first["results"].items():
+            results[ds] = {}
+            for key in per_shot:
+                means = np.array([g["results"][ds][key]["mean"] for g in group])
+                sd = float(means.std(ddof=1)) if len(means) > 1 else 0.0
+                results[ds][key] = {"mean": float(means.mean()), "ci95": sd, "n": len(means)}
+        first["results"] = results
+        for k in ("queries", "api_events", "train_seconds"):
+            first[k] = sum(g.get(k, 0) or 0 for g in group) / len(group)
+        first["seeds"] = [g.get("seed") for g in group]
+        out.append(first)
+    return out
+
+
+def task_matrix(group: Sequence[dict[str, Any]], shot: int) -> np.ndarray:
+    """(seeds, tasks) per-task accuracies of one row at ``shot`` (datasets concatenated)."""
+    return np.array(
+        [
+            np.concatenate(
+                [g["results"][ds][f"{shot}-shot"]["accs"] for ds in sorted(g["results"])]
+            )
+            for g in group
+        ]
+    )
+
+
+def paired_table(
+    rows: Sequence[dict[str, Any]],
+    scenarios: Sequence[str],
+    shots: Sequence[int],
+    refs: Sequence[str] = ("random", "bbkd"),
+) -> str:
+    """Markdown: every row minus each reference row, per scenario x shot, as ``mean [lo, hi]``
+    (:func:`~apimeta.stats.paired_bootstrap` over seeds and the shared tasks); **better** /
+    *worse* only where the 95% interval excludes 0. "" without a reference row."""
+    groups = seed_groups(rows)
+    lines = []
+    for ref in refs:
+        for v in dict.fromkeys(r["variant"] for r in rows):
+            if v == ref:
+                continue
+            line, any_cell = [f"{v} − {ref}"], False
+            for s in scenarios:
+                for k in shots:
+                    a, b = groups.get((s, v)), groups.get((s, ref))
+                    if not a or not b:
+                        line.append("—")
+                        continue
+                    d = paired_bootstrap(task_matrix(a, k), task_matrix(b, k))
+                    mark = " **better**" if d.better else (" *worse*" if d.worse else "")
+                    line.append(f"{d}{mark}")
+                    any_cell = True
+            if any_cell:
+                lines.append(line)
+    if not lines:
+        return ""
+    header = ["difference"] + [f"{s} {k}-shot" for s in scenarios for k in shots]
+    return (
+        "Paired differences (points; 95% bootstrap interval over training seeds and the shared "
+        "meta-test tasks):\n\n" + markdown_table(header, lines)
+    )
+
+
 def comparison_table(
     rows: Sequence[dict[str, Any]], scenarios: Sequence[str], shots: Sequence[int]
 ) -> str:
@@ -372,9 +477,13 @@ __all__ = [
     "gap_share_table",
     "machine_line",
     "mean_over_datasets",
+    "paired_table",
     "per_dataset_table",
     "run_dir_for",
     "run_one",
+    "seed_groups",
+    "seed_mean_rows",
+    "task_matrix",
     "variant",
     "variants",
     "zoo_free",

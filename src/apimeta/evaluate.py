@@ -178,9 +178,11 @@ def evaluate_with_config(
     shots: Sequence[int],
     tasks: int,
     progress: EvalProgress | None = None,
+    keep_accs: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """The meta-test protocol with a run's settings (way, query, ``eval.test_steps``,
-    ``inner_lr``, ``eval.transductive``) on the shared seeded task list: ``{"1-shot": ...}``."""
+    ``inner_lr``, ``eval.transductive``) on the shared seeded task list: ``{"1-shot": ...}``
+    (``keep_accs``: with the per-task accuracies, for paired comparisons)."""
     return evaluate(
         model,
         dataset,
@@ -194,6 +196,7 @@ def evaluate_with_config(
         transductive=cfg.eval.transductive,
         seed=DEFAULT_EVAL_SEED,
         device=cfg.device,
+        keep_accs=keep_accs,
         progress=progress,
     )
 

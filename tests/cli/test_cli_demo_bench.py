@@ -153,3 +153,26 @@ def test_train_takes_the_dataset_of_a_local_zoo(tmp_path):
     assert res.exit_code == 0, res.output
     assert "trained on synthetic" in res.output
     assert yaml.safe_load((run / "config.yaml").read_text())["dataset"] == "synthetic"
+
+
+def test_bench_seeds_gives_means_spreads_and_paired_differences(tmp_path):
+    from apimeta.testing import write_tiny_zoo
+
+    zoo = write_tiny_zoo(tmp_path / "zoo")
+    args = ["bench", "--scenario", f"SS={zoo}:synthetic", "--methods", "random,maml-real",
+            "--seeds", "2", "--set", "episodes=2", "--set", "inner_steps=1", "--tasks", "4",
+            "--shots", "1", "--out", str(tmp_path / "b"), "--threads", "1", *TINY]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    table = (tmp_path / "b" / "results.md").read_text()
+    assert "over 2 training seeds ± their standard deviation" in table
+    assert "| maml-real − random |" in table and "Paired differences" in table
+    runs = sorted(p.parent.name for p in (tmp_path / "b").rglob("eval.json"))
+    assert runs == ["seed-2022", "seed-2022", "seed-2023", "seed-2023"]
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "b").rglob("eval.json")]
+    assert {r["seed"] for r in rows} == {2022, 2023}
+    assert all(len(r["results"]["synthetic"]["1-shot"]["accs"]) == 4 for r in rows)
+    first = {p: p.stat().st_mtime_ns for p in (tmp_path / "b").rglob("eval.json")}
+    res = runner.invoke(app, args)  # finished runs are reused
+    assert res.exit_code == 0, res.output
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "b").rglob("eval.json")} == first

@@ -54,6 +54,12 @@ def bench_cmd(
     device: str | None = typer.Option(
         None, "--device", help="Torch device of every run (cpu, cuda, cuda:1 ...)."
     ),
+    seeds: int = typer.Option(
+        1,
+        "--seeds",
+        help="Training seeds per row (seed, seed+1, ...): cells become the mean over seeds ± "
+        "their spread, with paired differences against random and bbkd.",
+    ),
 ) -> None:
     """Train every method variant in every scenario, evaluate each on the same meta-test tasks
     and write a Markdown table with queries used and wall time.
@@ -74,10 +80,13 @@ def bench_cmd(
             base_config,
             comparison_table,
             machine_line,
+            paired_table,
             per_dataset_table,
             run_one,
+            seed_mean_rows,
             variant,
         )
+        from apimeta.errors import ConfigError
         from apimeta.io import atomic_write_text
 
         set_threads(threads)
@@ -87,6 +96,11 @@ def bench_cmd(
             variant(n)
         shot_list = parse_shots(shots)
         base = base_config(preset, [*sets, *([f"device={device}"] if device else [])])
+        if seeds < 1:
+            raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+        seed_list: list[int | None] = (
+            [None] if seeds == 1 else [int(base.get("seed", 2022)) + i for i in range(seeds)]
+        )
         rows = []
         cols = (
             TextColumn("{task.description}"),
@@ -95,34 +109,50 @@ def bench_cmd(
             TimeElapsedColumn(),
         )
         with Progress(*cols, console=console, transient=True) as progress:
-            overall = progress.add_task("comparison", total=len(scen) * len(names))
+            overall = progress.add_task("comparison", total=len(scen) * len(names) * len(seed_list))
             for s in scen:
                 for n in names:
-                    progress.update(overall, description=f"{s.name}: {n}")
-                    rows.append(
-                        run_one(
-                            base,
-                            s,
-                            n,
-                            out,
-                            shots=shot_list,
-                            tasks=tasks,
-                            progress=TrainProgress(progress),
+                    for seed in seed_list:
+                        where = f"{s.name}: {n}" + (f" (seed {seed})" if seed is not None else "")
+                        progress.update(overall, description=where)
+                        rows.append(
+                            run_one(
+                                base,
+                                s,
+                                n,
+                                out,
+                                shots=shot_list,
+                                tasks=tasks,
+                                progress=TrainProgress(progress),
+                                seed=seed,
+                            )
                         )
-                    )
-                    progress.advance(overall)
+                        progress.advance(overall)
         cmd = "apimeta bench " + " ".join(
             [f"--scenario {s}" for s in scenario]
             + [f"--methods {methods}", f"--preset {preset}"]
             + [f"--set {x}" for x in sets]
             + [f"--shots {shots}", f"--tasks {tasks}", f"--out {out}"]
+            + ([f"--seeds {seeds}"] if seeds > 1 else [])
         )
+        names_s = [s.name for s in scen]
+        shown = seed_mean_rows(rows) if seeds > 1 else rows
+        legend = (
+            f"Cells: mean accuracy % over {seeds} training seeds ± their standard deviation. "
+            if seeds > 1
+            else "Cells: mean accuracy % ± 95% CI (1.96·σ/√n). "
+        )
+        paired = paired_table(rows, names_s, shot_list)
         text = (
             f"# Comparison ({tasks} meta-test tasks per shot, 5-way, same episodes for every row)\n\n"
             f"Command: `{cmd}`\n\nMachine: {machine_line()}\n\n"
-            + comparison_table(rows, [s.name for s in scen], shot_list)
-            + "\nCells: mean accuracy % ± 95% CI (1.96·σ/√n). Queries / events / time per scenario.\n\n"
-            "## Per dataset\n\n" + per_dataset_table(rows, shot_list)
+            + comparison_table(shown, names_s, shot_list)
+            + "\n"
+            + legend
+            + "Queries / events / time per scenario.\n\n"
+            + (paired + "\n" if paired else "")
+            + "## Per dataset\n\n"
+            + per_dataset_table(rows, shot_list)
         )
         path = table or out / "results.md"
         atomic_write_text(path, text)

@@ -210,6 +210,7 @@ class MetaTrainer(Method):
         model: nn.Module | None = None,
         phase: str | None = None,
         shots: tuple[int, ...] | None = None,
+        keep_accs: bool = False,
     ) -> tuple[float, dict[str, dict[str, Any]]]:
         """Evaluate ``model`` (default the meta-model) on ``split`` of every dataset at
         ``shots`` (default ``cfg.shot``); returns (selection score = mean over datasets at
@@ -221,8 +222,9 @@ class MetaTrainer(Method):
         for ds in self.datasets:
             cb = _eval_progress(self._progress, phase or split, ds.name)
             out[ds.name] = evaluate_with_config(
-                model, ds, cfg, split=split, shots=shots, tasks=tasks, progress=cb
-            )
+                model, ds, cfg, split=split, shots=shots, tasks=tasks, progress=cb,
+                keep_accs=keep_accs,
+            )  # fmt: skip
         key = f"{cfg.shot if cfg.shot in shots else shots[0]}-shot"
         score = sum(summary_score({key: r[key]}) for r in out.values()) / len(out)
         return score, out
@@ -446,14 +448,17 @@ class MetaTrainer(Method):
     def _final_test(self) -> TrainResult:
         cfg, st = self.cfg, self.state
         shots = tuple(cfg.eval.test_shots)
-        _, final = self.evaluate_split("test", cfg.eval.test_tasks, phase="test", shots=shots)
+        _, final = self.evaluate_split(
+            "test", cfg.eval.test_tasks, phase="test", shots=shots, keep_accs=True
+        )
         best: dict[str, Any] = final
         best_path = self.run.best_checkpoint if self.run.best_checkpoint.exists() else None
         if best_path is not None and st.best_step != st.step:
             model, _, _ = load_meta_model(best_path, device=self.device)
             _, best = self.evaluate_split(
-                "test", cfg.eval.test_tasks, model=model, phase="test", shots=shots
-            )
+                "test", cfg.eval.test_tasks, model=model, phase="test", shots=shots,
+                keep_accs=True,
+            )  # fmt: skip
         metrics = {
             "method": self.name,
             "steps": st.step,
