@@ -33,6 +33,11 @@ def write(path, data):
 # ----------------------------------------------------------------------------- parsing
 
 
+def test_a_missing_description_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"API description file .*nope\.yaml does not exist"):
+        load_zoo(tmp_path / "nope.yaml")
+
+
 def test_missing_class_information_is_one_error_naming_what_to_give(tmp_path):
     p = write(
         tmp_path / "apis.yaml",

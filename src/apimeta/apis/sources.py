@@ -107,6 +107,9 @@ def find_source(source: str | Path, backend: str = "auto") -> type[APISource]:
                 f"backend must be auto or one of {', '.join(API_SOURCES.names())}; got {backend!r}"
             )
         return API_SOURCES.get(backend)
+    p = Path(str(source))
+    if p.suffix.lower() in (".yaml", ".yml", ".json") and p.name != "zoo.json" and not p.exists():
+        raise ConfigError(f"API description file {p} does not exist; check the path")
     ordered = sorted(API_SOURCES.names(), key=lambda n: API_SOURCES.get(n).priority)
     for name in ordered:
         if API_SOURCES.get(name).matches(str(source)):
