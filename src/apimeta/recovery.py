@@ -383,11 +383,13 @@ def recover(
 
     cost = source.cost(b)
     reserve = b if final_query else 0
-    best_score = float("inf")
+    # the kept iterate is tracked on the device (no host sync per iteration): the score, the
+    # iteration, the images and the scores of the best one so far (ties: the later iterate)
+    best_score = torch.full((), float("inf"), device=dev)
+    best_iter_t = torch.full((), -1, dtype=torch.long, device=dev)
     best_images: Tensor | None = None
     best_scores: Tensor | None = None
-    best_iter = -1
-    curve: list[float] = []
+    losses: list[Tensor] = []
     exhausted = early = False
     for it in range(cfg.iters):
         if not api.ledger.can_afford(cost + reserve):
@@ -409,20 +411,30 @@ def recover(
         surrogate.backward()
         opt.step()
 
-        mean_loss = float(est.base_loss.mean())
-        curve.append(mean_loss)
-        score = score_of(it, mean_loss, float(surrogate.detach()))
-        if score <= best_score or best_images is None:
-            best_score, best_iter = score, it
+        mean_loss = est.base_loss.detach().mean()
+        losses.append(mean_loss)
+        score = score_of(it, mean_loss, surrogate.detach())
+        score = torch.as_tensor(score, dtype=best_score.dtype, device=dev)
+        if best_images is None:  # the first iterate is always kept
+            best_score, best_iter_t = score, torch.full_like(best_iter_t, it)
             best_images = x_hat.detach().clone()
             best_scores = est.base_scores.detach().clone()
+        else:
+            assert best_scores is not None
+            better = score <= best_score
+            best_score = torch.where(better, score, best_score)
+            best_iter_t = torch.where(better, torch.full_like(best_iter_t, it), best_iter_t)
+            best_images = torch.where(better, x_hat.detach(), best_images)
+            best_scores = torch.where(better, est.base_scores.detach(), best_scores)
         if progress is not None:
-            progress(it, {"loss": mean_loss, "queries": used, "iters": cfg.iters})
+            progress(it, {"loss": float(mean_loss), "queries": used, "iters": cfg.iters})
         if cfg.early_stop_prob is not None:
             share = target_prob(est.base_scores, targets, kind)
-            if bool((share > cfg.early_stop_prob).all()):
+            if bool((share > cfg.early_stop_prob).all()):  # the one sync per iteration
                 early = True
                 break
+    curve = torch.stack(losses).tolist() if losses else []
+    best_iter = int(best_iter_t)
     n_run = len(curve)
 
     if best_images is None:  # no iteration ran: return the untrained generator's output

@@ -165,7 +165,7 @@ def check_image_range(x: Tensor, what: str) -> None:
     [0, 1] up to :data:`RANGE_TOL` (the one range check of clients and the server)."""
     # one pass: aminmax propagates NaN, and inf shows up as an extreme (cheaper than isfinite)
     lo_t, hi_t = torch.aminmax(x.detach())
-    lo, hi = float(lo_t), float(hi_t)
+    lo, hi = torch.stack([lo_t, hi_t]).tolist()  # one host sync for both
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InvalidQueryError(f"{what} contains NaN or inf values")
     if lo < -RANGE_TOL or hi > 1 + RANGE_TOL:
