@@ -332,8 +332,8 @@ def recover(
     n_cls = info.n_classes
     b = cfg.per_class * n_cls
     targets = torch.arange(b, device=dev) % n_cls
-    init_g = _subgenerator(rng, "cpu")
-    aug_g = _subgenerator(rng, "cpu")
+    init_g = _subgenerator(rng, "cpu")  # generator init and latents: the same on every device
+    aug_g = _subgenerator(rng, dev)  # per-iteration draws stay on the run's device
     zo_g = _subgenerator(rng, dev)
 
     gen_size = int(image_size or info.image_size)

@@ -17,8 +17,9 @@ def random_crop(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
         return x
     b, _, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad))
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+    dev = generator.device  # drawn where the generator lives (the run's device: no copies)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=dev).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=dev).to(x.device)
     rows = (dy.view(b, 1) + torch.arange(h, device=x.device).view(1, h)).view(b, 1, h, 1)
     cols = (dx.view(b, 1) + torch.arange(w, device=x.device).view(1, w)).view(b, 1, 1, w)
     c = x.shape[1]
@@ -30,7 +31,8 @@ def random_crop(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
 
 def random_flip(x: Tensor, generator: torch.Generator, p: float = 0.5) -> Tensor:
     """Flip each image horizontally with probability ``p``."""
-    flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device).view(-1, 1, 1, 1)
+    draw = torch.rand(x.shape[0], generator=generator, device=generator.device)
+    flip = (draw < p).to(x.device).view(-1, 1, 1, 1)
     return torch.where(flip, x.flip(3), x)
 
 
