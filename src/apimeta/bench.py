@@ -224,6 +224,73 @@ def run_one(
     return row
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One run of a comparison: a variant in a scenario with one training seed (None: the
+    config's seed)."""
+
+    scenario: ZooScenario
+    name: str
+    seed: int | None = None
+
+
+def _cell_worker(
+    base: dict[str, Any], cell: Cell, out: Path, shots: Sequence[int], tasks: int
+) -> dict[str, Any]:
+    """A worker process: one thread, one cell."""
+    torch.set_num_threads(1)
+    return run_one(base, cell.scenario, cell.name, out, shots=shots, tasks=tasks, seed=cell.seed)
+
+
+def run_cells(
+    base: dict[str, Any],
+    cells: Sequence[Cell],
+    out: Path,
+    *,
+    shots: Sequence[int],
+    tasks: int,
+    workers: int = 1,
+    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    on_done: Callable[[Cell], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The eval rows of ``cells``, in order. ``workers`` > 1: cells run in that many worker
+    processes (spawned, one torch thread each), each run directory once (zoo-free rows shared
+    by scenarios train once); the rows are then read back in order. Finished runs are reused
+    and interrupted ones resume, so a killed bench continues where it stopped. The numbers do
+    not depend on ``workers`` (every run is seeded by its config alone)."""
+    if workers > 1 and len(cells) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        unique: dict[Path, Cell] = {}
+        for c in cells:
+            path = run_dir_for(out, c.scenario, c.name)
+            unique.setdefault(path / f"seed-{c.seed}" if c.seed is not None else path, c)
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
+            futures = {
+                ex.submit(_cell_worker, base, c, out, list(shots), tasks): c
+                for c in unique.values()
+            }
+            try:
+                for f in as_completed(futures):
+                    f.result()
+                    if on_done is not None:
+                        on_done(futures[f])
+            except BaseException:
+                ex.shutdown(wait=False, cancel_futures=True)
+                raise
+    rows = []
+    for c in cells:  # sequential, or reading back what the workers finished
+        rows.append(
+            run_one(base, c.scenario, c.name, out, shots=shots, tasks=tasks,
+                    progress=progress, seed=c.seed)
+        )  # fmt: skip
+        if on_done is not None and workers <= 1:
+            on_done(c)
+    return rows
+
+
 def with_defaults(trained: dict[str, Any]) -> dict[str, Any]:
     """A stored run config with the keys it lacks (keys added to RunConfig after it was trained)
     filled with their defaults; new keys default to the old behaviour, so they are no difference."""
@@ -468,6 +535,7 @@ def machine_line() -> str:
 
 __all__ = [
     "VARIANTS",
+    "Cell",
     "ZooScenario",
     "base_config",
     "comparison_table",
@@ -479,6 +547,7 @@ __all__ = [
     "mean_over_datasets",
     "paired_table",
     "per_dataset_table",
+    "run_cells",
     "run_dir_for",
     "run_one",
     "seed_groups",

@@ -176,3 +176,27 @@ def test_bench_seeds_gives_means_spreads_and_paired_differences(tmp_path):
     res = runner.invoke(app, args)  # finished runs are reused
     assert res.exit_code == 0, res.output
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "b").rglob("eval.json")} == first
+
+
+def test_bench_workers_give_the_same_numbers_as_one_process(tmp_path):
+    from apimeta.testing import write_tiny_zoo
+
+    zoo = write_tiny_zoo(tmp_path / "zoo")
+
+    def bench(out: str, *extra: str) -> dict:
+        args = ["bench", "--scenario", f"SS={zoo}:synthetic", "--scenario",
+                f"SH={zoo}:synthetic", "--methods", "random,maml-real", "--seeds", "2",
+                "--set", "episodes=2", "--set", "inner_steps=1", "--tasks", "3", "--shots", "1",
+                "--out", str(tmp_path / out), "--threads", "1", *TINY, *extra]  # fmt: skip
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        rows = {}
+        for p in sorted((tmp_path / out).rglob("eval.json")):
+            r = json.loads(p.read_text())
+            rows[str(p.relative_to(tmp_path / out))] = r["results"]["synthetic"]["1-shot"]["accs"]
+        return rows
+
+    one = bench("one")
+    two = bench("two", "--workers", "2")
+    assert one == two and len(one) == 4  # zoo-free rows shared by SS and SH: trained once
+    assert "--workers 2" in (tmp_path / "two" / "results.md").read_text()

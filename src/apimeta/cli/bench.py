@@ -54,6 +54,12 @@ def bench_cmd(
     device: str | None = typer.Option(
         None, "--device", help="Torch device of every run (cpu, cuda, cuda:1 ...)."
     ),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        help="Run cells (variant x scenario x seed) in this many worker processes, one torch "
+        "thread each (finished runs are reused either way).",
+    ),
     seeds: int = typer.Option(
         1,
         "--seeds",
@@ -76,13 +82,14 @@ def bench_cmd(
     """
     with friendly_errors():
         from apimeta.bench import (
+            Cell,
             ZooScenario,
             base_config,
             comparison_table,
             machine_line,
             paired_table,
             per_dataset_table,
-            run_one,
+            run_cells,
             seed_mean_rows,
             variant,
         )
@@ -96,8 +103,8 @@ def bench_cmd(
             variant(n)
         shot_list = parse_shots(shots)
         base = base_config(preset, [*sets, *([f"device={device}"] if device else [])])
-        if seeds < 1:
-            raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+        if seeds < 1 or workers < 1:
+            raise ConfigError(f"--seeds and --workers must be >= 1, got {seeds}, {workers}")
         seed_list: list[int | None] = (
             [None] if seeds == 1 else [int(base.get("seed", 2022)) + i for i in range(seeds)]
         )
@@ -109,31 +116,32 @@ def bench_cmd(
             TimeElapsedColumn(),
         )
         with Progress(*cols, console=console, transient=True) as progress:
-            overall = progress.add_task("comparison", total=len(scen) * len(names) * len(seed_list))
-            for s in scen:
-                for n in names:
-                    for seed in seed_list:
-                        where = f"{s.name}: {n}" + (f" (seed {seed})" if seed is not None else "")
-                        progress.update(overall, description=where)
-                        rows.append(
-                            run_one(
-                                base,
-                                s,
-                                n,
-                                out,
-                                shots=shot_list,
-                                tasks=tasks,
-                                progress=TrainProgress(progress),
-                                seed=seed,
-                            )
-                        )
-                        progress.advance(overall)
+            cells = [Cell(s, n, seed) for s in scen for n in names for seed in seed_list]
+            overall = progress.add_task(
+                f"comparison ({workers} workers)" if workers > 1 else "comparison",
+                total=len(cells),
+            )
+
+            def done(cell: Cell) -> None:
+                progress.advance(overall)
+
+            rows = run_cells(
+                base,
+                cells,
+                out,
+                shots=shot_list,
+                tasks=tasks,
+                workers=workers,
+                progress=TrainProgress(progress) if workers <= 1 else None,
+                on_done=done,
+            )
         cmd = "apimeta bench " + " ".join(
             [f"--scenario {s}" for s in scenario]
             + [f"--methods {methods}", f"--preset {preset}"]
             + [f"--set {x}" for x in sets]
             + [f"--shots {shots}", f"--tasks {tasks}", f"--out {out}"]
             + ([f"--seeds {seeds}"] if seeds > 1 else [])
+            + ([f"--workers {workers}"] if workers > 1 else [])
         )
         names_s = [s.name for s in scen]
         shown = seed_mean_rows(rows) if seeds > 1 else rows
