@@ -139,3 +139,26 @@ def test_bad_arguments(data):
         evaluate(_model(0), data, tasks=0)
     with pytest.raises(ConfigError):
         evaluate(_model(0), data, shots=())
+
+
+def test_head_options_on_separable_data_with_zero_steps():
+    """Query images equal to the support images: a prototype head (Proto-MAML) and the nearest
+    centroid are right with no fine-tuning; a zero head predicts class 0 for everything."""
+    from apimeta.episodes import Episode
+    from apimeta.evaluate import adapt_and_score, start_head
+
+    torch.manual_seed(0)
+    model = build_backbone("conv4", num_classes=5, width=8, bn="transductive")
+    g = torch.Generator().manual_seed(3)
+    sx = torch.rand(5, 3, 32, 32, generator=g)
+    sy = torch.arange(5)
+    ep = Episode(sx, sy, sx.repeat(3, 1, 1, 1), sy.repeat(3), (10, 11, 12, 13, 14))
+    init = {n: p.detach() for n, p in named_params(model).items()}
+    for head in ("proto", "ncc"):
+        assert adapt_and_score(model, init, ep, steps=0, head=head) == 1.0
+    assert adapt_and_score(model, init, ep, steps=0, head="zero") == 0.2
+    proto = start_head(model, init, ep, "proto")
+    changed = [n for n in init if not torch.equal(init[n], proto[n])]
+    assert len(changed) == 2 and all("classifier" in n for n in changed)  # only the head
+    with pytest.raises(ConfigError, match=r"eval\.head must be one of"):
+        start_head(model, init, ep, "cosine")

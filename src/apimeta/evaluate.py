@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apimeta.data.base import FewShotDataset
@@ -85,6 +86,59 @@ def predict_non_transductive(
     )
 
 
+#: how the classifier head starts at meta-test (``eval.head``): ``learned`` (the meta-learned
+#: head, the paper's protocol), ``zero`` (weights and bias 0), ``proto`` (Proto-MAML: W_k = 2 c_k,
+#: b_k = -||c_k||^2 from the support features' class means c_k), ``ncc`` (no fine-tuning: the
+#: nearest class mean of L2-normalized features)
+HEADS = ("learned", "zero", "proto", "ncc")
+
+
+def head_name(model: nn.Module) -> str:
+    """The qualified name of the model's classifier head (its last ``nn.Linear``)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ConfigError(f"{type(model).__name__} has no linear head for eval.head")
+    return names[-1]
+
+
+def head_features(model: nn.Module, params: Params, x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, D): the input of the classifier head under ``params``."""
+    head = model.get_submodule(head_name(model))
+    seen: list[Tensor] = []
+    handle = head.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        functional_forward(model, params, x)
+    finally:
+        handle.remove()
+    return seen[-1]
+
+
+def _class_means(feats: Tensor, y: Tensor, way: int) -> Tensor:
+    return torch.stack([feats[y == k].mean(0) for k in range(way)])
+
+
+def start_head(model: nn.Module, params: Params, episode: Episode, head: str) -> Params:
+    """``params`` with the classifier head set as ``head`` says (see :data:`HEADS`)."""
+    if head == "learned":
+        return params
+    if head not in ("zero", "proto"):
+        raise ConfigError(f"eval.head must be one of {', '.join(HEADS)}; got {head!r}")
+    name = head_name(model)
+    w, b = params[f"{name}.weight"], params[f"{name}.bias"]
+    way = len(episode.class_ids)
+    if w.shape[0] != way:
+        raise ConfigError(f"the head has {w.shape[0]} outputs; episodes are {way}-way")
+    if head == "zero":
+        new_w, new_b = torch.zeros_like(w), torch.zeros_like(b)
+    else:
+        with torch.no_grad():
+            c = _class_means(
+                head_features(model, params, episode.support_x), episode.support_y, way
+            )
+        new_w, new_b = (2 * c).to(w.dtype), -(c * c).sum(1).to(b.dtype)
+    return {**params, f"{name}.weight": new_w, f"{name}.bias": new_b}
+
+
 def adapt_and_score(
     model: nn.Module,
     init: Params,
@@ -93,9 +147,19 @@ def adapt_and_score(
     steps: int = 10,
     lr: float = 0.01,
     transductive: bool = True,
+    head: str = "learned",
 ) -> float:
-    """Fine-tune ``init`` on the support set (``steps`` CE steps), return query accuracy."""
-    fast = finetune(model, init, episode.support_x, episode.support_y, steps=steps, lr=lr)
+    """Start the head as ``head`` says, fine-tune on the support set (``steps`` CE steps),
+    return query accuracy; ``head="ncc"``: nearest normalized class mean, no fine-tuning."""
+    if head == "ncc":
+        with torch.no_grad():
+            fs = F.normalize(head_features(model, init, episode.support_x), dim=1)
+            fq = F.normalize(head_features(model, init, episode.query_x), dim=1)
+            c = F.normalize(_class_means(fs, episode.support_y, len(episode.class_ids)), dim=1)
+            pred = (fq @ c.T).argmax(1)
+        return int((pred == episode.query_y).sum()) / int(episode.query_y.numel())
+    start = start_head(model, init, episode, head)
+    fast = finetune(model, start, episode.support_x, episode.support_y, steps=steps, lr=lr)
     with torch.no_grad():
         if transductive:
             logits = functional_forward(model, fast, episode.query_x)
@@ -121,8 +185,10 @@ def evaluate(
     keep_accs: bool = False,
     channels_last: bool = True,
     progress: EvalProgress | None = None,
+    head: str = "learned",
 ) -> dict[str, dict[str, Any]]:
-    """Evaluate the initialization ``model`` on fixed seeded tasks, per shot.
+    """Evaluate the initialization ``model`` on fixed seeded tasks, per shot (``head``: how
+    the classifier head starts, :data:`HEADS`).
 
     ``data``: a dataset (its ``split`` is used) or a ``sampler_factory(split, way, shot, query,
     generator)``. Returns ``{"1-shot": {"mean", "ci95", "std", "n", ["accs"]}, ...}`` with
@@ -134,6 +200,8 @@ def evaluate(
     """
     if tasks < 1:
         raise ConfigError(f"tasks must be >= 1, got {tasks}")
+    if head not in HEADS:
+        raise ConfigError(f"eval.head must be one of {', '.join(HEADS)}; got {head!r}")
     if not shots:
         raise ConfigError("give at least one shot count, e.g. shots=(1, 5)")
     dev = torch.device(device) if device is not None else _model_device(model)
@@ -153,7 +221,7 @@ def evaluate(
                     ep.support_x = _layout(ep.support_x, True)
                     ep.query_x = _layout(ep.query_x, True)
                 acc = adapt_and_score(
-                    model, init, ep, steps=steps, lr=lr, transductive=transductive
+                    model, init, ep, steps=steps, lr=lr, transductive=transductive, head=head
                 )
                 accs.append(100.0 * acc)
                 if progress is not None:
@@ -181,7 +249,7 @@ def evaluate_with_config(
     keep_accs: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """The meta-test protocol with a run's settings (way, query, ``eval.test_steps``,
-    ``inner_lr``, ``eval.transductive``) on the shared seeded task list: ``{"1-shot": ...}``
+    ``inner_lr``, ``eval.transductive``, ``eval.head``) on the shared seeded task list: ``{"1-shot": ...}``
     (``keep_accs``: with the per-task accuracies, for paired comparisons)."""
     return evaluate(
         model,
@@ -198,6 +266,7 @@ def evaluate_with_config(
         device=cfg.device,
         keep_accs=keep_accs,
         progress=progress,
+        head=cfg.eval.head,
     )
 
 

@@ -147,6 +147,7 @@ class EvalConfig:
     test_steps: int = 10  # fine-tuning steps at meta-val/meta-test
     select_split: str = "val"  # val | test (the reference; optimistic)
     transductive: bool = True
+    head: str = "learned"  # learned (paper) | zero | proto | ncc (apimeta.evaluate.HEADS)
 
 
 @dataclass

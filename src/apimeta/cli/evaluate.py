@@ -59,6 +59,12 @@ def eval_cmd(
     query: int = typer.Option(15, "--query", help="Query images per class."),
     steps: int = typer.Option(10, "--steps", help="Fine-tuning steps on the support set."),
     lr: float = typer.Option(0.01, "--lr", help="Fine-tuning learning rate."),
+    head: str = typer.Option(
+        "learned",
+        "--head",
+        help="How the classifier head starts: learned (the paper), zero, proto (Proto-MAML "
+        "from the support means) or ncc (nearest normalized class mean, no fine-tuning).",
+    ),
     non_transductive: bool = typer.Option(
         False,
         "--non-transductive",
@@ -179,6 +185,7 @@ def eval_cmd(
                     steps=steps,
                     lr=lr,
                     transductive=not non_transductive,
+                    head=head,
                     seed=seed,
                     device=device,
                     keep_accs=json_out is not None,  # per-task accuracies for paired comparisons

@@ -43,7 +43,7 @@ from apimeta.apis.base import parse_output_mode
 from apimeta.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from apimeta.config import to_dict
 from apimeta.errors import APIUnavailableError, CheckpointError, ConfigError, TrainingInterrupted
-from apimeta.evaluate import evaluate_with_config, format_result, summary_score
+from apimeta.evaluate import HEADS, evaluate_with_config, format_result, summary_score
 from apimeta.events import TRIGGERS, APIEvent, EventHook, save_recovered_grid
 from apimeta.losses import KD_LOSSES
 from apimeta.methods.interface import Method, ProgressFn, TrainResult
@@ -73,6 +73,7 @@ CHOICES: dict[str, Callable[[RunConfig], tuple[str, Any]]] = {
     "kd.loss": lambda c: (c.kd.loss, KD_LOSSES),
     "events.trigger": lambda c: (c.events.trigger, TRIGGERS),
     "eval.select_split": lambda c: (c.eval.select_split, ("val", "test")),
+    "eval.head": lambda c: (c.eval.head, HEADS),
 }
 
 
