@@ -54,12 +54,13 @@ import torch
 from torch import Tensor
 
 from apimeta.apis.base import APIInfo, parse_output_mode
+from apimeta.apis.v2 import WIRE_TYPES
 from apimeta.errors import ConfigError, InvalidQueryError
 
 VERSION = 1
 LAYOUTS = ("nchw", "nhwc", "flat")
-#: v2 / ONNX float datatypes an API may take or return -> numpy dtype
-FLOAT_TYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64}
+#: v2 / ONNX float datatypes an API may take or return -> numpy dtype (the wire codec's table)
+FLOAT_TYPES = {name: np.dtype(code) for name, code in WIRE_TYPES.items()}
 ONNX_TYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64"}
 SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -86,15 +87,6 @@ class InputAdapter:
     std: tuple[float, ...] = ()
     input_range: tuple[float, float] | None = None
     dtype: str = "FP32"
-
-    @property
-    def identity(self) -> bool:
-        return (
-            self.layout == "nchw"
-            and not self.mean
-            and self.input_range is None
-            and self.dtype == "FP32"
-        )
 
     def shape(self, channels: int, image_size: int) -> list[int]:
         """The per-image input shape in this layout."""

@@ -28,7 +28,7 @@ class DescribedZoo:
     """An API description file (YAML/JSON): described models on a v2 server or in ONNX files."""
 
     priority = -10
-    handles_cache = False
+    handles_cache = True  # HttpAPI applies it itself (one range check per query); ONNX: wrapped
 
     @staticmethod
     def matches(source: str) -> bool:
@@ -40,7 +40,9 @@ class DescribedZoo:
     ) -> list[BlackBoxAPI]:
         desc = read_description(source)
         max_batch = options.pop("max_batch", 4096)
+        cache = options.pop("cache", None)
         if desc.is_http:
+            options["cache"] = cache
             return list(
                 load_http_zoo(
                     desc.source, ledger=ledger, output=output, specs=list(desc.models), **options
@@ -54,12 +56,13 @@ class DescribedZoo:
                 f"{source}: models {', '.join(no_file)} have no onnx_file, and the source "
                 f"{root} is a folder; give each its onnx_file or make source a server URL"
             )
-        return [
+        apis: list[BlackBoxAPI] = [
             OnnxAPI.from_spec(
                 root / str(m.onnx_file), m, ledger, output, max_batch=max_batch, device=device
             )
             for m in desc.models
         ]
+        return [CachedAPI(a, cache) for a in apis] if cache is not None else apis  # type: ignore[misc]
 
 
 def served_over_http(source: str | Path | None) -> bool:
