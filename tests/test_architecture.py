@@ -28,6 +28,7 @@ LAYERS = {
     "apimeta.runs": 0,
     "apimeta.report": 0,
     "apimeta.stats": 0,
+    "apimeta.parallel": 0,
     "apimeta.apis": 1,
     "apimeta.models": 1,
     "apimeta.data": 1,

@@ -32,6 +32,7 @@ from apimeta.evaluate import evaluate_with_config
 from apimeta.io import atomic_write_json
 from apimeta.methods import METHODS
 from apimeta.models.meta import load_init, load_run_datasets
+from apimeta.parallel import Backend, run_jobs
 from apimeta.report import fmt_acc, markdown_table
 from apimeta.run_config import ABLATIONS, SECTIONS, RunConfig, base_config, migrate_legacy
 from apimeta.runner import start_run
@@ -234,12 +235,10 @@ class Cell:
     seed: int | None = None
 
 
-def _cell_worker(
-    base: dict[str, Any], cell: Cell, out: Path, shots: Sequence[int], tasks: int
-) -> dict[str, Any]:
-    """A worker process: one thread, one cell."""
-    torch.set_num_threads(1)
-    return run_one(base, cell.scenario, cell.name, out, shots=shots, tasks=tasks, seed=cell.seed)
+def _cell_job(shared: dict[str, Any], cell: Cell) -> None:
+    """A parallel job: train and evaluate one cell (its row is read back from disk)."""
+    run_one(shared["base"], cell.scenario, cell.name, Path(shared["out"]),
+            shots=shared["shots"], tasks=shared["tasks"], seed=cell.seed)  # fmt: skip
 
 
 def run_cells(
@@ -249,44 +248,34 @@ def run_cells(
     *,
     shots: Sequence[int],
     tasks: int,
-    workers: int = 1,
+    backend: Backend | None = None,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
     on_done: Callable[[Cell], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """The eval rows of ``cells``, in order. ``workers`` > 1: cells run in that many worker
-    processes (spawned, one torch thread each), each run directory once (zoo-free rows shared
-    by scenarios train once); the rows are then read back in order. Finished runs are reused
-    and interrupted ones resume, so a killed bench continues where it stopped. The numbers do
-    not depend on ``workers`` (every run is seeded by its config alone)."""
-    if workers > 1 and len(cells) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
+    """The eval rows of ``cells``, in order. A parallel ``backend`` (:mod:`apimeta.parallel`:
+    worker processes or Ray, one torch thread per job) runs each run directory once (zoo-free
+    rows shared by scenarios train once); the rows are then read back in order. Finished runs
+    are reused and interrupted ones resume, so a killed bench continues where it stopped. The
+    numbers do not depend on the backend (every run is seeded by its config alone). On Ray
+    every node must see ``out`` and the zoos at the same paths (a shared filesystem)."""
+    backend = backend or Backend()
+    if backend.parallel and len(cells) > 1:
         unique: dict[Path, Cell] = {}
         for c in cells:
             path = run_dir_for(out, c.scenario, c.name)
             unique.setdefault(path / f"seed-{c.seed}" if c.seed is not None else path, c)
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-            futures = {
-                ex.submit(_cell_worker, base, c, out, list(shots), tasks): c
-                for c in unique.values()
-            }
-            try:
-                for f in as_completed(futures):
-                    f.result()
-                    if on_done is not None:
-                        on_done(futures[f])
-            except BaseException:
-                ex.shutdown(wait=False, cancel_futures=True)
-                raise
+        jobs = [(c,) for c in unique.values()]
+        shared = {"base": base, "out": str(out), "shots": list(shots), "tasks": tasks}
+        for k, _ in run_jobs(_cell_job, jobs, backend, shared=shared):
+            if on_done is not None:
+                on_done(jobs[k][0])
     rows = []
     for c in cells:  # sequential, or reading back what the workers finished
         rows.append(
             run_one(base, c.scenario, c.name, out, shots=shots, tasks=tasks,
                     progress=progress, seed=c.seed)
         )  # fmt: skip
-        if on_done is not None and workers <= 1:
+        if on_done is not None and not backend.parallel:
             on_done(c)
     return rows
 

@@ -147,7 +147,9 @@ class TaskSampler:
         self.classes = usable
         self._index = {int(c): torch.nonzero(self.labels == c).flatten() for c in usable}
 
-    def sample(self) -> Episode:
+    def sample_indices(self) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+        """The next task as indices into ``images``: support (N*K,), query (N*Q,) and the N
+        class ids; :meth:`sample` is ``episode_at(*sample_indices())``."""
         g = self.generator
         pick = self.classes[torch.randperm(self.classes.numel(), generator=g)[: self.way]]
         s_idx, q_idx = [], []
@@ -156,17 +158,26 @@ class TaskSampler:
             perm = idx[torch.randperm(idx.numel(), generator=g)[: self.shot + self.query]]
             s_idx.append(perm[: self.shot])
             q_idx.append(perm[self.shot :])
-        s = torch.cat(s_idx)
-        q = torch.cat(q_idx)
-        ar = torch.arange(self.way)
-        return Episode(
-            support_x=_as_float(self.images[s]),
-            support_y=ar.repeat_interleave(self.shot),
-            query_x=_as_float(self.images[q]),
-            query_y=ar.repeat_interleave(self.query),
-            class_ids=tuple(pick.tolist()),
-        )
+        return torch.cat(s_idx), torch.cat(q_idx), tuple(pick.tolist())
+
+    def sample(self) -> Episode:
+        return episode_at(self.images, *self.sample_indices(), shot=self.shot, query=self.query)
 
     def __iter__(self):
         while True:
             yield self.sample()
+
+
+def episode_at(
+    images: Tensor, s: Tensor, q: Tensor, class_ids: tuple[int, ...], *, shot: int, query: int
+) -> Episode:
+    """The episode of support indices ``s`` (N*K,) and query indices ``q`` (N*Q,) into
+    ``images`` (M, C, H, W), classes in ``class_ids`` order (local label i = class_ids[i])."""
+    ar = torch.arange(len(class_ids))
+    return Episode(
+        support_x=_as_float(images[s]),
+        support_y=ar.repeat_interleave(shot),
+        query_x=_as_float(images[q]),
+        query_y=ar.repeat_interleave(query),
+        class_ids=class_ids,
+    )

@@ -15,6 +15,7 @@ one image (one forward pass of S+1 images per query image).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -25,9 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apimeta.data.base import FewShotDataset
-from apimeta.episodes import Episode, TaskSampler
+from apimeta.episodes import Episode, TaskSampler, episode_at
 from apimeta.errors import ConfigError
 from apimeta.maml import Params, finetune, functional_forward, named_params
+from apimeta.parallel import Backend, run_jobs
 from apimeta.run_config import RunConfig
 from apimeta.seeding import derive_seed
 
@@ -186,6 +188,7 @@ def evaluate(
     channels_last: bool = True,
     progress: EvalProgress | None = None,
     head: str = "learned",
+    backend: Backend | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate the initialization ``model`` on fixed seeded tasks, per shot (``head``: how
     the classifier head starts, :data:`HEADS`).
@@ -196,7 +199,9 @@ def evaluate(
     it must be the model's device). The model is put in eval mode during evaluation (the transductive BN
     of the meta-model uses batch statistics regardless) and restored afterwards; its parameters
     are never modified. ``channels_last``: run convolutions in NHWC layout (about 1.5x faster
-    on CPU for Conv4; numerically equivalent up to float rounding).
+    on CPU for Conv4; numerically equivalent up to float rounding). ``backend``: a parallel
+    :class:`~apimeta.parallel.Backend` evaluates shards of tasks in worker processes or on Ray
+    (CPU only), the same tasks and accuracies as in-process.
     """
     if tasks < 1:
         raise ConfigError(f"tasks must be >= 1, got {tasks}")
@@ -205,27 +210,40 @@ def evaluate(
     if not shots:
         raise ConfigError("give at least one shot count, e.g. shots=(1, 5)")
     dev = torch.device(device) if device is not None else _model_device(model)
+    backend = backend or Backend()
+    if backend.parallel and dev.type != "cpu":
+        log.warning("parallel evaluation runs on CPU workers; evaluating on %s in-process", dev)
+        backend = Backend()
+    settings = {
+        "steps": steps,
+        "lr": lr,
+        "transductive": transductive,
+        "head": head,
+        "channels_last": channels_last,
+    }
     was_training = model.training
     model.eval()
-    init = {n: _layout(p.detach(), channels_last) for n, p in named_params(model).items()}
     results: dict[str, dict[str, Any]] = {}
     try:
-        for shot in shots:
-            accs = []
-            episodes = task_list(
-                data, split=split, way=way, shot=shot, query=query, tasks=tasks, seed=seed
+        if backend.parallel:
+            per_shot = _evaluate_sharded(
+                model, data, split, way, shots, query, tasks, seed, settings, backend, progress
             )
-            for i, ep in enumerate(episodes):
-                ep = ep.to(dev)
-                if channels_last:
-                    ep.support_x = _layout(ep.support_x, True)
-                    ep.query_x = _layout(ep.query_x, True)
-                acc = adapt_and_score(
-                    model, init, ep, steps=steps, lr=lr, transductive=transductive, head=head
+        else:
+            init = {n: _layout(p.detach(), channels_last) for n, p in named_params(model).items()}
+            per_shot = {}
+            for shot in shots:
+                episodes = task_list(
+                    data, split=split, way=way, shot=shot, query=query, tasks=tasks, seed=seed
                 )
-                accs.append(100.0 * acc)
-                if progress is not None:
-                    progress(i + 1, tasks, {"shot": shot})
+                accs = []
+                for i, ep in enumerate(episodes):
+                    accs.append(_score(model, init, ep.to(dev), settings))
+                    if progress is not None:
+                        progress(i + 1, tasks, {"shot": shot})
+                per_shot[shot] = accs
+        for shot in shots:
+            accs = per_shot[shot]
             mean, ci, std = ci95(accs)
             res: dict[str, Any] = {"mean": mean, "ci95": ci, "std": std, "n": len(accs)}
             if keep_accs:
@@ -235,6 +253,80 @@ def evaluate(
     finally:
         model.train(was_training)
     return results
+
+
+def _score(model: nn.Module, init: Params, ep: Episode, settings: dict[str, Any]) -> float:
+    """Accuracy in % of ``init`` adapted on one episode (already on the model's device)."""
+    if settings["channels_last"]:
+        ep.support_x = _layout(ep.support_x, True)
+        ep.query_x = _layout(ep.query_x, True)
+    acc = adapt_and_score(
+        model,
+        init,
+        ep,
+        steps=settings["steps"],
+        lr=settings["lr"],
+        transductive=settings["transductive"],
+        head=settings["head"],
+    )
+    return 100.0 * acc
+
+
+#: tasks per parallel evaluation job (a shard): small enough to balance, big enough to amortize
+SHARD_TASKS = 25
+
+
+def _evaluate_sharded(
+    model: nn.Module,
+    data: FewShotDataset | SamplerFactory,
+    split: str,
+    way: int,
+    shots: Sequence[int],
+    query: int,
+    tasks: int,
+    seed: int,
+    settings: dict[str, Any],
+    backend: Backend,
+    progress: EvalProgress | None,
+) -> dict[int, list[float]]:
+    """The per-task accuracies of every shot, computed in shards of :data:`SHARD_TASKS` tasks
+    on ``backend``. This process draws the same seeded task list as index tensors; the model
+    (on CPU) and the split's images are shipped once, each shard as indices."""
+    factory = data.sampler if isinstance(data, FewShotDataset) else data
+    images: dict[int, Tensor] = {}
+    jobs: list[tuple] = []
+    for shot in shots:
+        g = torch.Generator().manual_seed(task_seed(seed, split, way, shot, query))
+        sampler = factory(split, way, shot, query, g)
+        images[shot] = sampler.images  # one tensor for every shot: pickled (shipped) once
+        picks = [sampler.sample_indices() for _ in range(tasks)]
+        for a in range(0, tasks, SHARD_TASKS):
+            jobs.append((shot, query, a, picks[a : a + SHARD_TASKS]))
+    cpu_model = copy.deepcopy(model).cpu()
+    shared = {"model": cpu_model, "images": images, "settings": settings}
+    out = {shot: [0.0] * tasks for shot in shots}
+    done = dict.fromkeys(shots, 0)
+    for k, accs in run_jobs(_shard_job, jobs, backend, shared=shared):
+        shot, _, a, _ = jobs[k]
+        out[shot][a : a + len(accs)] = accs
+        done[shot] += len(accs)
+        if progress is not None:
+            progress(done[shot], tasks, {"shot": shot})
+    return out
+
+
+def _shard_job(shared: dict[str, Any], shot: int, query: int, start: int, picks: list) -> list:
+    """One parallel evaluation job: the accuracies (%) of one shard of tasks, in order."""
+    model, settings = shared["model"], shared["settings"]
+    model.eval()
+    init = {
+        n: _layout(p.detach(), settings["channels_last"]) for n, p in named_params(model).items()
+    }
+    images = shared["images"][shot]
+    return [
+        _score(model, init, episode_at(images, s, q, c, shot=shot, query=query), settings)
+        for s, q, c in picks
+    ]
 
 
 def evaluate_with_config(
@@ -247,6 +339,7 @@ def evaluate_with_config(
     tasks: int,
     progress: EvalProgress | None = None,
     keep_accs: bool = False,
+    backend: Backend | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The meta-test protocol with a run's settings (way, query, ``eval.test_steps``,
     ``inner_lr``, ``eval.transductive``, ``eval.head``) on the shared seeded task list: ``{"1-shot": ...}``
@@ -267,6 +360,7 @@ def evaluate_with_config(
         keep_accs=keep_accs,
         progress=progress,
         head=cfg.eval.head,
+        backend=backend,
     )
 
 

@@ -17,7 +17,7 @@ from apimeta.apis.base import (
     restrict_output,
     validate_query,
 )
-from apimeta.apis.ledger import QueryLedger
+from apimeta.apis.ledger import QueryLedger, SharedLedger
 from apimeta.apis.local import LocalAPI
 from apimeta.apis.manifest import read_manifest
 from apimeta.apis.sources import load_zoo
@@ -31,6 +31,7 @@ __all__ = [
     "BlackBoxAPI",
     "LocalAPI",
     "QueryLedger",
+    "SharedLedger",
     "build_zoo",
     "load_zoo",
     "parse_output_mode",

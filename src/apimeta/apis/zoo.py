@@ -34,6 +34,7 @@ from apimeta.data import DATASETS, load_dataset
 from apimeta.errors import ConfigError
 from apimeta.io import atomic_write, atomic_write_json
 from apimeta.models import BACKBONES
+from apimeta.parallel import Backend, run_jobs
 from apimeta.seeding import derive_seed, make_generator
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def build_zoo(
     threads: int | None = None,
     force: bool = False,
     progress: Callable[[ZooProgress], None] | None = None,
+    backend: Backend | None = None,
 ) -> ZooManifest:
     """Train ``n_apis`` classifiers, each on a seeded ``way``-class task from meta-train classes.
 
@@ -116,7 +118,9 @@ def build_zoo(
     built with different arguments raises ConfigError; ``force`` rebuilds from scratch.
     ``zoo.json`` is rewritten atomically after every API and lists exactly the first ``n_apis``
     APIs (asking for fewer than a directory holds leaves the other weight files unlisted).
-    ``progress`` gets :class:`ZooProgress`.
+    ``progress`` gets :class:`ZooProgress`. ``backend``: where the APIs train (one job per
+    API, :mod:`apimeta.parallel`; default in this process); workers return weights and entries
+    and this process writes them, so the result is the same on every backend.
     """
     datasets = [d.strip() for d in dataset_names if d.strip()]
     archs = [a.strip() for a in archs if a.strip()]
@@ -184,109 +188,163 @@ def build_zoo(
     out.mkdir(parents=True, exist_ok=True)
 
     manifest = ZooManifest(dir=out, build_args=build_args)
-    loaded: dict[str, Any] = {}
-    dev = torch.device(device)
-
+    backend = backend or Backend()
+    entries: dict[int, dict[str, Any]] = {}
+    todo: list[int] = []
     for i in range(n_apis):
         name = f"api-{i:03d}"
-        dataset, arch, api_seed = api_plan(i, datasets, archs, seed)
         if name in done:
-            manifest.apis.append(done[name])
+            entries[i] = done[name]
             if progress is not None:
-                progress(ZooProgress("reused", i, n_apis, name, arch, dataset, entry=done[name]))
-            continue
-        if dataset not in loaded:
-            logger.info("loading dataset %s", dataset)
-            try:
-                # the dataset's own rendering seed stays at its default, as for every method
-                # (models.meta.load_run_datasets): the zoo seed draws classes and trains APIs
-                loaded[dataset] = load_dataset(
-                    dataset,
-                    root=data_root,
-                    image_size=image_size,
-                    **build_args["dataset_options"],
-                )
-            except TypeError as e:
-                if "unexpected keyword" not in str(e):
-                    raise
-                raise ConfigError(
-                    f"dataset {dataset!r} does not take option(s) {build_args['dataset_options']}"
-                    f" ({e}); check --dataset-option"
-                ) from None
-        ds = loaded[dataset]
-        split = ds.split("train")
-        pool = torch.tensor(split.classes)
-        if pool.numel() < way:
-            raise ConfigError(
-                f"{dataset} has {pool.numel()} meta-train classes; --way {way} needs at least {way}"
-            )
-        g = make_generator(seed, "zoo", i, "classes")
-        classes = pool[torch.randperm(pool.numel(), generator=g)[:way]].tolist()
-        train_x, train_y, hold_x, hold_y = split_holdout(split.images, split.labels, classes)
-        width = default_width(arch, conv4_width, resnet_width)
-        if progress is not None:
-            progress(ZooProgress("start", i, n_apis, name, arch, dataset, epochs=epochs))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(api_seed)  # weight init only; restored on exit
-            model = build_api_model(arch, way, ds.channels, ds.image_size, width, ds.mean, ds.std)
+                _, arch, _ = api_plan(i, datasets, archs, seed)
+                e = done[name]
+                progress(ZooProgress("reused", i, n_apis, name, arch, e["dataset"], entry=e))
+        else:
+            todo.append(i)
 
-        def on_epoch(ep: int, acc: float, i=i, name=name, arch=arch, dataset=dataset) -> None:
-            if progress is not None:
-                progress(ZooProgress("epoch", i, n_apis, name, arch, dataset, ep, epochs, acc))
-
-        t0 = time.perf_counter()
-        acc, epochs_run = train_api(
-            model,
-            (train_x, train_y),
-            (hold_x, hold_y),
-            arch=arch,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            grad_clip=grad_clip,
-            patience=patience,
-            augment=augment,
-            generator=make_generator(seed, "zoo", i, "train"),
-            device=dev,
-            on_epoch=on_epoch,
-        )
-        train_time = time.perf_counter() - t0
-        entry = {
-            "name": name,
-            "file": f"{name}.safetensors",
-            "arch": arch,
-            "width": width,
-            "dataset": dataset,
-            "classes": [int(c) for c in classes],
-            "class_names": [ds.class_names[c] for c in classes],
-            "channels": ds.channels,
-            "image_size": ds.image_size,
-            "mean": [float(m) for m in ds.mean],
-            "std": [float(s) for s in ds.std],
-            "holdout_acc": round(acc, 6),
-            "seed": api_seed,
-            "train_time_s": round(train_time, 3),
-            "epochs_run": epochs_run,
-            "n_params": sum(p.numel() for p in model.parameters()),
-        }
-        _save_weights(model, out / entry["file"], entry)
-        manifest.apis.append(entry)
+    def write_manifest() -> None:  # the finished APIs, in index order (a resumable prefix set)
+        manifest.apis = [entries[i] for i in sorted(entries)]
         atomic_write_json(out / MANIFEST, manifest.to_dict())
-        logger.info("%s (%s, %s) holdout acc %.3f in %.1fs", name, arch, dataset, acc, train_time)
-        if progress is not None:
-            progress(
-                ZooProgress("done", i, n_apis, name, arch, dataset, epochs_run, epochs, acc, entry)
-            )
-    atomic_write_json(out / MANIFEST, manifest.to_dict())
+
+    on_epoch = progress if not backend.parallel else None  # epochs are seen only in-process
+    jobs = [(i, n_apis, on_epoch) for i in todo]
+    if backend.parallel and progress is not None:
+        for i in todo:
+            dataset, arch, _ = api_plan(i, datasets, archs, seed)
+            name = f"api-{i:03d}"
+            progress(ZooProgress("start", i, n_apis, name, arch, dataset, epochs=epochs))
+    shared = {"args": build_args, "device": device}
+    try:
+        for k, (entry, weights) in run_jobs(_train_one, jobs, backend, shared=shared):
+            i = todo[k]
+            _write_weights(weights, out / entry["file"])
+            entries[i] = entry
+            write_manifest()  # after every API: a killed build keeps what it finished
+            logger.info(
+                "%s (%s, %s) holdout acc %.3f in %.1fs",
+                entry["name"], entry["arch"], entry["dataset"], entry["holdout_acc"],
+                entry["train_time_s"],
+            )  # fmt: skip
+            if progress is not None:
+                progress(
+                    ZooProgress(
+                        "done", i, n_apis, entry["name"], entry["arch"], entry["dataset"],
+                        entry["epochs_run"], epochs, entry["holdout_acc"], entry,
+                    )
+                )  # fmt: skip
+    finally:
+        _DATASETS.clear()  # datasets loaded in this process are not kept past the build
+    write_manifest()
     return manifest
 
 
-def _save_weights(model: nn.Module, path: Path, entry: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
+_DATASETS: dict[tuple, Any] = {}  # per process: datasets loaded by earlier jobs
+
+
+def _load(dataset: str, args: dict[str, Any]) -> Any:
+    key = (dataset, args["data_root"], args["image_size"], json.dumps(args["dataset_options"]))
+    if key not in _DATASETS:
+        logger.info("loading dataset %s", dataset)
+        try:
+            # the dataset's own rendering seed stays at its default, as for every method
+            # (models.meta.load_run_datasets): the zoo seed draws classes and trains APIs
+            _DATASETS[key] = load_dataset(
+                dataset,
+                root=args["data_root"],
+                image_size=args["image_size"],
+                **args["dataset_options"],
+            )
+        except TypeError as e:
+            if "unexpected keyword" not in str(e):
+                raise
+            raise ConfigError(
+                f"dataset {dataset!r} does not take option(s) {args['dataset_options']}"
+                f" ({e}); check --dataset-option"
+            ) from None
+    return _DATASETS[key]
+
+
+def _train_one(
+    shared: dict[str, Any],
+    i: int,
+    n_apis: int,
+    progress: Callable[[ZooProgress], None] | None = None,
+) -> tuple[dict[str, Any], bytes]:
+    """One job of :func:`build_zoo`: train API ``i``; its manifest entry and safetensors bytes
+    (the caller writes the file, so workers need no shared disk)."""
+    a = shared["args"]
+    seed, way, epochs = a["seed"], a["way"], a["epochs"]
+    name = f"api-{i:03d}"
+    dataset, arch, api_seed = api_plan(i, a["datasets"], a["archs"], seed)
+    ds = _load(dataset, a)
+    split = ds.split("train")
+    pool = torch.tensor(split.classes)
+    if pool.numel() < way:
+        raise ConfigError(
+            f"{dataset} has {pool.numel()} meta-train classes; --way {way} needs at least {way}"
+        )
+    g = make_generator(seed, "zoo", i, "classes")
+    classes = pool[torch.randperm(pool.numel(), generator=g)[:way]].tolist()
+    train_x, train_y, hold_x, hold_y = split_holdout(split.images, split.labels, classes)
+    width = default_width(arch, a["conv4_width"], a["resnet_width"])
+    if progress is not None:
+        progress(ZooProgress("start", i, n_apis, name, arch, dataset, epochs=epochs))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(api_seed)  # weight init only; restored on exit
+        model = build_api_model(arch, way, ds.channels, ds.image_size, width, ds.mean, ds.std)
+
+    def on_epoch(ep: int, acc: float) -> None:
+        if progress is not None:
+            progress(ZooProgress("epoch", i, n_apis, name, arch, dataset, ep, epochs, acc))
+
+    t0 = time.perf_counter()
+    acc, epochs_run = train_api(
+        model,
+        (train_x, train_y),
+        (hold_x, hold_y),
+        arch=arch,
+        epochs=epochs,
+        batch_size=a["batch_size"],
+        lr=a["lr"],
+        grad_clip=a["grad_clip"],
+        patience=a["patience"],
+        augment=a["augment"],
+        generator=make_generator(seed, "zoo", i, "train"),
+        device=torch.device(shared["device"]),
+        on_epoch=on_epoch,
+    )
+    train_time = time.perf_counter() - t0
+    entry = {
+        "name": name,
+        "file": f"{name}.safetensors",
+        "arch": arch,
+        "width": width,
+        "dataset": dataset,
+        "classes": [int(c) for c in classes],
+        "class_names": [ds.class_names[c] for c in classes],
+        "channels": ds.channels,
+        "image_size": ds.image_size,
+        "mean": [float(m) for m in ds.mean],
+        "std": [float(s) for s in ds.std],
+        "holdout_acc": round(acc, 6),
+        "seed": api_seed,
+        "train_time_s": round(train_time, 3),
+        "epochs_run": epochs_run,
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }
+    return entry, _weights_bytes(model, entry)
+
+
+def _weights_bytes(model: nn.Module, entry: dict[str, Any]) -> bytes:
+    from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"arch": entry["arch"], "width": str(entry["width"]), "name": entry["name"]}
-    atomic_write(path, lambda p: save_file(state, str(p), metadata=meta))
+    return save(state, metadata=meta)
+
+
+def _write_weights(data: bytes, path: Path) -> None:
+    atomic_write(path, lambda p: p.write_bytes(data))
 
 
 __all__ = ["ZooProgress", "api_plan", "build_zoo"]

@@ -14,7 +14,15 @@ from rich.progress import (
 )
 
 from apimeta.cli.app import app
-from apimeta.cli.common import console, friendly_errors, set_threads
+from apimeta.cli.common import (
+    backend_from,
+    console,
+    friendly_errors,
+    ray_address_option,
+    ray_option,
+    set_threads,
+    workers_option,
+)
 from apimeta.cli.evaluate import parse_shots
 from apimeta.cli.train import TrainProgress
 
@@ -54,12 +62,9 @@ def bench_cmd(
     device: str | None = typer.Option(
         None, "--device", help="Torch device of every run (cpu, cuda, cuda:1 ...)."
     ),
-    workers: int = typer.Option(
-        1,
-        "--workers",
-        help="Run cells (variant x scenario x seed) in this many worker processes, one torch "
-        "thread each (finished runs are reused either way).",
-    ),
+    workers: int = workers_option("cells (variant x scenario x seed); finished runs are reused"),
+    ray: bool = ray_option(),
+    ray_address: str | None = ray_address_option(),
     seeds: int = typer.Option(
         1,
         "--seeds",
@@ -103,8 +108,9 @@ def bench_cmd(
             variant(n)
         shot_list = parse_shots(shots)
         base = base_config(preset, [*sets, *([f"device={device}"] if device else [])])
-        if seeds < 1 or workers < 1:
-            raise ConfigError(f"--seeds and --workers must be >= 1, got {seeds}, {workers}")
+        if seeds < 1:
+            raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+        backend = backend_from(workers, ray, ray_address)
         seed_list: list[int | None] = (
             [None] if seeds == 1 else [int(base.get("seed", 2022)) + i for i in range(seeds)]
         )
@@ -118,7 +124,7 @@ def bench_cmd(
         with Progress(*cols, console=console, transient=True) as progress:
             cells = [Cell(s, n, seed) for s in scen for n in names for seed in seed_list]
             overall = progress.add_task(
-                f"comparison ({workers} workers)" if workers > 1 else "comparison",
+                f"comparison ({backend.describe()})" if backend.parallel else "comparison",
                 total=len(cells),
             )
 
@@ -131,8 +137,8 @@ def bench_cmd(
                 out,
                 shots=shot_list,
                 tasks=tasks,
-                workers=workers,
-                progress=TrainProgress(progress) if workers <= 1 else None,
+                backend=backend,
+                progress=TrainProgress(progress) if not backend.parallel else None,
                 on_done=done,
             )
         cmd = "apimeta bench " + " ".join(
@@ -142,6 +148,8 @@ def bench_cmd(
             + [f"--shots {shots}", f"--tasks {tasks}", f"--out {out}"]
             + ([f"--seeds {seeds}"] if seeds > 1 else [])
             + ([f"--workers {workers}"] if workers > 1 else [])
+            + (["--ray"] if ray and not ray_address else [])
+            + ([f"--ray-address {ray_address}"] if ray_address else [])
         )
         names_s = [s.name for s in scen]
         shown = seed_mean_rows(rows) if seeds > 1 else rows

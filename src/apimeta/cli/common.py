@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 import typer
 from rich.console import Console
 
 from apimeta.errors import ApimetaError
+
+if TYPE_CHECKING:
+    from apimeta.parallel import Backend
 
 console = Console()
 err_console = Console(stderr=True)
@@ -28,3 +32,34 @@ def friendly_errors() -> Iterator[None]:
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
+
+
+def workers_option(what: str, default: int = 1) -> Any:
+    return typer.Option(
+        default,
+        "--workers",
+        help=f"Run {what} in this many worker processes, one torch thread each (with --ray: "
+        "Ray tasks in flight; 0 = one per Ray CPU). The numbers do not depend on it.",
+    )
+
+
+def ray_option() -> Any:
+    return typer.Option(
+        False, "--ray", help="Run the parallel jobs on a local Ray (pip install 'apimeta[ray]')."
+    )
+
+
+def ray_address_option() -> Any:
+    return typer.Option(
+        None,
+        "--ray-address",
+        help="Join this Ray cluster (e.g. ray://head:10001 or auto) and run the jobs there; "
+        "every node needs apimeta installed and the same paths.",
+    )
+
+
+def backend_from(workers: int, ray: bool, ray_address: str | None) -> Backend:
+    """The :class:`~apimeta.parallel.Backend` the CLI flags ask for."""
+    from apimeta.parallel import make_backend
+
+    return make_backend(workers, ray=ray, ray_address=ray_address)

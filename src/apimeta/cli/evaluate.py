@@ -12,7 +12,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from apimeta.cli.app import app
-from apimeta.cli.common import console, friendly_errors, set_threads
+from apimeta.cli.common import (
+    backend_from,
+    console,
+    friendly_errors,
+    ray_address_option,
+    ray_option,
+    set_threads,
+    workers_option,
+)
 from apimeta.errors import ConfigError
 
 
@@ -96,6 +104,9 @@ def eval_cmd(
         "the same seeded tasks for every init, so two files can be compared task by task).",
     ),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),
+    workers: int = workers_option("shards of tasks (25 tasks each)"),
+    ray: bool = ray_option(),
+    ray_address: str | None = ray_address_option(),
 ) -> None:
     """Fine-tune an initialization on fixed seeded few-shot tasks; print mean ± 95% CI."""
     with friendly_errors():
@@ -106,6 +117,7 @@ def eval_cmd(
         from apimeta.run_config import RunConfig
 
         set_threads(threads)
+        backend = backend_from(workers, ray, ray_address)
         options = parse_overrides(data_option) if data_option else None
         shot_list = parse_shots(shots)
         if split not in ("train", "val", "test"):
@@ -163,16 +175,15 @@ def eval_cmd(
         with Progress(*cols, console=console, transient=True) as progress:
             for ds in datasets:
                 bar = progress.add_task(ds.name, total=tasks * len(shot_list))
-                offset = {"n": 0}
+                per_shot: dict[int, int] = {}  # tasks done per shot (shards may interleave)
 
-                def cb(done: int, total: int, info: dict, _bar=bar, _off=offset, _n=ds.name):
+                def cb(done: int, total: int, info: dict, _bar=bar, _seen=per_shot, _n=ds.name):
+                    _seen[info["shot"]] = done
                     progress.update(
                         _bar,
-                        completed=_off["n"] + done,
+                        completed=sum(_seen.values()),
                         description=f"{_n} {info['shot']}-shot",
                     )
-                    if done == total:
-                        _off["n"] += total
 
                 results[ds.name] = evaluate(
                     model,
@@ -190,6 +201,7 @@ def eval_cmd(
                     device=device,
                     keep_accs=json_out is not None,  # per-task accuracies for paired comparisons
                     progress=cb,
+                    backend=backend,
                 )
         seconds = time.perf_counter() - t0
         mode = "non-transductive" if non_transductive else "transductive"

@@ -18,7 +18,16 @@ from rich.progress import (
 from rich.table import Table
 
 from apimeta.cli.app import app
-from apimeta.cli.common import console, err_console, friendly_errors, set_threads
+from apimeta.cli.common import (
+    backend_from,
+    console,
+    err_console,
+    friendly_errors,
+    ray_address_option,
+    ray_option,
+    set_threads,
+    workers_option,
+)
 
 zoo_app = typer.Typer(
     help="Build and inspect API zoos: pools of trained classifiers served as black-box APIs.",
@@ -130,12 +139,16 @@ def build(
     force: bool = typer.Option(
         False, "--force", help="Rebuild from scratch even if --out holds a different zoo."
     ),
+    workers: int = workers_option("the APIs (one job per API)"),
+    ray: bool = ray_option(),
+    ray_address: str | None = ray_address_option(),
 ) -> None:
     """Train an API zoo (resumes an interrupted build with the same arguments)."""
     from apimeta.apis.zoo import ZooProgress, build_zoo
 
     with friendly_errors():
         set_threads(threads)
+        backend = backend_from(workers, ray, ray_address)
         columns = (
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -145,8 +158,11 @@ def build(
             TimeRemainingColumn(),
         )
         with Progress(*columns, console=console) as bar:
-            apis_task = bar.add_task("APIs", total=n_apis, info="")
-            epoch_task = bar.add_task("epochs", total=epochs, info="")
+            apis_task = bar.add_task(
+                "APIs", total=n_apis, info=backend.describe() if backend.parallel else ""
+            )
+            # parallel builds report whole APIs only (epochs happen in the workers)
+            epoch_task = bar.add_task("epochs", total=epochs, info="", visible=not backend.parallel)
 
             def on_progress(p: ZooProgress) -> None:
                 if p.stage == "reused":
@@ -188,6 +204,7 @@ def build(
                 threads=threads,
                 force=force,
                 progress=on_progress,
+                backend=backend,
             )
         console.print(zoo_table(manifest.apis, title=f"API zoo {out}"))
 

@@ -28,6 +28,7 @@ import torch
 from apimeta.data.base import SPLITS, FewShotDataset, ImageSplit
 from apimeta.data.cache import cache_path, load_cached, save_dataset
 from apimeta.errors import ConfigError
+from apimeta.parallel import stop_pool
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def parallel_map(
                     if progress is not None:
                         progress(len(out), total)
             except BaseException:
-                _stop_pool(ex)
+                stop_pool(ex)
                 raise
             ex.shutdown(wait=True)
         except BrokenProcessPool as e:  # e.g. a script without an `if __name__ == "__main__"`
@@ -127,17 +128,6 @@ def parallel_map(
         "processed %d %s in %.1f s (%d workers)", total, what, time.perf_counter() - t0, workers
     )
     return out
-
-
-def _stop_pool(ex: ProcessPoolExecutor) -> None:
-    """Cancel what has not started and terminate the worker processes (an interrupt)."""
-    procs = list((getattr(ex, "_processes", None) or {}).values())
-    ex.shutdown(wait=False, cancel_futures=True)
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(timeout=5)
 
 
 def render_classes(
