@@ -291,46 +291,19 @@ def test_generator_paper_layout_and_init():
     assert torch.equal(h.l1.weight, g.l1.weight)
 
 
-def _count_host_syncs(fn) -> int:
-    """Tensor -> Python conversions (``item``, ``float``, ``bool``, ``int``, ``tolist``) made by
-    apimeta code while ``fn`` runs: each is a host sync when the tensor lives on a GPU. (Adam's
-    step counters stay on the CPU, so torch's own calls are not counted.)"""
-    import sys
-
-    names = ("item", "tolist", "__float__", "__bool__", "__int__", "__index__")
-    old = {n: getattr(torch.Tensor, n) for n in names}
-    count = [0]
-
-    def wrap(f):
-        def g(self, *a, **k):
-            caller = sys._getframe(1).f_code.co_filename
-            if "/apimeta/" in caller.replace("\\\\", "/"):
-                count[0] += 1
-            return f(self, *a, **k)
-
-        return g
-
-    for n in names:
-        setattr(torch.Tensor, n, wrap(old[n]))
-    try:
-        fn()
-    finally:
-        for n in names:
-            setattr(torch.Tensor, n, old[n])
-    return count[0]
-
-
 @pytest.mark.parametrize(("early_stop", "allowed"), [(None, 2), (0.999, 3)])
 def test_one_recovery_iteration_syncs_at_most_once_per_api_call_and_early_stop(early_stop, allowed):
     """Per iteration: one range check per API call (the base images and the perturbed ones)
     and, with the early stop, one test of it; the kept iterate is tracked on the device."""
-    from apimeta.testing import tiny_apis
+    from apimeta.testing import count_host_syncs, tiny_apis
 
     api = tiny_apis()[0]
 
     def run(iters: int) -> int:
         cfg = RecoveryConfig(per_class=2, iters=iters, nz=16, ngf=8, early_stop_prob=early_stop)
-        return _count_host_syncs(lambda: recover(api, cfg, rng=torch.Generator().manual_seed(0)))
+        return count_host_syncs(
+            lambda: recover(api, cfg, rng=torch.Generator().manual_seed(0)), count_indices=True
+        )
 
     per_iteration = (run(6) - run(2)) / 4
     assert per_iteration <= allowed

@@ -173,12 +173,17 @@ def finetune(
 @dataclass
 class OuterResult:
     """``loss``: scalar query loss (differentiable w.r.t. the init); ``logits``: (N*Q, way);
-    ``accuracy``: query accuracy in [0, 1] (python float); ``params``: the adapted params."""
+    ``acc``: query accuracy in [0, 1], a 0-dim tensor on the episode's device (no host sync;
+    ``accuracy`` is it as a python float); ``params``: the adapted params."""
 
     loss: Tensor
     logits: Tensor
-    accuracy: float
+    acc: Tensor
     params: Params
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.acc)
 
 
 def maml_outer_loss(
@@ -212,8 +217,8 @@ def maml_outer_loss(
     )
     logits = functional_forward(model, fast, episode.query_x, buffers)
     loss = outer_loss(logits, episode.query_y)
-    acc = float((logits.detach().argmax(1) == episode.query_y).float().mean())
-    return OuterResult(loss=loss, logits=logits, accuracy=acc, params=fast)
+    acc = (logits.detach().argmax(1) == episode.query_y).float().mean()
+    return OuterResult(loss=loss, logits=logits, acc=acc, params=fast)
 
 
 __all__ = [

@@ -43,13 +43,21 @@ class TaskMemory:
 
     ``capacity_batches``: batches kept per class (docs/design.md: 20). ``quantize_uint8``: store
     images as uint8 (the reference's PNG precision, 4x less RAM) instead of float32.
+    ``device``: where the images live and sampled tasks are built (the run's device: replay
+    copies nothing to it); checkpoints hold them on the CPU.
     """
 
-    def __init__(self, capacity_batches: int = 20, quantize_uint8: bool = False):
+    def __init__(
+        self,
+        capacity_batches: int = 20,
+        quantize_uint8: bool = False,
+        device: torch.device | str | None = None,
+    ):
         if capacity_batches < 1:
             raise ValueError(f"capacity_batches must be >= 1, got {capacity_batches}")
         self.capacity_batches = int(capacity_batches)
         self.quantize_uint8 = bool(quantize_uint8)
+        self.device = torch.device(device if device is not None else "cpu")
         self._batches: dict[Hashable, deque[Tensor]] = {}
         self._ids: dict[Hashable, int] = {}
         self._keys: list[Hashable] = []
@@ -63,7 +71,7 @@ class TaskMemory:
         _encode_key(key)  # validate early
         if images.dim() != 4 or images.shape[0] == 0:
             raise EpisodeError(f"memory batches must be non-empty (n, C, H, W), got {images.shape}")
-        img = images.detach().cpu()
+        img = images.detach().to(self.device)
         if self.quantize_uint8:
             if img.dtype != torch.uint8:
                 img = (img.float().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -144,7 +152,8 @@ class TaskMemory:
         uniformly without replacement; local labels follow draw order; ``class_ids`` are the
         memory's integer ids (:meth:`key_of`). Images are converted to ``channels`` and resized
         to ``image_size``; None means those of the first drawn class's newest batch.
-        Returns float images in [0, 1] on the CPU. Raises :class:`EpisodeError` if too few
+        Returns float images in [0, 1] on the memory's device (indices are drawn on the CPU
+        from ``generator``, so the draw is the same on every device). Raises :class:`EpisodeError` if too few
         classes qualify.
         """
         if way < 1 or shot < 1 or query < 0:
@@ -168,7 +177,7 @@ class TaskMemory:
             imgs = self._draw(key, need, generator, channels, image_size)
             sup.append(imgs[:shot])
             qry.append(imgs[shot:])
-        ar = torch.arange(way)
+        ar = torch.arange(way, device=self.device)
         return Episode(
             support_x=torch.cat(sup),
             support_y=ar.repeat_interleave(shot),
@@ -186,10 +195,11 @@ class TaskMemory:
         offsets = torch.cumsum(sizes, 0) - sizes
         flat = torch.randperm(int(sizes.sum()), generator=generator)[:n]
         which = torch.searchsorted(offsets, flat, right=True) - 1
-        out = torch.empty(n, channels, size, size)
-        for w in torch.unique(which).tolist():
+        out = torch.empty(n, channels, size, size, device=self.device)
+        for w in torch.unique(which).tolist():  # CPU index tensors: no device sync
             pos = torch.nonzero(which == w).flatten()
-            img = batches[w][flat[pos] - offsets[w]]
+            img = batches[w][(flat[pos] - offsets[w]).to(self.device)]
+            pos = pos.to(self.device)
             img = img.float().div(255.0) if img.dtype == torch.uint8 else img
             out[pos] = resize(match_channels(img, channels), size)
         return out.clamp_(0.0, 1.0)
@@ -201,7 +211,7 @@ class TaskMemory:
             "capacity_batches": self.capacity_batches,
             "quantize_uint8": self.quantize_uint8,
             "keys": [_encode_key(k) for k in self._keys],
-            "batches": [list(self._batches[k]) for k in self._keys],
+            "batches": [[b.cpu() for b in self._batches[k]] for k in self._keys],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -219,7 +229,8 @@ class TaskMemory:
         self._keys = keys
         self._ids = {k: i for i, k in enumerate(keys)}
         self._batches = {
-            k: deque(list(b)[-self.capacity_batches :]) for k, b in zip(keys, batches, strict=True)
+            k: deque(t.to(self.device) for t in list(b)[-self.capacity_batches :])
+            for k, b in zip(keys, batches, strict=True)
         }
 
 

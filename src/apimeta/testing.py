@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -368,3 +368,37 @@ def make_config(base: dict[str, Any] | None = None, **overrides: Any) -> RunConf
     for k, v in plain(overrides).items():
         data[k] = merge(data[k], v) if isinstance(v, dict) and k not in whole else v
     return from_dict(RunConfig, data)
+
+
+def count_host_syncs(fn: Callable[[], Any], *, count_indices: bool = False) -> int:
+    """Tensor -> Python conversions (``item``, ``float``, ``bool``, ``int``, ``tolist``) made by
+    apimeta code while ``fn`` runs: each is a host sync when the tensor lives on a GPU.
+
+    Torch's own calls (e.g. Adam's step counters, kept on the CPU) are not counted. Integer
+    tensors are not counted unless ``count_indices``: apimeta draws task and memory indices on
+    the CPU from CPU generators on every device, so converting them never waits for a GPU;
+    every float and bool tensor counts."""
+    import sys
+
+    names = ("item", "tolist", "__float__", "__bool__", "__int__", "__index__")
+    old = {n: getattr(torch.Tensor, n) for n in names}
+    count = [0]
+
+    def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+        def g(self: torch.Tensor, *a: Any, **k: Any) -> Any:
+            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            is_index = not (self.is_floating_point() or self.dtype == torch.bool)
+            if "/apimeta/" in caller and (count_indices or not is_index):
+                count[0] += 1
+            return f(self, *a, **k)
+
+        return g
+
+    for n in names:
+        setattr(torch.Tensor, n, wrap(old[n]))
+    try:
+        fn()
+    finally:
+        for n in names:
+            setattr(torch.Tensor, n, old[n])
+    return count[0]

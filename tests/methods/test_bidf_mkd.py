@@ -235,3 +235,23 @@ def test_fractional_schedules_scale_with_the_run(zoo, tmp_path, caplog):
     assert "meta-val runs only at the end" not in caplog.text
     vals = [r for r in m.run.read_metrics() if r.get("phase") == "val"]
     assert [r["step"] for r in vals] == [2, 4]  # every 4 of the 8 episodes = 2 updates
+
+
+@pytest.mark.parametrize("meta_batch", [2, 4])
+def test_a_memory_meta_update_syncs_once_whatever_its_size(zoo, tmp_path, meta_batch):
+    """A replay meta-update (meta_batch memory episodes, inner steps, backward) converts one
+    device tensor to Python (its accuracy, for the event schedule); the trainer adds one (the
+    loss: finite check and record). The memory lives on the run's device."""
+    from apimeta.testing import count_host_syncs
+
+    cfg = tiny_cfg(zoo, tmp_path, episodes=2, meta_batch=2, api_patience=100, inner_steps=3)
+    m, _ = train(cfg)
+    m.cfg = dataclasses.replace(m.cfg, meta_batch=meta_batch)
+    assert not m.schedule.due and m.memory.device == m.device
+
+    def update() -> None:
+        loss, metrics = m.meta_batch_loss(m.state.step)
+        loss.backward()
+        assert metrics["memory_episodes"] == meta_batch and metrics["api_episodes"] == 0
+
+    assert count_host_syncs(update) == 1

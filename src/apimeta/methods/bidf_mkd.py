@@ -64,7 +64,9 @@ class BiDfMKD(APILearner):
     def setup(self) -> None:
         cfg = self.cfg
         self.setup_apis()
-        self.memory = TaskMemory(cfg.memory.mem_batches, cfg.memory.quantize_uint8)
+        self.memory = TaskMemory(
+            cfg.memory.mem_batches, cfg.memory.quantize_uint8, device=self.device
+        )
         self.in_channels = int(self.spec["in_channels"])
         per_event = 2 * cfg.recovery.per_class
         if cfg.memory.enabled and per_event < cfg.shot + cfg.query:
@@ -142,9 +144,9 @@ class BiDfMKD(APILearner):
         return SupportCE()
 
     # ------------------------------------------------------------------ episodes
-    def api_episode(self, step: int) -> tuple[Tensor, float] | None:
-        """One API event (docs/design.md 4.1-4.6): (outer KD loss, outer accuracy), or None when
-        the query budget cannot pay for it."""
+    def api_episode(self, step: int) -> tuple[Tensor, Tensor] | None:
+        """One API event (docs/design.md 4.1-4.6): (outer KD loss, outer accuracy as a 0-dim
+        tensor), or None when the query budget cannot pay for it."""
         cfg = self.cfg
         api = self.pool.draw()
         if not self.ledger.can_afford(self.event_cost(api)):
@@ -180,7 +182,7 @@ class BiDfMKD(APILearner):
             self.budget_exhausted = True
             return None
         loss, logits = outer_kd_loss(self.model, fast, q_aug, t_q, kd, self._to_model)
-        acc = float((logits.detach().argmax(1) == qry.targets).float().mean())
+        acc = (logits.detach().argmax(1) == qry.targets).float().mean()
         # the API's verdict on the query set (from the KD targets already queried)
         keep = t_q.argmax(1) == qry.targets
         if not cfg.memory.filter_query:
@@ -198,7 +200,7 @@ class BiDfMKD(APILearner):
             "fidelity_support": sup.fidelity,
             "fidelity_query": qry.fidelity,
             "query_mode": objective.mode,
-            "outer_acc": acc,
+            "outer_acc": float(acc),  # an API event syncs anyway (its records, its queries)
             "query_stored": int(keep.sum()) if cfg.memory.enabled else 0,
         }
         self.events.append(record)
@@ -233,7 +235,7 @@ class BiDfMKD(APILearner):
     def meta_batch_loss(self, step: int) -> tuple[Tensor, dict[str, Any]]:
         cfg = self.cfg
         total: Tensor | None = None
-        accs: list[float] = []
+        accs: list[Tensor] = []
         n_api = n_mem = 0
         for _ in range(cfg.meta_batch):
             res = None
@@ -261,7 +263,7 @@ class BiDfMKD(APILearner):
                         lr=cfg.inner_lr,
                         first_order=cfg.first_order,
                     )
-                    res = (out.loss, out.accuracy)
+                    res = (out.loss, out.acc)
                     n_mem += 1
             if res is None:
                 continue
@@ -274,7 +276,7 @@ class BiDfMKD(APILearner):
                 total = sum(p.sum() * 0.0 for p in self.model.parameters())
             else:
                 raise EpisodeError("no episode could be built (empty memory and no API event)")
-        acc = sum(accs) / len(accs) if accs else 0.0
+        acc = float(torch.stack(accs).mean()) if accs else 0.0  # the update's one host sync
         self.schedule.update(acc)
         return total, {
             "train_acc": 100.0 * acc,

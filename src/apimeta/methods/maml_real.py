@@ -54,6 +54,6 @@ class MAMLReal(MetaTrainer):
                 first_order=cfg.first_order,
             )
             total = res.loss if total is None else total + res.loss
-            accs.append(res.accuracy)
+            accs.append(res.acc)
         assert total is not None
-        return total, {"train_acc": 100.0 * sum(accs) / len(accs)}
+        return total, {"train_acc": 100.0 * float(torch.stack(accs).mean())}  # one host sync

@@ -414,9 +414,10 @@ class MetaTrainer(Method):
             loss, metrics = self.meta_batch_loss(st.step)
         except self.resumable_errors as e:
             raise self._stop_resumable(self._partial, e) from e
-        if not torch.isfinite(loss):
+        loss_value = float(loss.detach())  # one host sync: the finite check and the record
+        if not math.isfinite(loss_value):
             raise FloatingPointError(
-                f"meta-loss is {loss.item()} at meta-update {st.step}; "
+                f"meta-loss is {loss_value} at meta-update {st.step}; "
                 "lower outer_lr/inner_lr or check the data"
             )
         loss.backward()
@@ -429,7 +430,7 @@ class MetaTrainer(Method):
             "step": st.step,
             "episode": st.step * cfg.meta_batch,
             "phase": "train",
-            "loss": float(loss.detach()),
+            "loss": loss_value,
             **metrics,
             "step_time": dt,
         }
