@@ -307,3 +307,41 @@ def test_one_recovery_iteration_syncs_at_most_once_per_api_call_and_early_stop(e
 
     per_iteration = (run(6) - run(2)) / 4
     assert per_iteration <= allowed
+
+
+def test_recover_reuses_one_generator_and_reinitializes_it_fully():
+    """No generator given: one per process and shape, re-initialized in place, so a recovery
+    depends only on its rng (not on what an earlier recovery trained)."""
+    from apimeta.testing import tiny_apis
+
+    api = tiny_apis()[0]
+    cfg = RecoveryConfig(per_class=2, iters=3, nz=16, ngf=8)
+    a = recover(api, cfg, rng=torch.Generator().manual_seed(0))
+    b = recover(api, cfg, rng=torch.Generator().manual_seed(1))
+    c = recover(api, cfg, rng=torch.Generator().manual_seed(0))
+    assert a.generator is b.generator is c.generator
+    assert not torch.equal(a.images, b.images)
+    assert torch.equal(a.images, c.images) and a.loss_curve == c.loss_curve
+
+
+def test_compile_switch_compiles_the_reused_generator_once(monkeypatch):
+    from apimeta import recovery as rec
+    from apimeta.testing import tiny_apis
+
+    calls = []
+
+    def fake_compile(module):  # what torch.compile returns: a callable module
+        calls.append(module)
+        return module
+
+    monkeypatch.setattr(rec.torch, "compile", fake_compile)
+    monkeypatch.setattr(rec, "_COMPILED", {})
+    api = tiny_apis()[0]
+    cfg = RecoveryConfig(per_class=2, iters=2, nz=16, ngf=8, compile=True)
+    r1 = recover(api, cfg, rng=torch.Generator().manual_seed(0))
+    r2 = recover(api, cfg, rng=torch.Generator().manual_seed(0))
+    assert len(calls) == 1 and calls[0] is r1.generator is r2.generator
+    plain = recover(
+        api, dataclasses.replace(cfg, compile=False), rng=torch.Generator().manual_seed(0)
+    )
+    assert len(calls) == 1 and torch.equal(plain.images, r1.images)

@@ -237,7 +237,8 @@ class Recovered:
     ``accuracy``: share of argmax == target. ``queries``: images sent during this call, final
     query included. ``loss_curve``: mean true loss per iteration. ``best_iter``: index of the
     kept iterate (-1 if no iteration ran: ``images`` is then the untrained G(z)).
-    ``generator``/``latents``: what was trained (the caller's, if it passed them).
+    ``generator``/``latents``: what was trained (the caller's, if it passed them; else this
+    process's reused generator, which the next :func:`recover` re-initializes).
     """
 
     images: Tensor
@@ -264,6 +265,32 @@ class Recovered:
 def _device_of(api: Any) -> torch.device:
     dev = getattr(api, "device", None)
     return torch.device(dev) if dev is not None else torch.device("cpu")
+
+
+_REUSED: dict[tuple, Generator] = {}
+_COMPILED: dict[int, tuple[Generator, nn.Module]] = {}
+
+
+def reused_generator(
+    nz: int, ngf: int, image_size: int, channels: int, device: torch.device
+) -> Generator:
+    """This process's generator of that shape on ``device``, built once and reused by every
+    :func:`recover` that is not given one (it re-initializes it in place, so results equal a
+    new generator's; a compiled generator then compiles once per process)."""
+    key = (nz, ngf, image_size, channels, str(device))
+    if key not in _REUSED:
+        with torch.random.fork_rng(devices=[]):  # construction must not move the global RNG
+            _REUSED[key] = Generator(nz=nz, ngf=ngf, image_size=image_size, channels=channels)
+        _REUSED[key].to(device)
+    return _REUSED[key]
+
+
+def compiled(gen: Generator) -> nn.Module:
+    """``torch.compile(gen)``, compiled once per generator object (``recovery.compile``)."""
+    hit = _COMPILED.get(id(gen))
+    if hit is None or hit[0] is not gen:
+        hit = _COMPILED[id(gen)] = (gen, torch.compile(gen))
+    return hit[1]
 
 
 def _subgenerator(rng: torch.Generator, device: torch.device | str) -> torch.Generator:
@@ -357,11 +384,12 @@ def recover(
         return resize(x, info.image_size).clamp(0.0, 1.0)
 
     if generator is None:
-        gen = Generator(nz=cfg.nz, ngf=cfg.ngf, image_size=gen_size, channels=gen_channels)
-        reset_parameters(gen, init_g)
+        gen = reused_generator(cfg.nz, cfg.ngf, gen_size, gen_channels, dev)
+        reset_parameters(gen, init_g)  # in place: the same weights as a new generator's
     else:
-        gen = generator
-    gen = gen.to(dev).train()
+        gen = generator.to(dev)
+    gen.train()
+    forward = compiled(gen) if cfg.compile else gen
     if latents is None:
         z = torch.randn((b, gen.nz), generator=init_g).to(dev).requires_grad_(True)
     else:
@@ -396,7 +424,7 @@ def recover(
             exhausted = True
             log.info("recovery from %s stopped at iteration %d: query budget", info.name, it)
             break
-        x_hat = gen(z)
+        x_hat = forward(z)
         x = to_api(x_hat)
         objective.prepare(x)
         try:

@@ -48,6 +48,9 @@ class RecoveryConfig:
     ngf: int = 64  # generator width
     best_iterate: str = "true_loss"  # true_loss | surrogate | last (registry recovery.ITERATES)
     early_stop_prob: float | None = None  # stop once every target's API share exceeds this
+    # torch.compile the generator (reused across recoveries, re-initialized in place); pays
+    # only over many recoveries: see BENCHMARKS.md §5
+    compile: bool = False
 
 
 @dataclass

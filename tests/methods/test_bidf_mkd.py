@@ -227,7 +227,11 @@ def test_fractional_schedules_scale_with_the_run(zoo, tmp_path, caplog):
 
     assert [schedule_point(v, 2000) for v in (0.25, 500, 0, 0.0001)] == [500, 500, 0, 1]
     cfg = tiny_cfg(
-        zoo, tmp_path, episodes=8, kd=KDConfig(adv_start=0.5), eval=EvalConfig(every=0.5)
+        zoo,
+        tmp_path,
+        episodes=8,
+        kd=KDConfig(adv_start=0.5),
+        eval=EvalConfig(every=0.5, tasks=3, test_tasks=3),
     )
     with caplog.at_level("WARNING"):
         m, _ = train(cfg)
