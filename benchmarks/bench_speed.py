@@ -7,6 +7,8 @@
   old path) vs channels_last in chunks of 50 / 128 / 200 / 550.
 * ``recovery``: one ``cpu``-preset recovery (50 iterations, 50 images, lowres ZO, q = 10, no
   early stop) from that API, old vs new LocalAPI; equal images up to float rounding.
+* ``compile``: ``recovery.compile`` (the reused generator under ``torch.compile``) vs eager, and
+  what the first compiled recovery costs.
 * ``maml``: one memory MAML step of the meta-model (Conv4 width 32, 5-way 1-shot 15-query,
   5 inner steps, second order, forward + backward), contiguous vs channels_last parameters.
 
@@ -17,6 +19,7 @@ process (``time.process_time``) next to wall time; ratios are old / new.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -138,6 +141,31 @@ def part_maml(reps: int) -> None:
     report(f"Memory MAML step (max |meta-gradient difference| {diff:.1e})", res, "contiguous (old)")
 
 
+def part_compile(reps: int) -> None:
+    """recovery.compile: the first compiled recovery (compilation included) and the later ones,
+    against eager recoveries of the same (reused) generator."""
+    cfg = RecoveryConfig(per_class=10, iters=50, nz=256, ngf=32, early_stop_prob=None)
+    est = build_estimator(ZOConfig(estimator="lowres", lowres=8, q=10, mu=0.005))
+    api = LocalAPI(api_model(), INFO, QueryLedger())
+
+    def run(compile_: bool) -> torch.Tensor:
+        c = dataclasses.replace(cfg, compile=compile_)
+        gen = torch.Generator().manual_seed(3)
+        return recover(api, c, rng=gen, gradient=ZOGradient(est)).images
+
+    t0 = time.perf_counter()
+    first = run(True)
+    first_s = time.perf_counter() - t0
+    diff = (first - run(False)).abs().max()
+    res = timed({"eager": lambda: run(False), "compiled": lambda: run(True)}, reps)
+    report(
+        f"One cpu-preset recovery, eager vs torch.compile (first compiled call, compilation "
+        f"included: {first_s:.1f} s wall; max |image difference| {diff:.1e})",
+        res,
+        "eager",
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
@@ -146,7 +174,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
-    parts = {"api": part_api, "recovery": part_recovery, "maml": part_maml}
+    parts = {
+        "api": part_api,
+        "recovery": part_recovery,
+        "maml": part_maml,
+        "compile": part_compile,
+    }
     for name in args.part.split(","):
         parts[name](args.reps)
 

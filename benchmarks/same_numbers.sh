@@ -30,6 +30,6 @@ for l in open(sys.argv[1]):
   done
   n=$(wc -l < "$WORK/old-$m.norm")
   if cmp -s "$WORK/old-$m.norm" "$WORK/new-$m.norm"; then echo "$m: identical ($n metrics lines)"
-  else echo "$m: DIFFERENT"; diff "$WORK/old-$m.norm" "$WORK/new-$m.norm" | head -4 || true; status=1; fi
+  else echo "$m: DIFFERENT"; diff "$WORK/old-$m.norm" "$WORK/new-$m.norm" | head -8 || true; status=1; fi
 done
 exit $status

@@ -276,7 +276,7 @@ class BiDfMKD(APILearner):
                 total = sum(p.sum() * 0.0 for p in self.model.parameters())
             else:
                 raise EpisodeError("no episode could be built (empty memory and no API event)")
-        acc = float(torch.stack(accs).mean()) if accs else 0.0  # the update's one host sync
+        acc = _mean(accs)
         self.schedule.update(acc)
         return total, {
             "train_acc": 100.0 * acc,
@@ -286,6 +286,11 @@ class BiDfMKD(APILearner):
             "queries": self.ledger.used,
             "memory_classes": len(self.memory.classes()),
         }
+
+
+def _mean(accs: list[Tensor]) -> float:
+    """The mean of 0-dim accuracies in one host sync, summed in Python doubles as before."""
+    return sum(torch.stack(accs).tolist()) / len(accs) if accs else 0.0
 
 
 __all__ = ["BiDfMKD"]

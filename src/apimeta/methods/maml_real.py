@@ -56,4 +56,5 @@ class MAMLReal(MetaTrainer):
             total = res.loss if total is None else total + res.loss
             accs.append(res.acc)
         assert total is not None
-        return total, {"train_acc": 100.0 * float(torch.stack(accs).mean())}  # one host sync
+        accs_f = torch.stack(accs).tolist()  # one host sync
+        return total, {"train_acc": 100.0 * sum(accs_f) / len(accs_f)}
