@@ -173,11 +173,12 @@ def episode_at(
 ) -> Episode:
     """The episode of support indices ``s`` (N*K,) and query indices ``q`` (N*Q,) into
     ``images`` (M, C, H, W), classes in ``class_ids`` order (local label i = class_ids[i])."""
-    ar = torch.arange(len(class_ids))
+    dev = images.device
+    ar = torch.arange(len(class_ids), device=dev)
     return Episode(
-        support_x=_as_float(images[s]),
+        support_x=_as_float(images[s.to(dev)]),
         support_y=ar.repeat_interleave(shot),
-        query_x=_as_float(images[q]),
+        query_x=_as_float(images[q.to(dev)]),
         query_y=ar.repeat_interleave(query),
         class_ids=class_ids,
     )

@@ -56,11 +56,16 @@ def task_list(
     query: int = 15,
     tasks: int = 600,
     seed: int = DEFAULT_EVAL_SEED,
+    device: torch.device | str | None = None,
 ) -> Iterator[Episode]:
-    """Yield the fixed, seeded list of ``tasks`` episodes for one (split, way, shot, query)."""
+    """Yield the fixed, seeded list of ``tasks`` episodes for one (split, way, shot, query).
+    ``device``: the split's images are copied there once and episodes are built there (the
+    indices are drawn on the CPU, so the tasks are the same on every device)."""
     g = torch.Generator().manual_seed(task_seed(seed, split, way, shot, query))
     factory = data.sampler if isinstance(data, FewShotDataset) else data
     sampler = factory(split, way, shot, query, g)
+    if device is not None and isinstance(sampler, TaskSampler):
+        sampler.images = sampler.images.to(device)
     for _ in range(tasks):
         yield sampler.sample()
 
@@ -234,8 +239,9 @@ def evaluate(
             per_shot = {}
             for shot in shots:
                 episodes = task_list(
-                    data, split=split, way=way, shot=shot, query=query, tasks=tasks, seed=seed
-                )
+                    data, split=split, way=way, shot=shot, query=query, tasks=tasks, seed=seed,
+                    device=dev,
+                )  # fmt: skip
                 accs = []
                 for i, ep in enumerate(episodes):
                     accs.append(_score(model, init, ep.to(dev), settings))
