@@ -44,6 +44,18 @@ def api_model() -> torch.nn.Module:
     ).eval()
 
 
+def random_episode(seed: int = 2) -> Episode:
+    """A 5-way 1-shot 15-query episode of random 32-px images."""
+    g = torch.Generator().manual_seed(seed)
+    return Episode(
+        torch.rand(5, 3, 32, 32, generator=g),
+        torch.arange(5),
+        torch.rand(75, 3, 32, 32, generator=g),
+        torch.arange(5).repeat_interleave(15),
+        (0, 1, 2, 3, 4),
+    )
+
+
 def timed(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, tuple[float, float]]:
     """Median (wall s, CPU s) per name, repetitions interleaved with alternating order."""
     wall: dict[str, list[float]] = {k: [] for k in fns}
@@ -96,14 +108,7 @@ def part_recovery(reps: int) -> None:
 
 
 def part_maml(reps: int) -> None:
-    g = torch.Generator().manual_seed(2)
-    ep = Episode(
-        torch.rand(5, 3, 32, 32, generator=g),
-        torch.arange(5),
-        torch.rand(75, 3, 32, 32, generator=g),
-        torch.arange(5).repeat_interleave(15),
-        (0, 1, 2, 3, 4),
-    )
+    ep = random_episode()
 
     def model(cl: bool) -> torch.nn.Module:
         torch.manual_seed(0)

@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 import torch
+from bench_speed import random_episode  # benchmarks/ is on sys.path when run as a script
 
 from apimeta.apis import APIInfo, LocalAPI, QueryLedger, build_zoo
 from apimeta.config import from_dict
-from apimeta.episodes import Episode
 from apimeta.maml import maml_outer_loss
 from apimeta.models import build_backbone
 from apimeta.recovery import ZOGradient, recover
@@ -94,14 +94,7 @@ def recovery_rate(dev: torch.device) -> dict:
 def meta_update(dev: torch.device) -> float:
     torch.manual_seed(0)
     model = build_backbone("conv4", num_classes=5, width=32, bn="transductive").to(dev)
-    g = torch.Generator().manual_seed(2)
-    ep = Episode(
-        torch.rand(5, 3, 32, 32, generator=g),
-        torch.arange(5),
-        torch.rand(75, 3, 32, 32, generator=g),
-        torch.arange(5).repeat_interleave(15),
-        (0, 1, 2, 3, 4),
-    ).to(dev)
+    ep = random_episode().to(dev)
 
     def run() -> None:
         model.zero_grad(set_to_none=True)

@@ -235,7 +235,7 @@ def evaluate(
                 model, data, split, way, shots, query, tasks, seed, settings, backend, progress
             )
         else:
-            init = {n: _layout(p.detach(), channels_last) for n, p in named_params(model).items()}
+            init = _init_params(model, channels_last)
             per_shot = {}
             for shot in shots:
                 episodes = task_list(
@@ -325,9 +325,7 @@ def _shard_job(shared: dict[str, Any], shot: int, query: int, start: int, picks:
     """One parallel evaluation job: the accuracies (%) of one shard of tasks, in order."""
     model, settings = shared["model"], shared["settings"]
     model.eval()
-    init = {
-        n: _layout(p.detach(), settings["channels_last"]) for n, p in named_params(model).items()
-    }
+    init = _init_params(model, settings["channels_last"])
     images = shared["images"][shot]
     return [
         _score(model, init, episode_at(images, s, q, c, shot=shot, query=query), settings)
@@ -384,6 +382,11 @@ def _layout(t: Tensor, channels_last: bool) -> Tensor:
     if channels_last and t.dim() == 4:
         return t.contiguous(memory_format=torch.channels_last)
     return t
+
+
+def _init_params(model: nn.Module, channels_last: bool) -> Params:
+    """The model's parameters, detached, in the evaluation layout."""
+    return {n: _layout(p.detach(), channels_last) for n, p in named_params(model).items()}
 
 
 def _model_device(model: nn.Module) -> torch.device:

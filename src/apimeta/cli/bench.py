@@ -15,7 +15,6 @@ from rich.progress import (
 
 from apimeta.cli.app import app
 from apimeta.cli.common import (
-    backend_from,
     console,
     friendly_errors,
     ray_address_option,
@@ -25,6 +24,7 @@ from apimeta.cli.common import (
 )
 from apimeta.cli.evaluate import parse_shots
 from apimeta.cli.train import TrainProgress
+from apimeta.parallel import make_backend
 
 
 def _variants() -> list[str]:
@@ -110,7 +110,7 @@ def bench_cmd(
         base = base_config(preset, [*sets, *([f"device={device}"] if device else [])])
         if seeds < 1:
             raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-        backend = backend_from(workers, ray, ray_address)
+        backend = make_backend(workers, ray=ray, ray_address=ray_address)
         seed_list: list[int | None] = (
             [None] if seeds == 1 else [int(base.get("seed", 2022)) + i for i in range(seeds)]
         )

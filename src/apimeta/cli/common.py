@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import typer
 from rich.console import Console
 
 from apimeta.errors import ApimetaError
-
-if TYPE_CHECKING:
-    from apimeta.parallel import Backend
 
 console = Console()
 err_console = Console(stderr=True)
@@ -56,10 +53,3 @@ def ray_address_option() -> Any:
         help="Join this Ray cluster (e.g. ray://head:10001 or auto) and run the jobs there; "
         "every node needs apimeta installed and the same paths.",
     )
-
-
-def backend_from(workers: int, ray: bool, ray_address: str | None) -> Backend:
-    """The :class:`~apimeta.parallel.Backend` the CLI flags ask for."""
-    from apimeta.parallel import make_backend
-
-    return make_backend(workers, ray=ray, ray_address=ray_address)

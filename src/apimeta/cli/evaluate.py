@@ -13,7 +13,6 @@ from rich.table import Table
 
 from apimeta.cli.app import app
 from apimeta.cli.common import (
-    backend_from,
     console,
     friendly_errors,
     ray_address_option,
@@ -22,6 +21,7 @@ from apimeta.cli.common import (
     workers_option,
 )
 from apimeta.errors import ConfigError
+from apimeta.parallel import make_backend
 
 
 def parse_shots(value: str) -> tuple[int, ...]:
@@ -117,7 +117,7 @@ def eval_cmd(
         from apimeta.run_config import RunConfig
 
         set_threads(threads)
-        backend = backend_from(workers, ray, ray_address)
+        backend = make_backend(workers, ray=ray, ray_address=ray_address)
         options = parse_overrides(data_option) if data_option else None
         shot_list = parse_shots(shots)
         if split not in ("train", "val", "test"):

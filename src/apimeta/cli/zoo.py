@@ -19,7 +19,6 @@ from rich.table import Table
 
 from apimeta.cli.app import app
 from apimeta.cli.common import (
-    backend_from,
     console,
     err_console,
     friendly_errors,
@@ -28,6 +27,7 @@ from apimeta.cli.common import (
     set_threads,
     workers_option,
 )
+from apimeta.parallel import make_backend
 
 zoo_app = typer.Typer(
     help="Build and inspect API zoos: pools of trained classifiers served as black-box APIs.",
@@ -148,7 +148,7 @@ def build(
 
     with friendly_errors():
         set_threads(threads)
-        backend = backend_from(workers, ray, ray_address)
+        backend = make_backend(workers, ray=ray, ray_address=ray_address)
         columns = (
             TextColumn("[bold]{task.description}"),
             BarColumn(),
