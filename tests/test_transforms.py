@@ -89,3 +89,45 @@ def test_center_or_random_crop() -> None:
     assert torch.equal(r1, center_or_random_crop(inp, 4, g(5)))
     assert len({t[0, 0, 0].item() for t in r1}) > 1  # per-image positions
     assert center_or_random_crop(inp, 8, g(0)) is inp
+
+
+def test_color_jitter_and_cutout_are_seeded_bounded_and_per_image() -> None:
+    from apimeta.transforms import color_jitter, cutout
+
+    for fn in (color_jitter, cutout):
+        a = fn(x(), g(1))
+        assert a.shape == x().shape and a.min() >= 0 and a.max() <= 1
+        assert torch.equal(a, fn(x(), g(1))) and not torch.equal(a, fn(x(), g(2)))
+    same = x(b=1).expand(6, 3, 8, 8).contiguous()  # one image six times: six different views
+    for fn in (color_jitter, cutout):
+        views = fn(same, g(5))
+        assert len({tuple(v.flatten().tolist()) for v in views}) > 1
+
+
+def test_cutout_zeroes_one_square_and_leaves_the_rest() -> None:
+    from apimeta.transforms import cutout
+
+    ones = torch.ones(16, 1, 8, 8)
+    out = cutout(ones, g(3), frac=0.25)  # a 2x2 square, clipped at the border
+    zeros = (out == 0).sum(dim=(1, 2, 3))
+    assert ((zeros >= 1) & (zeros <= 4)).all() and (zeros == 4).any()
+    assert ((out == 0) | (out == 1)).all()
+
+
+def test_color_jitter_with_zero_strength_is_the_identity() -> None:
+    from apimeta.transforms import color_jitter
+
+    assert torch.allclose(color_jitter(x(), g(1), strength=0.0), x())
+
+
+def test_augment_applies_named_augmentations_in_order_and_refuses_unknown_names() -> None:
+    from apimeta.errors import ConfigError
+    from apimeta.transforms import augment, parse_augment, random_flip
+
+    assert parse_augment("") == () and parse_augment(" crop, flip ") == ("crop", "flip")
+    assert torch.equal(augment(x(), (), g(1)), x())
+    assert torch.equal(augment(x(), ("flip",), g(1)), random_flip(x(), g(1)))
+    with pytest.raises(ConfigError, match="unknown augmentation 'rotate'"):
+        parse_augment("crop,rotate")
+    with pytest.raises(ConfigError, match="twice"):
+        parse_augment("flip,flip")

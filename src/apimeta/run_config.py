@@ -111,6 +111,9 @@ class MemoryConfig:
     # store only query-set images the API assigns to their target class (boundary query sets
     # can drift to other classes; their KD targets are still the API's outputs either way)
     filter_query: bool = False
+    # augment replayed memory tasks: comma-separated names from transforms.AUGMENTATIONS applied
+    # in order to support and query images (crop, flip, jitter, cutout); "" = off (the paper)
+    augment: str = ""
 
 
 @dataclass
@@ -181,6 +184,10 @@ class RunConfig:
     episodes: int = 8000
     meta_batch: int = 4
     outer_lr: float = 1e-3
+    # extension (0 = off, the paper): an exponential moving average of the meta-model's weights,
+    # w_ema <- ema * w_ema + (1 - ema) * w after every meta-update; meta-val, best.pt and the
+    # meta-test use the average (last.pt keeps both, for an exact resume)
+    ema: float = 0.0
     inner_steps: int = 5  # MAML inner steps on memory / real tasks
     inner_lr: float = 0.01  # every inner loop (MAML, inner KD, fine-tuning at meta-test)
     first_order: bool = False
@@ -367,6 +374,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "diverse-memory": {"memory": {"min_classes": 10, "filter_query": True}},
     # extension: an API event every events.patience updates, bbkd's schedule, not on a plateau
     "scheduled": {"events": {"trigger": "every"}},
+    # extension: replayed memory tasks are augmented (crop, flip, colour jitter, cutout)
+    "augmented-memory": {"memory": {"augment": "crop,flip,jitter,cutout"}},
 }
 
 

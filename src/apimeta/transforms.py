@@ -6,9 +6,14 @@ differentiable with respect to the input, so recovery can back-propagate through
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from apimeta.errors import ConfigError
+from apimeta.registry import Registry
 
 
 def random_crop(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
@@ -67,3 +72,56 @@ def center_or_random_crop(x: Tensor, size: int, generator: torch.Generator | Non
             for i, (t, left) in enumerate(zip(tops, lefts, strict=True))
         ]
     )
+
+
+def color_jitter(x: Tensor, generator: torch.Generator, strength: float = 0.4) -> Tensor:
+    """Per image, scale brightness by a factor in [1 - s, 1 + s] and contrast around the image
+    mean by another; grey images (C = 1) get the same. Output clamped to [0, 1]."""
+    b = x.shape[0]
+    dev = generator.device
+    u = torch.rand(2, b, generator=generator, device=dev).to(x.device)
+    bright = (1 + strength * (2 * u[0] - 1)).view(b, 1, 1, 1)
+    contrast = (1 + strength * (2 * u[1] - 1)).view(b, 1, 1, 1)
+    y = x * bright
+    mean = y.mean(dim=(1, 2, 3), keepdim=True)
+    return ((y - mean) * contrast + mean).clamp(0.0, 1.0)
+
+
+def cutout(x: Tensor, generator: torch.Generator, frac: float = 0.25) -> Tensor:
+    """Zero one random square of side ``frac`` * H per image (it may reach past the border)."""
+    b, _, h, w = x.shape
+    side = max(1, round(frac * h))
+    dev = generator.device
+    cy = torch.randint(0, h, (b,), generator=generator, device=dev).to(x.device)
+    cx = torch.randint(0, w, (b,), generator=generator, device=dev).to(x.device)
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    top, left = (cy - side // 2).view(b, 1, 1), (cx - side // 2).view(b, 1, 1)
+    inside = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
+    return x * (~inside).unsqueeze(1).to(x.dtype)
+
+
+Augmentation = Callable[[Tensor, torch.Generator], Tensor]
+#: Replay augmentations by name (``memory.augment: "crop,flip,jitter,cutout"``).
+AUGMENTATIONS: Registry[Augmentation] = Registry("augmentation")
+AUGMENTATIONS.register("crop")(lambda x, g: random_crop(x, 4, g))
+AUGMENTATIONS.register("flip")(random_flip)
+AUGMENTATIONS.register("jitter")(color_jitter)
+AUGMENTATIONS.register("cutout")(cutout)
+
+
+def parse_augment(spec: str) -> tuple[str, ...]:
+    """``"crop,flip"`` -> ``("crop", "flip")``; "" -> (); unknown names raise ConfigError."""
+    names = tuple(n.strip() for n in spec.split(",") if n.strip())
+    for n in names:
+        AUGMENTATIONS.get(n)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"augmentation {spec!r} names an augmentation twice")
+    return names
+
+
+def augment(x: Tensor, names: tuple[str, ...], generator: torch.Generator) -> Tensor:
+    """Apply the named augmentations in order to (B, C, H, W) images in [0, 1]."""
+    for n in names:
+        x = AUGMENTATIONS.get(n)(x, generator)
+    return x

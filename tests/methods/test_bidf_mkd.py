@@ -259,3 +259,25 @@ def test_a_memory_meta_update_syncs_once_whatever_its_size(zoo, tmp_path, meta_b
         assert metrics["memory_episodes"] == meta_batch and metrics["api_episodes"] == 0
 
     assert count_host_syncs(update) == 1
+
+
+def test_memory_augment_changes_replayed_images_only(zoo, tmp_path):
+    """memory.augment: the same memory task (same classes, labels, sample) gets augmented
+    support and query images; the stored memory is untouched; unknown names are refused."""
+    cfg = tiny_cfg(zoo, tmp_path, episodes=2, meta_batch=2, api_patience=100)
+    m, _ = train(cfg)
+    state = m.rng("memory-tasks").get_state()
+    plain = m.memory_episode()
+    stored = {k: m.memory.n_images(k) for k in m.memory.classes()}
+    m.rng("memory-tasks").set_state(state)
+    m.cfg = dataclasses.replace(m.cfg, memory=MemoryConfig(augment="crop,flip,jitter,cutout"))
+    aug = m.memory_episode()
+    assert aug.class_ids == plain.class_ids
+    assert torch.equal(aug.support_y, plain.support_y) and torch.equal(aug.query_y, plain.query_y)
+    assert aug.support_x.shape == plain.support_x.shape
+    assert not torch.equal(aug.support_x, plain.support_x)
+    assert not torch.equal(aug.query_x, plain.query_x)
+    assert {k: m.memory.n_images(k) for k in m.memory.classes()} == stored
+    bad = dataclasses.replace(cfg, memory=MemoryConfig(augment="rotate"), out=str(tmp_path / "b"))
+    with pytest.raises(ConfigError, match="unknown augmentation"):
+        train(bad)

@@ -127,3 +127,34 @@ def test_run_dir_and_checkpoint_errors(tmp_path):
     assert load_checkpoint(tmp_path / "ok.pt")["d"] == {"a": [1, 2.0]}
     with pytest.raises(ConfigError, match="meta_batch"):
         _train(_cfg(tmp_path, "mb", meta_batch=0))
+
+
+def test_ema_averages_the_weights_selects_the_average_and_resumes_exactly(tmp_path):
+    """ema=0.5: after each meta-update w_ema = 0.5 w_ema + 0.5 w; training itself is unchanged;
+    best.pt (meta-val's choice) holds the average; last.pt holds both and resumes exactly."""
+    plain, _ = _train(_cfg(tmp_path, "plain", episodes=4))  # 2 meta-updates, no average
+    assert "ema" not in load_checkpoint(plain.final_checkpoint)
+    half = _cfg(tmp_path, "ema", episodes=2, ema=0.5)  # 1 meta-update
+    _train(half)
+    e1 = load_checkpoint(tmp_path / "ema" / "last.pt")["ema"]
+    _, run = _train(dataclasses.replace(half, episodes=4), resume=True)
+    last = load_checkpoint(run.last_checkpoint)
+    raw, e2 = last["model"], last["ema"]
+    for k, v in load_checkpoint(plain.final_checkpoint)["model"].items():
+        assert torch.equal(v, raw[k]), k  # the average does not change what is trained
+    params = [k for k, _ in load_meta_model(run.last_checkpoint)[0].named_parameters()]
+    assert params
+    for k in params:
+        torch.testing.assert_close(e2[k], 0.5 * e1[k] + 0.5 * raw[k], rtol=1e-6, atol=1e-7)
+        assert not torch.equal(e2[k], raw[k]), k
+    best = load_checkpoint(run.best_checkpoint)  # validated at updates 1 and 2: either one
+    for k, v in {1: e1, 2: e2}[best["step"]].items():
+        assert torch.equal(best["model"][k], v), k
+
+
+def test_ema_must_lie_in_zero_one_and_needs_its_state_to_resume(tmp_path):
+    with pytest.raises(ConfigError, match="ema must be in"):
+        _train(_cfg(tmp_path, "bad", episodes=2, ema=1.0))
+    _train(_cfg(tmp_path, "r", episodes=2))
+    with pytest.raises(CheckpointError, match="no weight average"):
+        _train(_cfg(tmp_path, "r", episodes=4, ema=0.9), resume=True)

@@ -78,8 +78,8 @@ def bench_cmd(
     Variants: every registered method, and METHOD:ABLATION for the ablations it declares
     (apimeta.run_config.ABLATIONS): bidf-mkd:white-box is true gradients without early stop (an
     upper bound, not black-box); bidf-mkd:diverse-memory (memory.min_classes=10,
-    memory.filter_query=true) and bidf-mkd:scheduled (an API event every events.patience updates)
-    are default-off extensions.
+    memory.filter_query=true), bidf-mkd:scheduled (an API event every events.patience updates) and
+    bidf-mkd:augmented-memory (memory.augment=crop,flip,jitter,cutout) are default-off extensions.
 
     Runs are stored under OUT/<scenario>/<variant>/ and reused when their eval.json exists, so
     an interrupted comparison resumes and several processes (each with its own --methods) can

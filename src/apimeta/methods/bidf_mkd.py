@@ -41,7 +41,7 @@ from apimeta.methods.api_learner import APILearner
 from apimeta.methods.interface import METHODS
 from apimeta.recovery import Boundary, Objective, SupportCE
 from apimeta.run_config import schedule_point
-from apimeta.transforms import crop_flip, resize
+from apimeta.transforms import augment, crop_flip, parse_augment, resize
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class BiDfMKD(APILearner):
         "white-box",
         "diverse-memory",
         "scheduled",
+        "augmented-memory",
     )
 
     # ------------------------------------------------------------------ setup
@@ -229,7 +230,13 @@ class BiDfMKD(APILearner):
             )
         except EpisodeError:
             return None
-        return ep.to(self.device)
+        ep = ep.to(self.device)
+        names = parse_augment(cfg.memory.augment)
+        if names:  # same shapes and labels: assigned in place, no re-validation (no host sync)
+            g = self.rng("memory-augment")
+            ep.support_x = augment(ep.support_x, names, g)
+            ep.query_x = augment(ep.query_x, names, g)
+        return ep
 
     # ------------------------------------------------------------------ one meta-update
     def meta_batch_loss(self, step: int) -> tuple[Tensor, dict[str, Any]]:

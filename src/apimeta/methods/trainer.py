@@ -27,6 +27,7 @@ best-checkpoint selection on ``cfg.eval.select_split``, ``last.pt`` every
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -55,6 +56,7 @@ from apimeta.run_config import RunConfig, schedule_point
 from apimeta.runs import RunDir
 from apimeta.scenarios import SCENARIOS
 from apimeta.seeding import deterministic_kernels, make_generator
+from apimeta.transforms import parse_augment
 from apimeta.zo import DIRECTIONS, ESTIMATORS
 
 log = logging.getLogger(__name__)
@@ -85,11 +87,13 @@ def check_run_config(cfg: RunConfig) -> None:
         if value not in names:
             raise ConfigError(f"{key} must be one of {', '.join(names)}; got {value!r}")
     parse_output_mode(cfg.api_output)
+    parse_augment(cfg.memory.augment)
     checks = [
         (cfg.way >= 2, f"way must be >= 2, got {cfg.way}"),
         (cfg.shot >= 1, f"shot must be >= 1, got {cfg.shot}"),
         (cfg.query >= 1, f"query must be >= 1, got {cfg.query}"),
         (cfg.meta_batch >= 1, f"meta_batch must be >= 1, got {cfg.meta_batch}"),
+        (0.0 <= cfg.ema < 1.0, f"ema must be in [0, 1) (0 = off), got {cfg.ema}"),
         (cfg.episodes >= 0, f"episodes must be >= 0, got {cfg.episodes}"),
         (cfg.inner_steps >= 0, f"inner_steps must be >= 0, got {cfg.inner_steps}"),
         (cfg.eval.tasks >= 1, f"eval.tasks must be >= 1, got {cfg.eval.tasks}"),
@@ -147,6 +151,7 @@ class MetaTrainer(Method):
 
     def __init__(self) -> None:
         self._rngs: dict[str, torch.Generator] = {}
+        self.ema_model: nn.Module | None = None  # the weight average (cfg.ema > 0)
         self.state = TrainerState()
         self.event_hooks: list[EventHook] = []
 
@@ -230,18 +235,40 @@ class MetaTrainer(Method):
         score = sum(summary_score({key: r[key]}) for r in out.values()) / len(out)
         return score, out
 
+    @property
+    def selected_model(self) -> nn.Module:
+        """The model meta-val, ``best.pt`` and the meta-test see: the weight average with
+        ``cfg.ema`` > 0, else the meta-model itself."""
+        return self.model if self.ema_model is None else self.ema_model
+
+    def _update_ema(self) -> None:
+        """``w_ema <- ema * w_ema + (1 - ema) * w`` for every parameter; buffers are copied."""
+        if self.ema_model is None:
+            return
+        with torch.no_grad():
+            torch._foreach_lerp_(
+                list(self.ema_model.parameters()), list(self.model.parameters()), 1.0 - self.cfg.ema
+            )
+            for b_ema, b in zip(self.ema_model.buffers(), self.model.buffers(), strict=True):
+                b_ema.copy_(b)
+
     # ---- the loop ----------------------------------------------------------------------
-    def _checkpoint(self) -> dict[str, Any]:
-        return {
+    def _checkpoint(self, selected: bool = False) -> dict[str, Any]:
+        """The checkpoint dict; ``selected``: its ``model`` is :attr:`selected_model` (best.pt)."""
+        model = self.selected_model if selected else self.model
+        out = {
             "method": self.name,
             "config": to_dict(self.cfg),
             "model_spec": self.spec,
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             **dataclasses.asdict(self.state),
             "rng": rng_states(self._rngs),
             "extra": self.extra_state(),
         }
+        if self.ema_model is not None:
+            out["ema"] = {k: v.detach().cpu() for k, v in self.ema_model.state_dict().items()}
+        return out
 
     def _update_snapshot(self) -> dict[str, Any]:
         """What a failed meta-update may have changed: RNG states and method state.
@@ -304,6 +331,13 @@ class MetaTrainer(Method):
                 f"not {self.name!r}; resume it with --method {ckpt.get('method')}"
             )
         self.model.load_state_dict(ckpt["model"])
+        if self.ema_model is not None:
+            if "ema" not in ckpt:
+                raise CheckpointError(
+                    f"{self.run.last_checkpoint} holds no weight average; resume it with ema=0 "
+                    "(the value it was trained with)"
+                )
+            self.ema_model.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         defaults = dataclasses.asdict(TrainerState())
         self.state = TrainerState(**{f: ckpt.get(f, defaults[f]) for f in _STATE_FIELDS})
@@ -319,10 +353,12 @@ class MetaTrainer(Method):
 
     def _validate(self) -> None:
         cfg, st = self.cfg, self.state
-        score, res = self.evaluate_split(cfg.eval.select_split, cfg.eval.tasks, phase="val")
+        score, res = self.evaluate_split(
+            cfg.eval.select_split, cfg.eval.tasks, model=self.selected_model, phase="val"
+        )
         if st.best_score is None or score > st.best_score:
             st.best_score, st.best_step = score, st.step
-            save_checkpoint(self.run.best_checkpoint, self._checkpoint())
+            save_checkpoint(self.run.best_checkpoint, self._checkpoint(selected=True))
         self.run.log(
             {
                 "step": st.step,
@@ -367,6 +403,9 @@ class MetaTrainer(Method):
             self.datasets = load_run_datasets(cfg)
             self.model, self.spec = meta_model_for_datasets(cfg, self.datasets)
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
+            self.ema_model = None
+            if cfg.ema > 0:
+                self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
             self.state = TrainerState()
             self.event_hooks = [save_recovered_grid(run)]
             self.setup()
@@ -422,6 +461,7 @@ class MetaTrainer(Method):
             )
         loss.backward()
         self.optimizer.step()
+        self._update_ema()
         st.step += 1
         self._partial = None
         dt = time.perf_counter() - t0
@@ -451,8 +491,9 @@ class MetaTrainer(Method):
         cfg, st = self.cfg, self.state
         shots = tuple(cfg.eval.test_shots)
         _, final = self.evaluate_split(
-            "test", cfg.eval.test_tasks, phase="test", shots=shots, keep_accs=True
-        )
+            "test", cfg.eval.test_tasks, model=self.selected_model, phase="test", shots=shots,
+            keep_accs=True,
+        )  # fmt: skip
         best: dict[str, Any] = final
         best_path = self.run.best_checkpoint if self.run.best_checkpoint.exists() else None
         if best_path is not None and st.best_step != st.step:
