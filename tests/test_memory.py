@@ -125,3 +125,16 @@ def test_state_roundtrip_weights_only(quantize):
         assert mem.batches(7)[0].dtype == torch.uint8
         ep = other.sample_task(1, 1, 1, torch.Generator(), channels=3)
         assert ep.support_x.dtype == torch.float32 and float(ep.support_x.max()) <= 1.0
+
+
+def test_within_class_diversity_is_zero_for_copies_and_one_for_orthogonal_images():
+    from apimeta.memory import within_class_diversity
+
+    labels = torch.tensor([0, 0, 1, 1, 2])  # class 2 has one image: skipped
+    copies = torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [0, 1.0, 0], [0, 3.0, 0], [0, 0, 1.0]])
+    assert within_class_diversity(copies, labels).item() == pytest.approx(0.0, abs=1e-6)
+    ortho = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 0, 0], [0, 1.0, 0]])
+    assert within_class_diversity(ortho, labels).item() == pytest.approx(1.0)
+    mixed = torch.cat([copies[:2], ortho[2:4], copies[4:]])  # class 0: 0, class 1: 1
+    assert within_class_diversity(mixed, labels).item() == pytest.approx(0.5)
+    assert within_class_diversity(copies[:1], labels[:1]).item() == 0.0

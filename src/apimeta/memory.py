@@ -38,6 +38,20 @@ def _decode_key(obj: Any) -> Hashable:
     return obj
 
 
+def within_class_diversity(feats: Tensor, labels: Tensor) -> Tensor:
+    """Mean over classes of the mean pairwise cosine distance (1 - cos) between the (B, D)
+    features of one class's images; 0-dim tensor in [0, 2]. 0: every image of a class is the
+    same direction (near-copies). Classes with one image are skipped (0 if none has two)."""
+    f = torch.nn.functional.normalize(feats.flatten(1).float(), dim=1)
+    same = labels.view(-1, 1) == labels.view(1, -1)
+    same.fill_diagonal_(False)
+    dist = 1.0 - f @ f.t()
+    per_class_pairs = same.sum(1)  # per image: other images of its class
+    per_image = (dist * same).sum(1) / per_class_pairs.clamp(min=1)
+    has = per_class_pairs > 0
+    return (per_image * has).sum() / has.sum().clamp(min=1)
+
+
 class TaskMemory:
     """Per-class FIFO ring buffer of recovered images; samples interpolated N-way tasks.
 

@@ -376,6 +376,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "scheduled": {"events": {"trigger": "every"}},
     # extension: replayed memory tasks are augmented (crop, flip, colour jitter, cutout)
     "augmented-memory": {"memory": {"augment": "crop,flip,jitter,cutout"}},
+    # extension: meta-val, best.pt and meta-test use a weight average (horizon ~20 updates)
+    "ema": {"ema": 0.95},
 }
 
 

@@ -89,6 +89,8 @@ def test_first_update_has_api_event_then_memory_episodes(zoo, tmp_path):
     assert rows[0]["memory_classes"] == WAY
     assert (m.run.path / "recovered" / "event-0000.png").exists()
     assert set(result.metrics["test"]["best"]) == {"synthetic"}
+    event = m.events[0]  # a diversity figure per event, beside fidelity
+    assert 0 < event["diversity_support"] <= 2 and 0 < event["diversity_support_pixels"] <= 2
 
 
 def test_resume_gives_the_same_model_as_an_uninterrupted_run(zoo, tmp_path):

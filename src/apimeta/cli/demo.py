@@ -159,6 +159,11 @@ def demo_cmd(
             if events
             else float("nan")
         )
+        div = (
+            sum(e.get("diversity_support", float("nan")) for e in events) / len(events)
+            if events
+            else float("nan")
+        )
         write_report(
             out / "report.md",
             f"apimeta demo: BiDf-MKD on {dataset} (API-SS, {len(accs)} Conv4 APIs)",
@@ -173,7 +178,9 @@ def demo_cmd(
                     "Run",
                     f"- run directory: `{run_path}` (config.yaml, metrics.jsonl, best.pt, last.pt)\n"
                     f"- API zoo: `{zoo_dir}` ({len(accs)} APIs)\n"
-                    f"- API events: {len(events)}, mean recovery fidelity {100 * fid:.1f}%\n"
+                    f"- API events: {len(events)}, mean recovery fidelity {100 * fid:.1f}%, "
+                    f"mean within-class diversity of support sets {div:.3f} (1 - cos of the "
+                    "meta-model's features; 0 = near-copies)\n"
                     f"- queries: {bidf['queries']:,} of a {query_budget:,} budget\n"
                     f"- wall time of the whole demo: {wall / 60:.1f} min\n",
                 ),

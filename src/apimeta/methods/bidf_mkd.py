@@ -33,10 +33,11 @@ from apimeta.apis.base import BlackBoxAPI
 from apimeta.bilevel import api_kd, frozen_student, inner_kd, outer_kd_loss
 from apimeta.episodes import Episode
 from apimeta.errors import ConfigError, EpisodeError, QueryBudgetExceeded
+from apimeta.evaluate import head_features
 from apimeta.events import APIEvent, EventSchedule
 from apimeta.losses import output_kind
 from apimeta.maml import maml_outer_loss, named_params
-from apimeta.memory import TaskMemory
+from apimeta.memory import TaskMemory, within_class_diversity
 from apimeta.methods.api_learner import APILearner
 from apimeta.methods.interface import METHODS
 from apimeta.recovery import Boundary, Objective, SupportCE
@@ -59,6 +60,7 @@ class BiDfMKD(APILearner):
         "diverse-memory",
         "scheduled",
         "augmented-memory",
+        "ema",
     )
 
     # ------------------------------------------------------------------ setup
@@ -191,6 +193,14 @@ class BiDfMKD(APILearner):
         episode = self.episode_of(api, sup, qry, keep)
         if cfg.memory.enabled:
             self.memory.add_episode(episode)
+        with torch.no_grad():  # no queries: the learner's own features, and raw pixels
+            feats = head_features(self.model, named_params(self.model), self._to_model(sup.images))
+            diversity = torch.stack(
+                [
+                    within_class_diversity(feats, sup.targets),
+                    within_class_diversity(sup.images, sup.targets),
+                ]
+            ).tolist()
         record = {
             "event": len(self.events),
             "step": step,
@@ -200,6 +210,8 @@ class BiDfMKD(APILearner):
             "queries": self.ledger.used - used0,
             "fidelity_support": sup.fidelity,
             "fidelity_query": qry.fidelity,
+            "diversity_support": diversity[0],  # mean pairwise 1 - cos within a class, features
+            "diversity_support_pixels": diversity[1],  # the same on raw pixels
             "query_mode": objective.mode,
             "outer_acc": float(acc),  # an API event syncs anyway (its records, its queries)
             "query_stored": int(keep.sum()) if cfg.memory.enabled else 0,
