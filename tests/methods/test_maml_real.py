@@ -10,8 +10,14 @@ import torch
 
 from apimeta.checkpoint import load_checkpoint, save_checkpoint
 from apimeta.errors import CheckpointError, ConfigError
+from apimeta.evaluate import evaluate_with_config
 from apimeta.methods import METHODS
-from apimeta.models.meta import build_meta_model, load_meta_model, meta_model_spec
+from apimeta.models.meta import (
+    build_meta_model,
+    load_meta_model,
+    load_run_datasets,
+    meta_model_spec,
+)
 from apimeta.run_config import EvalConfig, RunConfig
 from apimeta.runs import RunDir
 from apimeta.testing import make_config
@@ -150,6 +156,13 @@ def test_ema_averages_the_weights_selects_the_average_and_resumes_exactly(tmp_pa
     best = load_checkpoint(run.best_checkpoint)  # validated at updates 1 and 2: either one
     for k, v in {1: e1, 2: e2}[best["step"]].items():
         assert torch.equal(best["model"][k], v), k
+    # meta-val scored the average as `apimeta eval` scores best.pt (fine-tuned, not frozen)
+    cfg = dataclasses.replace(half, episodes=4)
+    model = load_meta_model(run.best_checkpoint)[0]
+    res = evaluate_with_config(
+        model, load_run_datasets(cfg)[0], cfg, split="val", shots=(cfg.shot,), tasks=cfg.eval.tasks
+    )
+    assert res[f"{cfg.shot}-shot"]["mean"] == pytest.approx(best["best_score"])
 
 
 def test_ema_must_lie_in_zero_one_and_needs_its_state_to_resume(tmp_path):

@@ -405,7 +405,8 @@ class MetaTrainer(Method):
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
             self.ema_model = None
             if cfg.ema > 0:
-                self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
+                # trainable like the model (evaluation adapts what requires grad); no optimizer
+                self.ema_model = copy.deepcopy(self.model)
             self.state = TrainerState()
             self.event_hooks = [save_recovered_grid(run)]
             self.setup()
