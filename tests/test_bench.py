@@ -33,6 +33,7 @@ def test_ablations_change_exactly_one_component():
         ("bidf-mkd:scheduled", {"events"}),
         ("bidf-mkd:augmented-memory", {"memory"}),
         ("bidf-mkd:ema", {"ema"}),
+        ("bidf-mkd:cosine-lr", {"outer_lr_schedule"}),
     ]:
         got = to_dict(_resolved(name))
         assert {k for k in base if base[k] != got[k]} == changed, name

@@ -188,6 +188,9 @@ class RunConfig:
     # w_ema <- ema * w_ema + (1 - ema) * w after every meta-update; meta-val, best.pt and the
     # meta-test use the average (last.pt keeps both, for an exact resume)
     ema: float = 0.0
+    # extension ("constant" = the paper): "cosine" decays the outer lr from outer_lr to 0 over
+    # the run's meta-updates (a function of the update index: resume needs no extra state)
+    outer_lr_schedule: str = "constant"
     inner_steps: int = 5  # MAML inner steps on memory / real tasks
     inner_lr: float = 0.01  # every inner loop (MAML, inner KD, fine-tuning at meta-test)
     first_order: bool = False
@@ -378,6 +381,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "augmented-memory": {"memory": {"augment": "crop,flip,jitter,cutout"}},
     # extension: meta-val, best.pt and meta-test use a weight average (horizon ~20 updates)
     "ema": {"ema": 0.95},
+    # extension: the outer lr decays from outer_lr to 0 over the run (cosine)
+    "cosine-lr": {"outer_lr_schedule": "cosine"},
 }
 
 

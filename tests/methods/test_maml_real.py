@@ -171,3 +171,19 @@ def test_ema_must_lie_in_zero_one_and_needs_its_state_to_resume(tmp_path):
     _train(_cfg(tmp_path, "r", episodes=2))
     with pytest.raises(CheckpointError, match="no weight average"):
         _train(_cfg(tmp_path, "r", episodes=4, ema=0.9), resume=True)
+
+
+def test_cosine_outer_lr_decays_over_the_run(tmp_path):
+    from apimeta.methods.trainer import OUTER_LR_SCHEDULES
+
+    cos = OUTER_LR_SCHEDULES["cosine"]
+    assert cos(0, 4) == 1.0 and cos(2, 4) == pytest.approx(0.5) and cos(4, 4) == pytest.approx(0)
+    full, run_full = _train(_cfg(tmp_path, "full", episodes=8, outer_lr_schedule="cosine"))
+    lrs = [r["outer_lr"] for r in run_full.read_metrics() if r.get("phase") == "train"]
+    base = make_config(TINY).outer_lr
+    assert lrs == pytest.approx([base * cos(s, 4) for s in range(4)]) and lrs[0] == base
+    plain, _ = _train(_cfg(tmp_path, "plain", episodes=8))
+    a, b = load_checkpoint(full.final_checkpoint), load_checkpoint(plain.final_checkpoint)
+    assert any(not torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    with pytest.raises(ConfigError, match="outer_lr_schedule"):
+        _train(_cfg(tmp_path, "bad", episodes=2, outer_lr_schedule="step"))

@@ -61,6 +61,7 @@ class BiDfMKD(APILearner):
         "scheduled",
         "augmented-memory",
         "ema",
+        "cosine-lr",
     )
 
     # ------------------------------------------------------------------ setup

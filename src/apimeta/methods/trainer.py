@@ -79,6 +79,13 @@ CHOICES: dict[str, Callable[[RunConfig], tuple[str, Any]]] = {
 }
 
 
+#: outer-lr factor at meta-update ``step`` (0-based) of ``total``
+OUTER_LR_SCHEDULES = {
+    "constant": lambda step, total: 1.0,
+    "cosine": lambda step, total: 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1))),
+}
+
+
 def check_run_config(cfg: RunConfig) -> None:
     """Raise :class:`ConfigError` (one line, naming the key) for a value no component accepts."""
     for key, get in CHOICES.items():
@@ -94,6 +101,11 @@ def check_run_config(cfg: RunConfig) -> None:
         (cfg.query >= 1, f"query must be >= 1, got {cfg.query}"),
         (cfg.meta_batch >= 1, f"meta_batch must be >= 1, got {cfg.meta_batch}"),
         (0.0 <= cfg.ema < 1.0, f"ema must be in [0, 1) (0 = off), got {cfg.ema}"),
+        (
+            cfg.outer_lr_schedule in OUTER_LR_SCHEDULES,
+            f"outer_lr_schedule must be one of {', '.join(OUTER_LR_SCHEDULES)}; "
+            f"got {cfg.outer_lr_schedule!r}",
+        ),
         (cfg.episodes >= 0, f"episodes must be >= 0, got {cfg.episodes}"),
         (cfg.inner_steps >= 0, f"inner_steps must be >= 0, got {cfg.inner_steps}"),
         (cfg.eval.tasks >= 1, f"eval.tasks must be >= 1, got {cfg.eval.tasks}"),
@@ -461,6 +473,9 @@ class MetaTrainer(Method):
                 "lower outer_lr/inner_lr or check the data"
             )
         loss.backward()
+        factor = OUTER_LR_SCHEDULES[cfg.outer_lr_schedule](st.step, total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.outer_lr * factor
         self.optimizer.step()
         self._update_ema()
         st.step += 1
@@ -472,6 +487,7 @@ class MetaTrainer(Method):
             "episode": st.step * cfg.meta_batch,
             "phase": "train",
             "loss": loss_value,
+            **({"outer_lr": cfg.outer_lr * factor} if cfg.outer_lr_schedule != "constant" else {}),
             **metrics,
             "step_time": dt,
         }
