@@ -21,7 +21,9 @@ def curve(metrics: Path) -> dict[int, float]:
 def main(root: Path, scenario: str = "SS", variants: list[str] | None = None) -> None:
     base = root / scenario
     names = variants or sorted(p.name for p in base.iterdir() if p.is_dir())
-    print("| variant | seeds | meta-val at each eval (mean over seeds) | best per seed | mean best |")
+    print(
+        "| variant | seeds | meta-val at each eval (mean over seeds) | best per seed | mean best |"
+    )
     print("|---|---|---|---|---|")
     for name in names:
         runs = sorted((base / name).glob("seed-*/metrics.jsonl")) or [base / name / "metrics.jsonl"]
@@ -35,7 +37,9 @@ def main(root: Path, scenario: str = "SS", variants: list[str] | None = None) ->
         per_seed = ", ".join(f"{v:.1f}@{s}" for s, v in bests)
         mean_best = statistics.mean(v for _, v in bests)
         sd = statistics.stdev(v for _, v in bests) if len(bests) > 1 else 0.0
-        print(f"| {name} | {len(curves)} | {mean_curve} | {per_seed} | {mean_best:.2f} ± {sd:.2f} |")
+        print(
+            f"| {name} | {len(curves)} | {mean_curve} | {per_seed} | {mean_best:.2f} ± {sd:.2f} |"
+        )
 
 
 if __name__ == "__main__":
