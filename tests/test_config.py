@@ -211,3 +211,16 @@ def test_deterministic_kernels_only_touch_cuda_settings(monkeypatch):
 
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert torch.backends.cudnn.deterministic is True
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [(["eval.test_lr=0"], "eval.test_lr must be > 0"), (["eval.test_steps=-1"], "test_steps")],
+)
+def test_eval_protocol_values_are_checked(overrides: list[str], match: str) -> None:
+    from apimeta.methods.trainer import check_run_config
+
+    check_run_config(load_config(RunConfig, overrides=["eval.test_lr=0.1"]))  # a valid one
+    assert load_config(RunConfig, overrides=["eval.test_lr=none"]).eval.test_lr is None
+    with pytest.raises(ConfigError, match=match):
+        check_run_config(load_config(RunConfig, overrides=overrides))

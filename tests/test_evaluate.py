@@ -162,3 +162,91 @@ def test_head_options_on_separable_data_with_zero_steps():
     assert len(changed) == 2 and all("classifier" in n for n in changed)  # only the head
     with pytest.raises(ConfigError, match=r"eval\.head must be one of"):
         start_head(model, init, ep, "cosine")
+
+
+# ----------------------------------------------------------------- the protocol chosen on meta-val
+def test_parse_grid_reads_keys_and_refuses_bad_ones():
+    from apimeta.evaluate import parse_grid
+
+    grid = parse_grid(["lr=0.01, 0.1", "steps=10,30", "head=learned,ncc"])
+    assert grid == {"lr": [0.01, 0.1], "steps": [10, 30], "head": ["learned", "ncc"]}
+    assert parse_grid([]) == {}
+    for bad in (
+        ["momentum=0.9"],  # unknown key
+        ["lr"],  # no values
+        ["lr=fast"],  # not a float
+        ["lr=0"],  # must be > 0
+        ["lr=0.1,0.1"],  # repeated value
+        ["steps=-1"],
+        ["head=cosine"],  # not a head
+        ["lr=0.1", "lr=0.2"],  # key twice
+    ):
+        with pytest.raises(ConfigError):
+            parse_grid(bad)
+
+
+def test_grid_settings_is_the_product_with_ncc_once():
+    from apimeta.evaluate import grid_settings
+
+    got = grid_settings({"lr": [0.01, 0.1], "head": ["learned", "ncc"]})
+    assert got == [{"lr": 0.01, "head": "learned"}, {"head": "ncc"}, {"lr": 0.1, "head": "learned"}]
+
+
+def test_test_lr_defaults_to_inner_lr_and_overrides_it(monkeypatch, data):
+    import apimeta.evaluate as ev
+    from apimeta.run_config import RunConfig
+
+    seen = []
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: seen.append(k["lr"]) or {})
+    cfg = RunConfig(inner_lr=0.02)
+    ev.evaluate_with_config(_model(0), data, cfg, split="val", shots=(1,), tasks=1)
+    ev.evaluate_with_config(
+        _model(0), data, ev.with_protocol(cfg, {"lr": 0.3}), split="val", shots=(1,), tasks=1
+    )
+    assert seen == [0.02, 0.3]
+
+
+def test_tune_protocol_selects_on_meta_val_and_tests_only_the_winner(monkeypatch, data):
+    """Meta-val prefers lr 0.1; meta-test would prefer 0.3. The choice must be 0.1, scored once
+    on meta-test; meta-val is scored with eval.tasks tasks and the test with `tasks`."""
+    import apimeta.evaluate as ev
+    from apimeta.run_config import RunConfig
+
+    score = {("val", 0.01): 40.0, ("val", 0.1): 50.0, ("val", 0.3): 45.0,
+             ("test", 0.01): 1.0, ("test", 0.1): 2.0, ("test", 0.3): 99.0}  # fmt: skip
+    calls = []
+
+    def fake(model, dataset, cfg, *, split, shots, tasks, keep_accs=False, **kw):
+        lr = ev.test_lr(cfg)
+        calls.append((split, lr, tasks))
+        m = score[(split, lr)] + shots[0]  # per shot, so the two shots are told apart
+        return {f"{shots[0]}-shot": {"mean": m, "ci95": 0.0, "std": 0.0, "n": tasks, "accs": [m]}}
+
+    monkeypatch.setattr(ev, "evaluate_with_config", fake)
+    cfg = RunConfig()
+    cfg.eval.tasks = 7
+    got = ev.tune_protocol(
+        _model(0), data, cfg, {"lr": [0.01, 0.1, 0.3]}, shots=(1, 5), tasks=11
+    )
+    assert [got[k]["setting"] for k in ("1-shot", "5-shot")] == [{"lr": 0.1}] * 2
+    assert got["1-shot"]["mean"] == 3.0 and got["5-shot"]["mean"] == 7.0
+    assert got["1-shot"]["val"] == {"lr=0.01": 41.0, "lr=0.1": 51.0, "lr=0.3": 46.0}
+    tests = [c for c in calls if c[0] == "test"]
+    assert tests == [("test", 0.1, 11), ("test", 0.1, 11)]
+    assert {c[2] for c in calls if c[0] == "val"} == {7}
+
+
+def test_tune_protocol_on_real_episodes_matches_evaluate(data):
+    """The returned meta-test result is exactly `evaluate` with the chosen setting."""
+    from apimeta.evaluate import tune_protocol
+    from apimeta.run_config import RunConfig
+
+    cfg = RunConfig(way=3, query=2)
+    cfg.eval.tasks = 3
+    model = _model(1)
+    got = tune_protocol(model, data, cfg, {"lr": [0.01, 0.5]}, shots=(1,), tasks=4)["1-shot"]
+    lr = got["setting"]["lr"]
+    assert got["val"][f"lr={lr}"] == max(got["val"].values())
+    ref = evaluate(model, data, split="test", way=3, shots=(1,), query=2, tasks=4, lr=lr,
+                   keep_accs=True)["1-shot"]  # fmt: skip
+    assert got["accs"] == ref["accs"] and got["mean"] == ref["mean"]

@@ -28,7 +28,7 @@ import torch
 
 from apimeta.config import from_dict, merge, to_dict
 from apimeta.errors import ConfigError
-from apimeta.evaluate import evaluate_with_config
+from apimeta.evaluate import evaluate_with_config, setting_label, tune_protocol
 from apimeta.io import atomic_write_json
 from apimeta.methods import METHODS
 from apimeta.models.meta import load_init, load_run_datasets
@@ -138,6 +138,34 @@ def evaluate_init(
     return out
 
 
+def tune_init(
+    cfg: RunConfig,
+    checkpoint: Path | None,
+    grid: dict[str, list[Any]],
+    shots: Sequence[int],
+    tasks: int,
+    cache: Path | None = None,
+) -> dict[str, dict[str, Any]]:
+    """:func:`~apimeta.evaluate.tune_protocol` on every dataset of ``cfg`` for ``checkpoint``
+    (None: the seeded random init): ``{dataset: {"1-shot": {..., "setting", "val"}}}``.
+    ``cache``: a JSON file holding an earlier answer for the same grid, shots and task counts,
+    reused (else written, atomically)."""
+    key = {"grid": grid, "shots": list(shots), "tasks": tasks, "val_tasks": cfg.eval.tasks}
+    if cache is not None and cache.exists():
+        stored = json.loads(cache.read_text())
+        if {k: stored.get(k) for k in key} == key:
+            return stored["results"]
+    datasets = load_run_datasets(cfg)
+    model = load_init(checkpoint, cfg, datasets)
+    results = {
+        ds.name: tune_protocol(model, ds, cfg, grid, shots=shots, tasks=tasks) for ds in datasets
+    }
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache, {**key, "results": results})
+    return results
+
+
 def run_one(
     base: dict[str, Any],
     scenario: ZooScenario,
@@ -148,10 +176,38 @@ def run_one(
     tasks: int,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
     seed: int | None = None,
+    tune: dict[str, list[Any]] | None = None,
 ) -> dict[str, Any]:
     """Train (unless reusable) and evaluate one variant in one scenario; returns the eval row
     (per-task accuracies included). ``seed``: this training seed, in ``<run dir>/seed-N``
-    (None: the config's seed, in the run dir itself)."""
+    (None: the config's seed, in the run dir itself). ``tune``: a protocol grid
+    (:func:`~apimeta.evaluate.parse_grid`); the row then also holds ``"tuned"``, its results
+    with the fine-tuning protocol chosen on meta-val (:func:`tune_init`, cached in
+    ``tuned.json``)."""
+    row = _train_and_test(base, scenario, name, out, shots=shots, tasks=tasks,
+                          progress=progress, seed=seed)  # fmt: skip
+    if tune:
+        path = run_dir_for(out, scenario, name)
+        if seed is not None:
+            path = path / f"seed-{seed}"
+        cfg = from_dict(RunConfig, with_defaults(row["config"]))
+        ckpt = Path(row["checkpoint"]) if row.get("checkpoint") else None
+        row["tuned"] = tune_init(cfg, ckpt, tune, shots, tasks, cache=path / "tuned.json")
+    return row
+
+
+def _train_and_test(
+    base: dict[str, Any],
+    scenario: ZooScenario,
+    name: str,
+    out: Path,
+    *,
+    shots: Sequence[int],
+    tasks: int,
+    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """The eval row of one cell, trained and meta-tested now unless ``eval.json`` is reusable."""
     method, overrides = variant(name)
     path = run_dir_for(out, scenario, name)
     if seed is not None:
@@ -238,7 +294,8 @@ class Cell:
 def _cell_job(shared: dict[str, Any], cell: Cell) -> None:
     """A parallel job: train and evaluate one cell (its row is read back from disk)."""
     run_one(shared["base"], cell.scenario, cell.name, Path(shared["out"]),
-            shots=shared["shots"], tasks=shared["tasks"], seed=cell.seed)  # fmt: skip
+            shots=shared["shots"], tasks=shared["tasks"], seed=cell.seed,
+            tune=shared.get("tune"))  # fmt: skip
 
 
 def run_cells(
@@ -251,6 +308,7 @@ def run_cells(
     backend: Backend | None = None,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
     on_done: Callable[[Cell], None] | None = None,
+    tune: dict[str, list[Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The eval rows of ``cells``, in order. A parallel ``backend`` (:mod:`apimeta.parallel`:
     worker processes or Ray, one torch thread per job) runs each run directory once (zoo-free
@@ -265,7 +323,8 @@ def run_cells(
             path = run_dir_for(out, c.scenario, c.name)
             unique.setdefault(path / f"seed-{c.seed}" if c.seed is not None else path, c)
         jobs = [(c,) for c in unique.values()]
-        shared = {"base": base, "out": str(out), "shots": list(shots), "tasks": tasks}
+        shared = {"base": base, "out": str(out), "shots": list(shots), "tasks": tasks,
+                  "tune": tune}  # fmt: skip
         for k, _ in run_jobs(_cell_job, jobs, backend, shared=shared):
             if on_done is not None:
                 on_done(jobs[k][0])
@@ -273,7 +332,7 @@ def run_cells(
     for c in cells:  # sequential, or reading back what the workers finished
         rows.append(
             run_one(base, c.scenario, c.name, out, shots=shots, tasks=tasks,
-                    progress=progress, seed=c.seed)
+                    progress=progress, seed=c.seed, tune=tune)
         )  # fmt: skip
         if on_done is not None and not backend.parallel:
             on_done(c)
@@ -514,6 +573,39 @@ def per_dataset_table(rows: Sequence[dict[str, Any]], shots: Sequence[int]) -> s
     )
 
 
+def tuned_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with their meta-val-tuned results in place of the run-config protocol's (rows
+    without ``"tuned"`` are left out), for the same tables."""
+    return [{**r, "results": r["tuned"]} for r in rows if r.get("tuned")]
+
+
+def protocol_table(rows: Sequence[dict[str, Any]], shots: Sequence[int]) -> str:
+    """Markdown: the protocol meta-val chose per (scenario, variant, dataset) and shot, one entry
+    per training seed, with its meta-val accuracy."""
+    lines = []
+    for r in rows:
+        for ds, res in (r.get("tuned") or {}).items():
+            cells = []
+            for k in shots:
+                c = res.get(f"{k}-shot")
+                if not c:
+                    cells.append("—")
+                    continue
+                label = setting_label(c["setting"])
+                cells.append(f"{label} ({c['val'][label]:.1f})")
+            lines.append([r["scenario"], r["variant"], ds, r.get("seed") or "—", *cells])
+    return markdown_table(
+        [
+            "scenario",
+            "method",
+            "dataset",
+            "seed",
+            *[f"{k}-shot: chosen (meta-val %)" for k in shots],
+        ],
+        lines,
+    )
+
+
 def machine_line() -> str:
     return (
         f"{platform.node()} · {platform.processor() or platform.machine()} · "
@@ -536,12 +628,15 @@ __all__ = [
     "mean_over_datasets",
     "paired_table",
     "per_dataset_table",
+    "protocol_table",
     "run_cells",
     "run_dir_for",
     "run_one",
     "seed_groups",
     "seed_mean_rows",
     "task_matrix",
+    "tune_init",
+    "tuned_rows",
     "variant",
     "variants",
     "zoo_free",

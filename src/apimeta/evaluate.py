@@ -16,6 +16,8 @@ one image (one forward pass of S+1 images per query image).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -346,7 +348,7 @@ def evaluate_with_config(
     backend: Backend | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The meta-test protocol with a run's settings (way, query, ``eval.test_steps``,
-    ``inner_lr``, ``eval.transductive``, ``eval.head``) on the shared seeded task list: ``{"1-shot": ...}``
+    ``eval.test_lr`` (None: ``inner_lr``), ``eval.transductive``, ``eval.head``) on the shared seeded task list: ``{"1-shot": ...}``
     (``keep_accs``: with the per-task accuracies, for paired comparisons)."""
     return evaluate(
         model,
@@ -357,7 +359,7 @@ def evaluate_with_config(
         query=cfg.query,
         tasks=tasks,
         steps=cfg.eval.test_steps,
-        lr=cfg.inner_lr,
+        lr=test_lr(cfg),
         transductive=cfg.eval.transductive,
         seed=DEFAULT_EVAL_SEED,
         device=cfg.device,
@@ -366,6 +368,116 @@ def evaluate_with_config(
         head=cfg.eval.head,
         backend=backend,
     )
+
+
+def test_lr(cfg: RunConfig) -> float:
+    """The fine-tuning lr of meta-val/meta-test: ``eval.test_lr``, else ``inner_lr`` (the paper)."""
+    return cfg.inner_lr if cfg.eval.test_lr is None else cfg.eval.test_lr
+
+
+#: what meta-val tuning may vary (``apimeta bench --tune KEY=V1,V2``) -> (EvalConfig field, type)
+TUNABLE: dict[str, tuple[str, type]] = {
+    "lr": ("test_lr", float),
+    "steps": ("test_steps", int),
+    "head": ("head", str),
+}
+
+
+def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
+    """``["lr=0.01,0.1", "head=learned,zero"]`` -> ``{"lr": [0.01, 0.1], "head": [...]}``;
+    ConfigError (one line) on an unknown key, a bad or repeated value, a repeated key."""
+    grid: dict[str, list[Any]] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        if not sep or key not in TUNABLE:
+            raise ConfigError(
+                f"--tune {spec!r}: give KEY=V1,V2 with KEY one of {', '.join(TUNABLE)} "
+                "(e.g. --tune lr=0.01,0.03,0.1)"
+            )
+        if key in grid:
+            raise ConfigError(f"--tune {key} is given twice; put all its values in one option")
+        kind = TUNABLE[key][1]
+        try:
+            vals = [kind(v.strip()) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--tune {spec!r}: {key} values must be {kind.__name__}s") from None
+        valid = {"lr": lambda v: v > 0, "steps": lambda v: v >= 0, "head": lambda v: v in HEADS}
+        ok = all(valid[key](v) for v in vals)
+        if not vals or not ok or len(set(vals)) != len(vals):
+            need = {"lr": "> 0", "steps": ">= 0", "head": f"in {', '.join(HEADS)}"}[key]
+            raise ConfigError(f"--tune {spec!r}: give distinct {key} values {need}")
+        grid[key] = vals
+    return grid
+
+
+def grid_settings(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of ``grid``, in grid order; ncc (no fine-tuning) appears once, with
+    no lr or steps."""
+    keys = list(grid)
+    out: list[dict[str, Any]] = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        s = dict(zip(keys, combo, strict=True))
+        if s.get("head") == "ncc":
+            s = {"head": "ncc"}
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def setting_label(setting: dict[str, Any]) -> str:
+    """``{"lr": 0.1, "head": "zero"}`` -> ``"lr=0.1 head=zero"``."""
+    return " ".join(f"{k}={v}" for k, v in setting.items()) or "run config"
+
+
+def with_protocol(cfg: RunConfig, setting: dict[str, Any]) -> RunConfig:
+    """A copy of ``cfg`` whose eval section uses ``setting`` (keys of :data:`TUNABLE`)."""
+    changes = {TUNABLE[k][0]: v for k, v in setting.items()}
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **changes))
+
+
+def tune_protocol(
+    model: nn.Module,
+    dataset: FewShotDataset,
+    cfg: RunConfig,
+    grid: dict[str, list[Any]],
+    *,
+    shots: Sequence[int],
+    tasks: int,
+    val_tasks: int | None = None,
+    backend: Backend | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Choose the fine-tuning protocol per shot on **meta-val**, then meta-test it.
+
+    Every setting of :func:`grid_settings` (over the run's own protocol ``cfg.eval``) is scored
+    on ``val_tasks`` (default ``eval.tasks``) seeded meta-val tasks; the best mean wins (ties:
+    the first in grid order). Only the winner sees the ``tasks`` meta-test tasks (the shared
+    seeded list, per-task accuracies kept). Returns ``{"1-shot": {"mean", "ci95", "std", "n",
+    "accs", "setting": {...}, "val": {label: meta-val mean}}, ...}``.
+    """
+    settings = grid_settings(grid)
+    n_val = cfg.eval.tasks if val_tasks is None else val_tasks
+    out: dict[str, dict[str, Any]] = {}
+    for shot in shots:
+        key = f"{shot}-shot"
+        val: dict[str, float] = {}
+        best: dict[str, Any] | None = None
+        for s in settings:
+            res = evaluate_with_config(
+                model, dataset, with_protocol(cfg, s), split="val", shots=(shot,),
+                tasks=n_val, backend=backend,
+            )  # fmt: skip
+            val[setting_label(s)] = res[key]["mean"]
+            if best is None or res[key]["mean"] > val[setting_label(best)]:
+                best = s
+        assert best is not None
+        test = evaluate_with_config(
+            model, dataset, with_protocol(cfg, best), split="test", shots=(shot,),
+            tasks=tasks, keep_accs=True, backend=backend,
+        )  # fmt: skip
+        out[key] = {**test[key], "setting": best, "val": val}
+        log.info("%s: meta-val chose %s", key, setting_label(best))
+    return out
 
 
 def summary_score(results: dict[str, dict[str, Any]]) -> float:
@@ -401,8 +513,14 @@ __all__ = [
     "evaluate",
     "evaluate_with_config",
     "format_result",
+    "grid_settings",
+    "parse_grid",
     "predict_non_transductive",
+    "setting_label",
     "summary_score",
     "task_list",
     "task_seed",
+    "test_lr",
+    "tune_protocol",
+    "with_protocol",
 ]

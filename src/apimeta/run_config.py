@@ -151,6 +151,7 @@ class EvalConfig:
     test_tasks: int = 600  # meta-test tasks at the end of training
     test_shots: list[int] = field(default_factory=lambda: [1, 5])  # shots of that meta-test
     test_steps: int = 10  # fine-tuning steps at meta-val/meta-test
+    test_lr: float | None = None  # fine-tuning lr at meta-val/meta-test (None: inner_lr, the paper)
     select_split: str = "val"  # val | test (the reference; optimistic)
     transductive: bool = True
     head: str = "learned"  # learned (paper) | zero | proto | ncc (apimeta.evaluate.HEADS)

@@ -200,3 +200,38 @@ def test_bench_workers_give_the_same_numbers_as_one_process(tmp_path):
     two = bench("two", "--workers", "2")
     assert one == two and len(one) == 4  # zoo-free rows shared by SS and SH: trained once
     assert "--workers 2" in (tmp_path / "two" / "results.md").read_text()
+
+
+def test_bench_tune_chooses_the_protocol_on_meta_val_and_caches_it(tmp_path, monkeypatch):
+    from apimeta import bench as bench_mod
+    from apimeta.testing import write_tiny_zoo
+
+    zoo = write_tiny_zoo(tmp_path / "zoo")
+    args = ["bench", "--scenario", f"SS={zoo}:synthetic", "--methods", "random,maml-real",
+            "--seeds", "2", "--set", "episodes=2", "--set", "inner_steps=1", "--tasks", "4",
+            "--shots", "1", "--out", str(tmp_path / "b"), "--threads", "1", *TINY,
+            "--tune", "lr=0.01,0.5", "--tune", "head=learned,ncc"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    table = (tmp_path / "b" / "results.md").read_text()
+    assert "## Fine-tuning protocol chosen on meta-val" in table
+    assert "lr in {0.01, 0.5}, head in {learned, ncc}" in table
+    assert "--tune lr=0.01,0.5 --tune head=learned,ncc" in table
+    caches = sorted((tmp_path / "b").rglob("tuned.json"))
+    assert len(caches) == 4  # 2 rows x 2 seeds
+    for c in caches:
+        t = json.loads(c.read_text())
+        r = t["results"]["synthetic"]["1-shot"]
+        assert set(r["val"]) == {"lr=0.01 head=learned", "head=ncc", "lr=0.5 head=learned"}
+        assert r["val"][bench_mod.setting_label(r["setting"])] == max(r["val"].values())
+        assert len(r["accs"]) == 4 and t["val_tasks"] == 2
+        assert bench_mod.setting_label(r["setting"]) in table
+    # a second bench reuses every cached choice: tuning is never run again
+    monkeypatch.setattr(bench_mod, "tune_protocol", lambda *a, **k: 1 / 0)
+    first = {c: c.stat().st_mtime_ns for c in caches}
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert {c: c.stat().st_mtime_ns for c in caches} == first
+    # a bad grid is one line, before anything runs
+    res = runner.invoke(app, [*args[:-4], "--tune", "momentum=0.9"])
+    assert res.exit_code != 0 and "KEY one of lr, steps, head" in res.output

@@ -71,6 +71,13 @@ def bench_cmd(
         help="Training seeds per row (seed, seed+1, ...): cells become the mean over seeds ± "
         "their spread, with paired differences against random and bbkd.",
     ),
+    tune: list[str] = typer.Option(
+        [],
+        "--tune",
+        help="KEY=V1,V2 (repeatable; KEY: lr, steps, head): also choose every row's meta-test "
+        "fine-tuning protocol on meta-val from this grid (per run and shot) and add its tables "
+        "beside the run config's protocol, e.g. --tune lr=0.01,0.03,0.1 --tune head=learned,zero.",
+    ),
 ) -> None:
     """Train every method variant in every scenario, evaluate each on the same meta-test tasks
     and write a Markdown table with queries used and wall time.
@@ -84,7 +91,8 @@ def bench_cmd(
 
     Runs are stored under OUT/<scenario>/<variant>/ and reused when their eval.json exists, so
     an interrupted comparison resumes and several processes (each with its own --methods) can
-    fill one table.
+    fill one table. With --tune, each run's meta-val choice and its meta-test are cached in its
+    tuned.json.
     """
     with friendly_errors():
         from apimeta.bench import (
@@ -95,11 +103,14 @@ def bench_cmd(
             machine_line,
             paired_table,
             per_dataset_table,
+            protocol_table,
             run_cells,
             seed_mean_rows,
+            tuned_rows,
             variant,
         )
         from apimeta.errors import ConfigError
+        from apimeta.evaluate import parse_grid
         from apimeta.io import atomic_write_text
 
         set_threads(threads)
@@ -108,6 +119,7 @@ def bench_cmd(
         for n in names:
             variant(n)
         shot_list = parse_shots(shots)
+        grid = parse_grid(tune)
         base = base_config(preset, [*sets, *([f"device={device}"] if device else [])])
         if seeds < 1:
             raise ConfigError(f"--seeds must be >= 1, got {seeds}")
@@ -141,6 +153,7 @@ def bench_cmd(
                 backend=backend,
                 progress=TrainProgress(progress) if not backend.parallel else None,
                 on_done=done,
+                tune=grid or None,
             )
         cmd = "apimeta bench " + " ".join(
             [f"--scenario {s}" for s in scenario]
@@ -148,6 +161,7 @@ def bench_cmd(
             + [f"--set {x}" for x in sets]
             + [f"--shots {shots}", f"--tasks {tasks}", f"--out {out}"]
             + ([f"--seeds {seeds}"] if seeds > 1 else [])
+            + [f"--tune {t}" for t in tune]
             + ([f"--workers {workers}"] if workers > 1 else [])
             + (["--ray"] if ray and not ray_address else [])
             + ([f"--ray-address {ray_address}"] if ray_address else [])
@@ -171,6 +185,24 @@ def bench_cmd(
             + "## Per dataset\n\n"
             + per_dataset_table(rows, shot_list)
         )
+        if grid:
+            tuned = tuned_rows(rows)
+            paired_t = paired_table(tuned, names_s, shot_list)
+            text += (
+                "\n## Fine-tuning protocol chosen on meta-val\n\n"
+                "Each run's meta-test protocol chosen per shot on its meta-val tasks from "
+                + ", ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in grid.items())
+                + "; the meta-test tasks are the same as above.\n\n"
+                + comparison_table(
+                    seed_mean_rows(tuned) if seeds > 1 else tuned, names_s, shot_list
+                )
+                + "\n"
+                + legend
+                + "\n\n"
+                + (paired_t + "\n" if paired_t else "")
+                + "Chosen protocols:\n\n"
+                + protocol_table(rows, shot_list)
+            )
         path = table or out / "results.md"
         atomic_write_text(path, text)
         console.print(text)

@@ -108,6 +108,11 @@ def check_run_config(cfg: RunConfig) -> None:
             f"eval.every must be > 0 (episodes, or a fraction of the run), got {cfg.eval.every}",
         ),
         (cfg.kd.adv_start >= 0, f"kd.adv_start must be >= 0, got {cfg.kd.adv_start}"),
+        (
+            cfg.eval.test_lr is None or cfg.eval.test_lr > 0,
+            f"eval.test_lr must be > 0, or none for inner_lr; got {cfg.eval.test_lr}",
+        ),
+        (cfg.eval.test_steps >= 0, f"eval.test_steps must be >= 0, got {cfg.eval.test_steps}"),
         (cfg.eval.test_tasks >= 1, f"eval.test_tasks must be >= 1, got {cfg.eval.test_tasks}"),
         (
             bool(cfg.eval.test_shots) and all(k >= 1 for k in cfg.eval.test_shots),
