@@ -225,9 +225,7 @@ def test_tune_protocol_selects_on_meta_val_and_tests_only_the_winner(monkeypatch
     monkeypatch.setattr(ev, "evaluate_with_config", fake)
     cfg = RunConfig()
     cfg.eval.tasks = 7
-    got = ev.tune_protocol(
-        _model(0), data, cfg, {"lr": [0.01, 0.1, 0.3]}, shots=(1, 5), tasks=11
-    )
+    got = ev.tune_protocol(_model(0), data, cfg, {"lr": [0.01, 0.1, 0.3]}, shots=(1, 5), tasks=11)
     assert [got[k]["setting"] for k in ("1-shot", "5-shot")] == [{"lr": 0.1}] * 2
     assert got["1-shot"]["mean"] == 3.0 and got["5-shot"]["mean"] == 7.0
     assert got["1-shot"]["val"] == {"lr=0.01": 41.0, "lr=0.1": 51.0, "lr=0.3": 46.0}
