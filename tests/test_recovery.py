@@ -345,3 +345,28 @@ def test_compile_switch_compiles_the_reused_generator_once(monkeypatch):
         api, dataclasses.replace(cfg, compile=False), rng=torch.Generator().manual_seed(0)
     )
     assert len(calls) == 1 and torch.equal(plain.images, r1.images)
+
+
+def test_regularizer_costs_no_queries_and_raises_diversity():
+    """A within-class diversity term on pixels: same queries, same seed, more diverse classes;
+    a zero term changes nothing."""
+    from apimeta.memory import within_class_diversity
+
+    def run(weight):
+        api = _api()
+        reg = None
+        if weight is not None:
+            reg = lambda x, t: -weight * within_class_diversity(x, t)  # noqa: E731
+        cfg = RecoveryConfig(iters=20, best_iterate="last", **FAST)
+        r = recover(api, cfg, rng=_gen(3),
+                    gradient=ZOGradient(ForwardEstimator(q=4)), aug_pad=1,
+                    regularizer=reg)  # fmt: skip
+        return r, api.ledger.used
+
+    (plain, q0), (zero, qz), (div, q1) = run(None), run(0.0), run(10.0)
+    assert q0 == qz == q1
+    assert torch.equal(plain.images, zero.images)
+    d0 = float(within_class_diversity(plain.images, plain.targets))
+    d1 = float(within_class_diversity(div.images, div.targets))
+    assert d1 > 2 * d0, (d0, d1)
+    assert div.fidelity > 0.4  # still mostly the classes the API assigns (chance 0.2)

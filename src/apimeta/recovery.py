@@ -315,6 +315,7 @@ def recover(
     channels: int | None = None,
     device: torch.device | str | None = None,
     progress: Progress | None = None,
+    regularizer: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Recovered:
     """Recover B = ``cfg.per_class`` x n_classes images from ``api`` (docs/design.md 4.2).
 
@@ -338,6 +339,9 @@ def recover(
     see a random 32x32 crop of 84-px images), a bilinear resize when smaller, and
     ``match_channels`` for 1 <-> 3 channels; ``images`` stay at the generator's spec.
     ``rng``: all randomness (generator init, z, augmentation, ZO directions) derives from it.
+    ``regularizer(x_hat, targets)``: a differentiable 0-dim loss of the generator's output
+    (B, C, H, W) added to S before the backward; it costs no queries and does not change which
+    iterate is kept (e.g. a within-class diversity term under the learner's own model).
     """
     cfg = cfg if cfg is not None else RecoveryConfig()
     score_of = ITERATES.get(cfg.best_iterate)
@@ -435,8 +439,9 @@ def recover(
             break
         used += est.charged
         surrogate = zo_surrogate(x, est.grad)
+        total = surrogate if regularizer is None else surrogate + regularizer(x_hat, targets)
         opt.zero_grad(set_to_none=True)
-        surrogate.backward()
+        total.backward()
         opt.step()
 
         mean_loss = est.base_loss.detach().mean()

@@ -51,6 +51,10 @@ class RecoveryConfig:
     # torch.compile the generator (reused across recoveries, re-initialized in place); pays
     # only over many recoveries: see BENCHMARKS.md §5
     compile: bool = False
+    # extension (0 = off, the paper): weight of a within-class diversity term, -(mean pairwise
+    # 1 - cos of the learner's features of one class's images), added to the generator's loss;
+    # no queries
+    diversity: float = 0.0
 
 
 @dataclass
@@ -384,6 +388,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "ema": {"ema": 0.95},
     # extension: the outer lr decays from outer_lr to 0 over the run (cosine)
     "cosine-lr": {"outer_lr_schedule": "cosine"},
+    # extension: recovery also pushes one class's images apart in the learner's feature space
+    "diverse-recovery": {"recovery": {"diversity": 1.0}},
 }
 
 

@@ -283,3 +283,46 @@ def test_memory_augment_changes_replayed_images_only(zoo, tmp_path):
     bad = dataclasses.replace(cfg, memory=MemoryConfig(augment="rotate"), out=str(tmp_path / "b"))
     with pytest.raises(ConfigError, match="unknown augmentation"):
         train(bad)
+
+
+def test_diverse_recovery_passes_the_learners_feature_diversity_to_recovery(zoo, tmp_path):
+    """recovery.diversity: every recovery gets -w * (within-class diversity of the meta-model's
+    features of the generator's images), differentiable in the images, weights held fixed;
+    off (0) it gets no term; queries are the same."""
+    import apimeta.methods.api_learner as al
+    from apimeta.evaluate import head_features
+    from apimeta.memory import within_class_diversity
+
+    seen = []
+    real = al.recover
+    spy = lambda *a, **k: seen.append(k.get("regularizer")) or real(*a, **k)  # noqa: E731
+    al.recover = spy
+    try:
+        m0, _ = train(tiny_cfg(zoo, tmp_path, episodes=1, meta_batch=1, out=str(tmp_path / "a")))
+        assert seen == [None, None]
+        seen.clear()
+        cfg = tiny_cfg(zoo, tmp_path, episodes=1, meta_batch=1, out=str(tmp_path / "b"))
+        cfg.recovery.diversity = 3.0
+        m, _ = train(cfg)
+    finally:
+        al.recover = real
+    assert len(seen) == 2 and all(callable(r) for r in seen)  # support and boundary set
+    assert m.ledger.used == m0.ledger.used
+    x = torch.rand(B, 3, 32, 32, requires_grad=True)
+    t = torch.arange(B) % WAY
+    before = [None if p.grad is None else p.grad.clone() for p in m.model.parameters()]
+    term = m.diversity_term()(x, t)
+    params = {n: p.detach() for n, p in m.model.named_parameters()}
+    with torch.no_grad():
+        want = -3.0 * within_class_diversity(head_features(m.model, params, x), t)
+    assert float(term.detach()) == pytest.approx(float(want), rel=1e-5)
+    term.backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    after = [p.grad for p in m.model.parameters()]  # no gradient reaches the weights
+    assert all(
+        (a is None and b is None) or torch.equal(a, b) for a, b in zip(after, before, strict=True)
+    )
+    with pytest.raises(ConfigError, match=r"recovery\.diversity must be >= 0"):
+        bad = tiny_cfg(zoo, tmp_path, out=str(tmp_path / "c"))
+        bad.recovery.diversity = -1.0
+        train(bad)

@@ -22,10 +22,14 @@ from apimeta.apis.ledger import QueryLedger
 from apimeta.apis.runtime import cache_mark, load_run_apis, resume_cache_billing, run_query_cache
 from apimeta.episodes import APIEpisode
 from apimeta.errors import APIError, ConfigError
+from apimeta.evaluate import head_features
 from apimeta.losses import kd_loss
+from apimeta.maml import named_params
+from apimeta.memory import within_class_diversity
 from apimeta.methods.trainer import MetaTrainer
 from apimeta.recovery import Objective, Recovered, SupportCE, gradient_source, recover
 from apimeta.scenarios import APIPool
+from apimeta.transforms import resize
 from apimeta.zo import ZOEstimator, build_estimator
 
 log = logging.getLogger(__name__)
@@ -102,7 +106,25 @@ class APILearner(MetaTrainer):
             objective=objective if objective is not None else SupportCE(),
             final_query=final_query,
             device=self.device,
+            regularizer=self.diversity_term() if self.cfg.recovery.diversity > 0 else None,
         )
+
+    def _to_model(self, x: Tensor) -> Tensor:
+        """API-spec images -> the meta-model's input size (channels adapt inside the model)."""
+        return resize(x, self.cfg.image_size)
+
+    def diversity_term(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """``recovery.diversity`` x -(within-class diversity of the meta-model's features): a
+        recovery regularizer that pushes one class's images apart as the learner sees them. The
+        meta-model's weights are held fixed (detached); the term is differentiable in the images."""
+        params = {n: p.detach() for n, p in named_params(self.model).items()}
+        weight = self.cfg.recovery.diversity
+
+        def term(x_hat: Tensor, targets: Tensor) -> Tensor:
+            feats = head_features(self.model, params, self._to_model(x_hat))
+            return -weight * within_class_diversity(feats, targets)
+
+        return term
 
     @staticmethod
     def episode_of(

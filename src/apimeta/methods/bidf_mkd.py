@@ -42,7 +42,7 @@ from apimeta.methods.api_learner import APILearner
 from apimeta.methods.interface import METHODS
 from apimeta.recovery import Boundary, Objective, SupportCE
 from apimeta.run_config import schedule_point
-from apimeta.transforms import augment, crop_flip, parse_augment, resize
+from apimeta.transforms import augment, crop_flip, parse_augment
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class BiDfMKD(APILearner):
         "augmented-memory",
         "ema",
         "cosine-lr",
+        "diverse-recovery",
     )
 
     # ------------------------------------------------------------------ setup
@@ -119,10 +120,6 @@ class BiDfMKD(APILearner):
         return False
 
     # ------------------------------------------------------------------ helpers
-    def _to_model(self, x: Tensor) -> Tensor:
-        """API-spec images -> the meta-model's input size (channels adapt inside the model)."""
-        return resize(x, self.cfg.image_size)
-
     def event_cost(self, api: BlackBoxAPI) -> int:
         """Worst-case queries of one API event: two recoveries plus the two KD target queries."""
         cfg = self.cfg

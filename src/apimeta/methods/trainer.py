@@ -99,6 +99,10 @@ def check_run_config(cfg: RunConfig) -> None:
         (cfg.shot >= 1, f"shot must be >= 1, got {cfg.shot}"),
         (cfg.query >= 1, f"query must be >= 1, got {cfg.query}"),
         (cfg.meta_batch >= 1, f"meta_batch must be >= 1, got {cfg.meta_batch}"),
+        (
+            cfg.recovery.diversity >= 0,
+            f"recovery.diversity must be >= 0 (0 = off), got {cfg.recovery.diversity}",
+        ),
         (0.0 <= cfg.ema < 1.0, f"ema must be in [0, 1) (0 = off), got {cfg.ema}"),
         (cfg.episodes >= 0, f"episodes must be >= 0, got {cfg.episodes}"),
         (cfg.inner_steps >= 0, f"inner_steps must be >= 0, got {cfg.inner_steps}"),
