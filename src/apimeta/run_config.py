@@ -52,9 +52,9 @@ class RecoveryConfig:
     # only over many recoveries: see BENCHMARKS.md §5
     compile: bool = False
     # extension (0 = off, the paper): weight of a within-class diversity term, -(mean pairwise
-    # 1 - cos of the learner's features of one class's images), added to the generator's loss;
-    # no queries
+    # 1 - cos of one class's images), added to the generator's loss; no queries
     diversity: float = 0.0
+    diversity_space: str = "features"  # features (the learner's penultimate layer) | pixels
 
 
 @dataclass
@@ -388,8 +388,10 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "ema": {"ema": 0.95},
     # extension: the outer lr decays from outer_lr to 0 over the run (cosine)
     "cosine-lr": {"outer_lr_schedule": "cosine"},
-    # extension: recovery also pushes one class's images apart in the learner's feature space
+    # extensions: recovery also pushes one class's images apart, in the learner's feature
+    # space or in pixels (weights from a one-recovery scale check, BENCHMARKS.md §6)
     "diverse-recovery": {"recovery": {"diversity": 1.0}},
+    "diverse-pixels": {"recovery": {"diversity": 3.0, "diversity_space": "pixels"}},
 }
 
 

@@ -114,14 +114,16 @@ class APILearner(MetaTrainer):
         return resize(x, self.cfg.image_size)
 
     def diversity_term(self) -> Callable[[Tensor, Tensor], Tensor]:
-        """``recovery.diversity`` x -(within-class diversity of the meta-model's features): a
-        recovery regularizer that pushes one class's images apart as the learner sees them. The
-        meta-model's weights are held fixed (detached); the term is differentiable in the images."""
+        """``recovery.diversity`` x -(within-class diversity of the generator's images): a
+        recovery regularizer that pushes one class's images apart, as the learner sees them
+        (``recovery.diversity_space=features``: the meta-model's penultimate features, its
+        weights held fixed) or in ``pixels``. Differentiable in the images; no queries."""
         params = {n: p.detach() for n, p in named_params(self.model).items()}
         weight = self.cfg.recovery.diversity
+        pixels = self.cfg.recovery.diversity_space == "pixels"
 
         def term(x_hat: Tensor, targets: Tensor) -> Tensor:
-            feats = head_features(self.model, params, self._to_model(x_hat))
+            feats = x_hat if pixels else head_features(self.model, params, self._to_model(x_hat))
             return -weight * within_class_diversity(feats, targets)
 
         return term

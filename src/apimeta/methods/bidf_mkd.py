@@ -63,6 +63,7 @@ class BiDfMKD(APILearner):
         "ema",
         "cosine-lr",
         "diverse-recovery",
+        "diverse-pixels",
     )
 
     # ------------------------------------------------------------------ setup

@@ -82,6 +82,7 @@ CHOICES: dict[str, Callable[[RunConfig], tuple[str, Any]]] = {
     "eval.select_split": lambda c: (c.eval.select_split, ("val", "test")),
     "eval.head": lambda c: (c.eval.head, HEADS),
     "outer_lr_schedule": lambda c: (c.outer_lr_schedule, OUTER_LR_SCHEDULES),
+    "recovery.diversity_space": lambda c: (c.recovery.diversity_space, ("features", "pixels")),
 }
 
 
