@@ -36,6 +36,7 @@ def test_ablations_change_exactly_one_component():
         ("bidf-mkd:cosine-lr", {"outer_lr_schedule"}),
         ("bidf-mkd:diverse-recovery", {"recovery"}),
         ("bidf-mkd:diverse-pixels", {"recovery"}),
+        ("bidf-mkd:large-inner-lr", {"inner_lr"}),
     ]:
         got = to_dict(_resolved(name))
         assert {k for k in base if base[k] != got[k]} == changed, name

@@ -392,6 +392,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # space or in pixels (weights from a one-recovery scale check, BENCHMARKS.md §6)
     "diverse-recovery": {"recovery": {"diversity": 1.0}},
     "diverse-pixels": {"recovery": {"diversity": 3.0, "diversity_space": "pixels"}},
+    # extension: every inner loop (MAML, inner KD, fine-tuning) at lr 0.1, the fine-tuning lr
+    # meta-val chooses for most inits (BENCHMARKS.md §6), so training and testing agree
+    "large-inner-lr": {"inner_lr": 0.1},
 }
 
 

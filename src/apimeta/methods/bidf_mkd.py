@@ -64,6 +64,7 @@ class BiDfMKD(APILearner):
         "cosine-lr",
         "diverse-recovery",
         "diverse-pixels",
+        "large-inner-lr",
     )
 
     # ------------------------------------------------------------------ setup
