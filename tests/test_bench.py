@@ -73,3 +73,16 @@ def test_keys_added_after_a_run_was_trained_are_no_difference():
         "kd.adv_start": [75, now["kd"]["adv_start"]],
         "recovery.early_stop_prob": [None, now["recovery"]["early_stop_prob"]],
     }
+
+
+def test_event_counts_print_whole_or_as_a_short_mean():
+    from apimeta.bench import _count
+
+    assert [_count(v) for v in (0, 15, 26.0, 4 / 3, 2.5, 100)] == [
+        "0",
+        "15",
+        "26",
+        "1.33",
+        "2.5",
+        "100",
+    ]

@@ -369,6 +369,11 @@ def _plain(v: Any) -> Any:
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
+def _count(v: float) -> str:
+    """15 -> "15"; a mean over seeds 1.3333 -> "1.33"."""
+    return f"{v:.2f}".rstrip("0").rstrip(".")
+
+
 def _queries_used(run: RunDir) -> int:
     used = 0
     for r in run.read_metrics():
@@ -537,7 +542,7 @@ def comparison_table(
                 line.append(fmt_acc(mean_over_datasets(r["results"], k)) if r else "—")
             if r:
                 q.append(f"{r['queries'] / 1e6:.2f}")
-                ev.append(str(r["api_events"]))
+                ev.append(_count(r["api_events"]))
                 t.append(f"{r['train_seconds'] / 60:.1f}")
         line += [" / ".join(q) or "—", " / ".join(ev) or "—", " / ".join(t) or "—"]
         table.append(line)
