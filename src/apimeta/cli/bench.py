@@ -87,7 +87,9 @@ def bench_cmd(
     upper bound, not black-box); bidf-mkd:diverse-memory (memory.min_classes=10,
     memory.filter_query=true), bidf-mkd:scheduled (an API event every events.patience updates) and
     bidf-mkd:augmented-memory (memory.augment=crop,flip,jitter,cutout), bidf-mkd:ema (ema=0.95)
-    and bidf-mkd:cosine-lr (outer_lr_schedule=cosine) are default-off extensions.
+    and bidf-mkd:cosine-lr (outer_lr_schedule=cosine), bidf-mkd:diverse-recovery and
+    bidf-mkd:diverse-pixels (recovery.diversity in features or pixels) and bidf-mkd:large-inner-lr
+    (inner_lr=0.1) are default-off extensions.
 
     Runs are stored under OUT/<scenario>/<variant>/ and reused when their eval.json exists, so
     an interrupted comparison resumes and several processes (each with its own --methods) can
