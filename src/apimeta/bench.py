@@ -148,9 +148,17 @@ def tune_init(
 ) -> dict[str, dict[str, Any]]:
     """:func:`~apimeta.evaluate.tune_protocol` on every dataset of ``cfg`` for ``checkpoint``
     (None: the seeded random init): ``{dataset: {"1-shot": {..., "setting", "val"}}}``.
-    ``cache``: a JSON file holding an earlier answer for the same grid, shots and task counts,
+    ``cache``: a JSON file holding an earlier answer for the same grid, shots, task counts,
+    base protocol and checkpoint file (path, size and mtime: a retrained run is tuned again),
     reused (else written, atomically)."""
-    key = {"grid": grid, "shots": list(shots), "tasks": tasks, "val_tasks": cfg.eval.tasks}
+    key = {
+        "grid": grid,
+        "shots": list(shots),
+        "tasks": tasks,
+        "val_tasks": cfg.eval.tasks,
+        "protocol": _protocol_key(cfg),
+        "checkpoint": _file_key(checkpoint),
+    }
     if cache is not None and cache.exists():
         stored = json.loads(cache.read_text())
         if {k: stored.get(k) for k in key} == key:
@@ -164,6 +172,21 @@ def tune_init(
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cache, {**key, "results": results})
     return results
+
+
+def _protocol_key(cfg: RunConfig) -> dict[str, Any]:
+    """What the meta-val/meta-test protocol of ``cfg`` depends on, besides the grid."""
+    e = cfg.eval
+    return {"way": cfg.way, "query": cfg.query, "inner_lr": cfg.inner_lr, "head": e.head,
+            "test_steps": e.test_steps, "test_lr": e.test_lr, "transductive": e.transductive,
+            "seed": cfg.seed}  # fmt: skip
+
+
+def _file_key(path: Path | None) -> list[Any] | None:
+    if path is None:
+        return None
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
 
 
 def run_one(

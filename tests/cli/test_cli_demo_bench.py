@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import yaml
 from typer.testing import CliRunner
@@ -227,11 +229,24 @@ def test_bench_tune_chooses_the_protocol_on_meta_val_and_caches_it(tmp_path, mon
         assert len(r["accs"]) == 4 and t["val_tasks"] == 2
         assert bench_mod.setting_label(r["setting"]) in table
     # a second bench reuses every cached choice: tuning is never run again
-    monkeypatch.setattr(bench_mod, "tune_protocol", lambda *a, **k: 1 / 0)
+    calls = []
+    real = bench_mod.tune_protocol
+    monkeypatch.setattr(
+        bench_mod, "tune_protocol", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     first = {c: c.stat().st_mtime_ns for c in caches}
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
-    assert {c: c.stat().st_mtime_ns for c in caches} == first
+    assert {c: c.stat().st_mtime_ns for c in caches} == first and calls == []
+    # a retrained checkpoint (another file) is tuned again; the others are still reused
+    ckpt = json.loads(
+        (tmp_path / "b" / "maml-real-synthetic" / "seed-2022" / "eval.json").read_text()
+    )
+    st = Path(ckpt["checkpoint"]).stat()
+    os.utime(ckpt["checkpoint"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 1
     # a bad grid is one line, before anything runs
     res = runner.invoke(app, [*args[:-4], "--tune", "momentum=0.9"])
     assert res.exit_code != 0 and "KEY one of lr, steps, head" in res.output
