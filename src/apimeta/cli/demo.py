@@ -172,7 +172,12 @@ def demo_cmd(
                     "Result",
                     f"5-way meta-test accuracy (%) ± 95% CI on {tasks} tasks per shot, the same "
                     "tasks for both initializations; BiDf-MKD's checkpoint was selected on "
-                    "meta-val.\n\n" + table,
+                    "meta-val.\n\n"
+                    + table
+                    + "\nThis is the paper's fine-tuning protocol (10 steps "
+                    "at lr 0.01) for both. With the lr chosen on meta-val for each init, random "
+                    "init gains the most and is level with or above BiDf-MKD (BENCHMARKS.md §6); "
+                    "to compare that way, run `apimeta bench` with `--tune lr=0.01,0.1,0.3`.\n",
                 ),
                 (
                     "Run",
