@@ -348,8 +348,9 @@ def evaluate_with_config(
     backend: Backend | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The meta-test protocol with a run's settings (way, query, ``eval.test_steps``,
-    ``eval.test_lr`` (None: ``inner_lr``), ``eval.transductive``, ``eval.head``) on the shared seeded task list: ``{"1-shot": ...}``
-    (``keep_accs``: with the per-task accuracies, for paired comparisons)."""
+    ``eval.test_lr`` (None: ``inner_lr``), ``eval.transductive``, ``eval.head``) on the shared
+    seeded task list: ``{"1-shot": ...}`` (``keep_accs``: with the per-task accuracies, for
+    paired comparisons)."""
     return evaluate(
         model,
         dataset,

@@ -29,6 +29,7 @@ def test_demo_writes_report_curve_grids_and_table(tmp_path):
     assert res.exit_code == 0, res.output
     report = (out / "report.md").read_text()
     assert "| bidf-mkd |" in report and "| random |" in report
+    assert "Fine-tuning: 10 steps at lr 0.01 for both" in report and "--tune lr=" in report
     assert (out / "learning_curve.png").stat().st_size > 1000
     run = out / "SS" / "bidf-mkd"
     assert (run / "config.yaml").exists() and (run / "best.pt").exists()

@@ -174,9 +174,11 @@ def demo_cmd(
                     "tasks for both initializations; BiDf-MKD's checkpoint was selected on "
                     "meta-val.\n\n"
                     + table
-                    + "\nThis is the paper's fine-tuning protocol (10 steps "
-                    "at lr 0.01) for both. With the lr chosen on meta-val for each init, random "
-                    "init gains the most and is level with or above BiDf-MKD (BENCHMARKS.md §6); "
+                    + f"\nFine-tuning: {bidf['config']['eval']['test_steps']} steps at lr "
+                    f"{bidf['config']['eval'].get('test_lr') or bidf['config']['inner_lr']} "
+                    "for both (the paper's protocol by default). With the lr chosen on meta-val "
+                    "for each init, random init gains the most and is level with or above "
+                    "BiDf-MKD (BENCHMARKS.md §6); "
                     "to compare that way, run `apimeta bench` with `--tune lr=0.01,0.1,0.3`.\n",
                 ),
                 (
