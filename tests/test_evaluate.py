@@ -217,7 +217,7 @@ def test_tune_protocol_selects_on_meta_val_and_tests_only_the_winner(monkeypatch
     calls = []
 
     def fake(model, dataset, cfg, *, split, shots, tasks, keep_accs=False, **kw):
-        lr = ev.test_lr(cfg)
+        lr = ev.finetune_lr(cfg)
         calls.append((split, lr, tasks))
         m = score[(split, lr)] + shots[0]  # per shot, so the two shots are told apart
         return {f"{shots[0]}-shot": {"mean": m, "ci95": 0.0, "std": 0.0, "n": tasks, "accs": [m]}}

@@ -360,7 +360,7 @@ def evaluate_with_config(
         query=cfg.query,
         tasks=tasks,
         steps=cfg.eval.test_steps,
-        lr=test_lr(cfg),
+        lr=finetune_lr(cfg),
         transductive=cfg.eval.transductive,
         seed=DEFAULT_EVAL_SEED,
         device=cfg.device,
@@ -371,7 +371,7 @@ def evaluate_with_config(
     )
 
 
-def test_lr(cfg: RunConfig) -> float:
+def finetune_lr(cfg: RunConfig) -> float:
     """The fine-tuning lr of meta-val/meta-test: ``eval.test_lr``, else ``inner_lr`` (the paper)."""
     return cfg.inner_lr if cfg.eval.test_lr is None else cfg.eval.test_lr
 
@@ -513,6 +513,7 @@ __all__ = [
     "ci95",
     "evaluate",
     "evaluate_with_config",
+    "finetune_lr",
     "format_result",
     "grid_settings",
     "parse_grid",
@@ -521,7 +522,6 @@ __all__ = [
     "summary_score",
     "task_list",
     "task_seed",
-    "test_lr",
     "tune_protocol",
     "with_protocol",
 ]
