@@ -100,6 +100,12 @@ def run_dir_for(out: Path, scenario: ZooScenario, name: str) -> Path:
     return out / scenario.name / name.replace(":", "-")
 
 
+def cell_dir(out: Path, scenario: ZooScenario, name: str, seed: int | None = None) -> Path:
+    """The run directory of one cell: :func:`run_dir_for`, then ``seed-N`` for a seed."""
+    path = run_dir_for(out, scenario, name)
+    return path / f"seed-{seed}" if seed is not None else path
+
+
 def evaluate_init(
     cfg: RunConfig,
     checkpoint: Path | None,
@@ -210,9 +216,7 @@ def run_one(
     row = _train_and_test(base, scenario, name, out, shots=shots, tasks=tasks,
                           progress=progress, seed=seed)  # fmt: skip
     if tune:
-        path = run_dir_for(out, scenario, name)
-        if seed is not None:
-            path = path / f"seed-{seed}"
+        path = cell_dir(out, scenario, name, seed)
         cfg = from_dict(RunConfig, with_defaults(row["config"]))
         ckpt = Path(row["checkpoint"]) if row.get("checkpoint") else None
         row["tuned"] = tune_init(cfg, ckpt, tune, shots, tasks, cache=path / "tuned.json")
@@ -232,9 +236,7 @@ def _train_and_test(
 ) -> dict[str, Any]:
     """The eval row of one cell, trained and meta-tested now unless ``eval.json`` is reusable."""
     method, overrides = variant(name)
-    path = run_dir_for(out, scenario, name)
-    if seed is not None:
-        path = path / f"seed-{seed}"
+    path = cell_dir(out, scenario, name, seed)
     done = path / "eval.json"
     data = merge(base, {"method": method, "zoo": scenario.zoo, "dataset": scenario.dataset})
     data = merge(data, overrides)
@@ -343,8 +345,7 @@ def run_cells(
     if backend.parallel and len(cells) > 1:
         unique: dict[Path, Cell] = {}
         for c in cells:
-            path = run_dir_for(out, c.scenario, c.name)
-            unique.setdefault(path / f"seed-{c.seed}" if c.seed is not None else path, c)
+            unique.setdefault(cell_dir(out, c.scenario, c.name, c.seed), c)
         jobs = [(c,) for c in unique.values()]
         shared = {"base": base, "out": str(out), "shots": list(shots), "tasks": tasks,
                   "tune": tune}  # fmt: skip
@@ -647,6 +648,7 @@ __all__ = [
     "Cell",
     "ZooScenario",
     "base_config",
+    "cell_dir",
     "comparison_table",
     "config_diff",
     "evaluate_init",
