@@ -213,28 +213,6 @@ def run_one(
     (:func:`~apimeta.evaluate.parse_grid`); the row then also holds ``"tuned"``, its results
     with the fine-tuning protocol chosen on meta-val (:func:`tune_init`, cached in
     ``tuned.json``)."""
-    row = _train_and_test(base, scenario, name, out, shots=shots, tasks=tasks,
-                          progress=progress, seed=seed)  # fmt: skip
-    if tune:
-        path = cell_dir(out, scenario, name, seed)
-        cfg = from_dict(RunConfig, with_defaults(row["config"]))
-        ckpt = Path(row["checkpoint"]) if row.get("checkpoint") else None
-        row["tuned"] = tune_init(cfg, ckpt, tune, shots, tasks, cache=path / "tuned.json")
-    return row
-
-
-def _train_and_test(
-    base: dict[str, Any],
-    scenario: ZooScenario,
-    name: str,
-    out: Path,
-    *,
-    shots: Sequence[int],
-    tasks: int,
-    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
-    seed: int | None = None,
-) -> dict[str, Any]:
-    """The eval row of one cell, trained and meta-tested now unless ``eval.json`` is reusable."""
     method, overrides = variant(name)
     path = cell_dir(out, scenario, name, seed)
     done = path / "eval.json"
@@ -259,7 +237,7 @@ def _train_and_test(
                 log.warning(
                     "reusing %s, trained with a different config: %s", done, row["config_diff"]
                 )
-            return row
+            return _with_tuned(row, path, shots, tasks, tune)
     t0 = time.perf_counter()
     queries = 0
     ckpt: Path | None = None
@@ -303,6 +281,22 @@ def _train_and_test(
     }
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_json(done, row)
+    return _with_tuned(row, path, shots, tasks, tune)
+
+
+def _with_tuned(
+    row: dict[str, Any],
+    path: Path,
+    shots: Sequence[int],
+    tasks: int,
+    tune: dict[str, list[Any]] | None,
+) -> dict[str, Any]:
+    """``row`` with ``"tuned"`` (:func:`tune_init`, cached in ``path/tuned.json``) when a grid
+    is given; ``eval.json`` never holds it."""
+    if tune:
+        cfg = from_dict(RunConfig, with_defaults(row["config"]))
+        ckpt = Path(row["checkpoint"]) if row.get("checkpoint") else None
+        row["tuned"] = tune_init(cfg, ckpt, tune, shots, tasks, cache=path / "tuned.json")
     return row
 
 
