@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from apimeta.apis import BlackBoxAPI, LocalAPI, QueryLedger, build_zoo, load_zoo, read_manifest
 from apimeta.apis.local import load_api_model
 from apimeta.apis.recipe import split_holdout
-from apimeta.apis.zoo import api_plan
+from apimeta.apis.zoo import api_plan, class_pool_of, zoo_coverage
 from apimeta.data import load_dataset
 from apimeta.errors import CheckpointError, ConfigError, EpisodeError
 
@@ -168,6 +168,51 @@ def test_bad_build_args(tmp_path: Path, args: tuple, match: str) -> None:
         build_zoo(*args, tmp_path / "z", **KW)
 
 
+def test_class_pool_is_a_seeded_subset() -> None:
+    classes = list(range(10, 40))
+    assert class_pool_of(classes, None, 0, "emoji").tolist() == classes
+    assert class_pool_of(classes, 30, 0, "emoji").tolist() == classes
+    pool = class_pool_of(classes, 6, 0, "emoji").tolist()
+    assert len(pool) == 6 and set(pool) <= set(classes) and pool == sorted(pool)
+    assert class_pool_of(classes, 6, 0, "emoji").tolist() == pool  # the same for every API
+    others = {
+        tuple(class_pool_of(classes, 6, s, d).tolist()) for s, d in [(1, "emoji"), (0, "kanji")]
+    }
+    assert tuple(pool) not in others
+
+
+def test_class_pool_limits_the_classes_apis_draw(tmp_path: Path) -> None:
+    out = tmp_path / "z"
+    m = build_zoo(["synthetic"], 4, ["conv4"], 2, out, **KW, class_pool=3)
+    train = load_dataset("synthetic", **DATA).split("train").classes
+    pool = set(class_pool_of(train, 3, KW["seed"], "synthetic").tolist())
+    drawn = {c for e in m.apis for c in e["classes"]}
+    assert drawn <= pool and len(pool) == 3
+    assert read_manifest(out)["build_args"]["class_pool"] == 3
+    with pytest.raises(ConfigError, match="class_pool"):
+        build_zoo(["synthetic"], 4, ["conv4"], 2, out, **KW)
+    with pytest.raises(ConfigError, match="at least --way"):
+        build_zoo(["synthetic"], 1, ["conv4"], 3, tmp_path / "y", **KW, class_pool=2)
+    # a zoo built without a pool records none, so zoos from before the option still resume
+    plain = build_zoo(["synthetic"], 1, ["conv4"], 2, tmp_path / "p", **KW)
+    assert "class_pool" not in plain.build_args
+
+
+def test_zoo_coverage_counts_apis_per_class() -> None:
+    entries = [
+        {"dataset": "emoji", "classes": [1, 2, 3]},
+        {"dataset": "emoji", "classes": [3, 4, 5]},
+        {"dataset": "emoji", "classes": [3, 1, 6]},
+        {"dataset": "kanji", "classes": [1, 2]},
+    ]
+    cov = zoo_coverage(entries)
+    assert cov["emoji"] == {
+        "apis": 3, "classes": 6, "draws": 9, "min": 1, "mean": 1.5, "max": 3,
+        "repeated": pytest.approx(2 / 6),
+    }  # fmt: skip
+    assert cov["kanji"]["classes"] == 2 and cov["kanji"]["repeated"] == 0
+
+
 def test_unknown_dataset_option(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not take option"):
         build_zoo(["synthetic"], 1, ["conv4"], 3, tmp_path / "z", dataset_options={"colour": 1})
@@ -242,6 +287,7 @@ def test_cli_build_and_show(tmp_path: Path) -> None:
     assert "api-000" in res.output
     res = runner.invoke(app, ["zoo", "show", str(out)])
     assert res.exit_code == 0 and "api-000" in res.output and "conv4@4" in res.output
+    assert "coverage synthetic: 2 classes in 1 APIs, each held by 1-1 APIs" in res.output
     res = runner.invoke(app, ["zoo", "show", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "not an" in res.output and "zoo build" in res.output
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,7 @@ def build_zoo(
     data_root: str | Path | None = None,
     image_size: int | None = None,
     dataset_options: dict[str, Any] | None = None,
+    class_pool: int | None = None,
     device: str = "cpu",
     threads: int | None = None,
     force: bool = False,
@@ -112,7 +114,9 @@ def build_zoo(
     with 20 images per class a 5-way API has 80 training images (one step per epoch at 128), so
     small datasets want a smaller batch or more epochs. ``dataset_options``: extra keyword
     arguments for :func:`apimeta.data.load_dataset` (same for every dataset); datasets are loaded
-    with ``seed``.
+    with ``seed``. ``class_pool``: APIs draw their classes from a seeded subset of this many
+    meta-train classes per dataset (None: all of them), so many APIs cover each class several
+    times, like the paper's 100 APIs over CIFAR-FS's 64 classes (see :func:`zoo_coverage`).
 
     Resumable: finished APIs (entry in ``zoo.json`` and file on disk) are reused. A directory
     built with different arguments raises ConfigError; ``force`` rebuilds from scratch.
@@ -136,6 +140,8 @@ def build_zoo(
             raise ConfigError(
                 f"unknown architecture {a!r}; choose from {', '.join(BACKBONES.names())}"
             )
+    if class_pool is not None and class_pool < way:
+        raise ConfigError(f"--class-pool must be at least --way ({way}); got {class_pool}")
     if n_apis < 1 or way < 2 or epochs < 1 or batch_size < 2:
         raise ConfigError(
             f"need n_apis >= 1, way >= 2, epochs >= 1, batch_size >= 2; "
@@ -163,6 +169,8 @@ def build_zoo(
         "n_apis": int(n_apis),
         "data_root": str(data_root) if data_root is not None else None,
     }
+    if class_pool is not None:  # absent when unused: zoos built before it still match
+        build_args["class_pool"] = int(class_pool)
     build_args = json.loads(json.dumps(build_args))  # tuples -> lists, as read back from disk
 
     done: dict[str, dict[str, Any]] = {}
@@ -278,7 +286,7 @@ def _train_one(
     dataset, arch, api_seed = api_plan(i, a["datasets"], a["archs"], seed)
     ds = _load(dataset, a)
     split = ds.split("train")
-    pool = torch.tensor(split.classes)
+    pool = class_pool_of(split.classes, a.get("class_pool"), seed, dataset)
     if pool.numel() < way:
         raise ConfigError(
             f"{dataset} has {pool.numel()} meta-train classes; --way {way} needs at least {way}"
@@ -335,6 +343,39 @@ def _train_one(
     return entry, _weights_bytes(model, entry)
 
 
+def class_pool_of(
+    classes: Sequence[int], size: int | None, seed: int, dataset: str
+) -> torch.Tensor:
+    """The meta-train classes a zoo's APIs draw from: all of ``classes`` (``size`` None), else
+    a seeded subset of ``size`` of them (the same for every API of one zoo seed and dataset)."""
+    pool = torch.tensor(list(classes))
+    if size is None or size >= pool.numel():
+        return pool
+    g = make_generator(seed, "zoo", "class-pool", dataset)
+    return pool[torch.randperm(pool.numel(), generator=g)[:size]].sort().values
+
+
+def zoo_coverage(entries: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """How often the APIs of a zoo cover each class, per dataset: ``{"emoji": {"apis", "classes"
+    (distinct classes covered), "draws" (API classes in all), "min", "mean", "max" (APIs per
+    covered class), "repeated" (share of covered classes held by two or more APIs)}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for ds in sorted({e["dataset"] for e in entries}):
+        mine = [e for e in entries if e["dataset"] == ds]
+        counts = Counter(int(c) for e in mine for c in e["classes"])
+        times = list(counts.values())
+        out[ds] = {
+            "apis": len(mine),
+            "classes": len(counts),
+            "draws": sum(times),
+            "min": min(times),
+            "mean": sum(times) / len(times),
+            "max": max(times),
+            "repeated": sum(t >= 2 for t in times) / len(times),
+        }
+    return out
+
+
 def _weights_bytes(model: nn.Module, entry: dict[str, Any]) -> bytes:
     from safetensors.torch import save
 
@@ -347,4 +388,4 @@ def _write_weights(data: bytes, path: Path) -> None:
     atomic_write(path, lambda p: p.write_bytes(data))
 
 
-__all__ = ["ZooProgress", "api_plan", "build_zoo"]
+__all__ = ["ZooProgress", "api_plan", "build_zoo", "class_pool_of", "zoo_coverage"]

@@ -84,6 +84,17 @@ def zoo_table(apis: list[dict[str, Any]], title: str | None = None) -> Table:
     return table
 
 
+def coverage_line(apis: list[dict[str, Any]]) -> str:
+    """One line per dataset: distinct classes the APIs cover and how many APIs hold each."""
+    from apimeta.apis.zoo import zoo_coverage
+
+    return "\n".join(
+        f"coverage {ds}: {c['classes']} classes in {c['apis']} APIs, each held by "
+        f"{c['min']}-{c['max']} APIs (mean {c['mean']:.2f}); {100 * c['repeated']:.0f}% by two or more"
+        for ds, c in zoo_coverage(apis).items()
+    )
+
+
 @zoo_app.command("build")
 def build(
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write the zoo into."),
@@ -101,6 +112,13 @@ def build(
         help="Comma-separated backbones, assigned round-robin (conv4 | conv4,resnet10,resnet18).",
     ),
     way: int = typer.Option(5, "--way", help="Classes per API (drawn from meta-train classes)."),
+    class_pool: int | None = typer.Option(
+        None,
+        "--class-pool",
+        help="Draw the APIs' classes from a seeded subset of this many meta-train classes "
+        "(default: all), so each class is covered by several APIs (the paper: 100 APIs over "
+        "64 classes).",
+    ),
     epochs: int = typer.Option(
         20, "--epochs", help="Max training epochs per API (paper: 60); early stopping on holdout."
     ),
@@ -195,6 +213,7 @@ def build(
                 patience=patience or None,
                 batch_size=batch_size,
                 dataset_options=_options(dataset_option),
+                class_pool=class_pool,
                 augment=augment,
                 conv4_width=conv4_width,
                 resnet_width=resnet_width,
@@ -207,6 +226,7 @@ def build(
                 backend=backend,
             )
         console.print(zoo_table(manifest.apis, title=f"API zoo {out}"))
+        console.print(coverage_line(manifest.apis))
 
 
 @zoo_app.command("show")
@@ -238,6 +258,7 @@ def show(
             f"seed {args.get('seed')}, epochs {args.get('epochs')}"
         )
         console.print(zoo_table(data["apis"]))
+        console.print(coverage_line(data["apis"]))
         problems = [
             f"{e['name']}: {p}"
             for e in data["apis"]

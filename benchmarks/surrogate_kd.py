@@ -1,0 +1,150 @@
+"""Screen: distil the APIs into the backbone on *procedural* images (no data, no generator).
+
+Each API of a zoo labels ``PER_API`` procedural images (one query each); one Conv4 with a head
+over the union of the APIs' classes is trained by KD on them (each API supervises only its own
+classes, as in ``bbkd``); the union head is dropped and the backbone is meta-validated with a
+zero head like every other init. Random init is the first row (update 0). Sources:
+
+- ``dead-leaves``: layered random disks and rectangles of random colours on a random
+  background (the "dead leaves" image model; a generic natural-image prior, no dataset);
+- ``noise``: smooth random colour noise (bilinear upsampling of 4x4..16x16 uniform noise);
+- ``random-teacher``: dead-leaves images labelled by *random-init* Conv4s instead of the APIs
+  (a control: how much of any gain is the image prior, not the APIs' knowledge).
+
+Usage: python benchmarks/surrogate_kd.py SOURCE PER_API STEPS [SEED] [ZOO] [EVAL_AT]
+e.g.   python benchmarks/surrogate_kd.py dead-leaves 1000 2000 2022 runs/zoos/emoji-conv4
+Prints, per evaluation point, the meta-val means (100 tasks, 1/5-shot) at lr 0.01, 0.1, 0.3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from apimeta.apis.ledger import QueryLedger
+from apimeta.apis.runtime import load_run_apis
+from apimeta.config import from_dict
+from apimeta.evaluate import evaluate_with_config, with_protocol
+from apimeta.losses import kd_kl
+from apimeta.methods.bbkd import classifier_of
+from apimeta.models.meta import load_init, load_run_datasets
+from apimeta.run_config import RunConfig, base_config
+from apimeta.transforms import crop_flip
+
+
+def dead_leaves(n: int, size: int, g: torch.Generator, shapes: int = 24) -> Tensor:
+    """(n, 3, size, size) in [0, 1]: random background, then ``shapes`` disks/rectangles with
+    power-law sizes painted over each other."""
+    x = torch.rand(n, 3, 1, 1, generator=g).expand(n, 3, size, size).clone()
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    yy, xx = yy.float().view(1, size, size), xx.float().view(1, size, size)
+    for _ in range(shapes):
+        cy, cx = (torch.rand(2, n, 1, 1, generator=g) * size).unbind(0)
+        # radius r with density ~ 1/r^3 between 1.5 and size/2 (many small, few large)
+        u = torch.rand(n, 1, 1, generator=g)
+        lo, hi = 1.5, size / 2
+        r = (lo**-2 - u * (lo**-2 - hi**-2)) ** -0.5
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+        aspect = 0.5 + torch.rand(n, 1, 1, generator=g)
+        rect = ((yy - cy).abs() <= r * aspect) & ((xx - cx).abs() <= r / aspect)
+        use_rect = torch.rand(n, 1, 1, generator=g) < 0.5
+        mask = torch.where(use_rect, rect, disk).unsqueeze(1)
+        colour = torch.rand(n, 3, 1, 1, generator=g)
+        x = torch.where(mask, colour.expand_as(x), x)
+    return x
+
+
+def smooth_noise(n: int, size: int, g: torch.Generator) -> Tensor:
+    out = []
+    for _ in range(n):
+        r = int(torch.randint(4, 17, (1,), generator=g))
+        z = torch.rand(1, 3, r, r, generator=g)
+        out.append(F.interpolate(z, size=(size, size), mode="bilinear", align_corners=False))
+    return torch.cat(out)
+
+
+def meta_val(model: nn.Module, ds, cfg: RunConfig, lrs=(0.01, 0.1, 0.3)) -> str:
+    parts = []
+    for lr in lrs:
+        res = evaluate_with_config(
+            model, ds, with_protocol(cfg, {"lr": lr}), split="val", shots=(1, 5), tasks=100
+        )
+        parts.append(f"lr={lr:g}: {res['1-shot']['mean']:.2f}/{res['5-shot']['mean']:.2f}")
+    return "  ".join(parts)
+
+
+def main(source: str, per_api: int, steps: int, seed: int = 2022,
+         zoo: str = "runs/zoos/emoji-conv4", eval_at: str = "") -> None:  # fmt: skip
+    torch.set_num_threads(1)
+    cfg = from_dict(
+        RunConfig, {**base_config("cpu", []), "zoo": zoo, "dataset": "emoji", "seed": seed}
+    )
+    datasets = load_run_datasets(cfg)
+    ds = datasets[0]
+    model = load_init(None, cfg, datasets)
+    ledger = QueryLedger(None)
+    apis = load_run_apis(cfg, ledger)
+    g = torch.Generator().manual_seed(seed)
+    size = cfg.image_size
+    keys = sorted({(a.info.dataset, int(c)) for a in apis for c in a.info.classes})
+    column = {k: i for i, k in enumerate(keys)}
+    pool_x, pool_t, pool_c = [], [], []
+    t0 = time.time()
+    for a in apis:
+        make = smooth_noise if source == "noise" else dead_leaves
+        x = make(per_api, size, g)
+        if source == "random-teacher":
+            teacher = load_init(
+                None, dataclasses.replace(cfg, seed=seed + 1 + len(pool_x)), datasets
+            )
+            with torch.no_grad():
+                head = classifier_of(teacher)
+                head.weight.normal_(0, 0.05, generator=g)
+                t = teacher(x)[:, : a.info.n_classes]
+        else:
+            t = a.query(x)
+        pool_x.append(x)
+        pool_t.append(t)
+        pool_c.append(torch.tensor([column[(a.info.dataset, int(c))] for c in a.info.classes]))
+    print(f"{source}: {len(apis)} APIs x {per_api} images, {ledger.used} queries, "
+          f"{time.time() - t0:.0f}s; union of {len(keys)} classes", flush=True)  # fmt: skip
+
+    head = classifier_of(model)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    feats: list[Tensor] = []
+    head.register_forward_hook(lambda m, i, o: feats.append(i[0]))
+    union = nn.Linear(head.in_features, len(keys))
+    opt = torch.optim.Adam([*model.parameters(), *union.parameters()], lr=cfg.outer_lr)
+    points = sorted({int(v) for v in eval_at.split(",") if v} | {steps})
+    print(f"step 0 (random init): {meta_val(model, ds, cfg)}", flush=True)
+    t0, agree, seen = time.time(), 0, 0
+    for step in range(1, steps + 1):
+        loss = torch.zeros(())
+        for _ in range(cfg.meta_batch):  # one batch per API, meta_batch APIs per update
+            i = int(torch.randint(len(pool_x), (1,), generator=g))
+            idx = torch.randperm(per_api, generator=g)[:80]
+            feats.clear()
+            model(crop_flip(pool_x[i][idx], g))
+            logits = union(feats[-1])[:, pool_c[i]]
+            loss = loss + kd_kl(logits, pool_t[i][idx], T=cfg.kd.T)
+            agree += int((logits.argmax(1) == pool_t[i][idx].argmax(1)).sum())
+            seen += len(idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in points:
+            print(f"step {step} ({time.time() - t0:.0f}s train, agreement "
+                  f"{100 * agree / seen:.1f}%): {meta_val(model, ds, cfg)}", flush=True)  # fmt: skip
+            agree = seen = 0
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    main(a[0], int(a[1]), int(a[2]), *(int(a[3]),) if len(a) > 3 else (), *a[4:])
