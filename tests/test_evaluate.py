@@ -164,6 +164,30 @@ def test_head_options_on_separable_data_with_zero_steps():
         start_head(model, init, ep, "cosine")
 
 
+def test_random_head_is_fresh_the_same_per_task_and_independent_of_the_init():
+    """``random``: only the head changes, drawn within nn.Linear's init bound; the same task
+    gives the same head whatever the init (paired comparisons), another task another head."""
+    from apimeta.episodes import Episode
+    from apimeta.evaluate import start_head
+
+    torch.manual_seed(0)
+    a = build_backbone("conv4", num_classes=5, width=8, bn="transductive")
+    torch.manual_seed(1)
+    b = build_backbone("conv4", num_classes=5, width=8, bn="transductive")
+    sx, sy = torch.rand(5, 3, 32, 32), torch.arange(5)
+    ep = Episode(sx, sy, sx, sy, (10, 11, 12, 13, 14))
+    other = Episode(sx, sy, sx, sy, (10, 11, 12, 13, 15))
+    pa = {n: p.detach() for n, p in named_params(a).items()}
+    pb = {n: p.detach() for n, p in named_params(b).items()}
+    ha, hb = start_head(a, pa, ep, "random"), start_head(b, pb, ep, "random")
+    changed = [n for n in pa if not torch.equal(pa[n], ha[n])]
+    assert changed == ["net.classifier.weight", "net.classifier.bias"]
+    w = ha["net.classifier.weight"]
+    assert w.abs().max() <= 1 / w.shape[1] ** 0.5 and w.std() > 0.3 / w.shape[1] ** 0.5
+    assert all(torch.equal(ha[n], hb[n]) for n in changed)
+    assert not torch.equal(start_head(a, pa, other, "random")[changed[0]], w)
+
+
 # ----------------------------------------------------------------- the protocol chosen on meta-val
 def test_parse_grid_reads_keys_and_refuses_bad_ones():
     from apimeta.evaluate import parse_grid

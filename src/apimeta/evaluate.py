@@ -97,9 +97,11 @@ def predict_non_transductive(
 
 #: how the classifier head starts at meta-test (``eval.head``): ``learned`` (the meta-learned
 #: head, the paper's protocol), ``zero`` (weights and bias 0), ``proto`` (Proto-MAML: W_k = 2 c_k,
-#: b_k = -||c_k||^2 from the support features' class means c_k), ``ncc`` (no fine-tuning: the
-#: nearest class mean of L2-normalized features)
-HEADS = ("learned", "zero", "proto", "ncc")
+#: b_k = -||c_k||^2 from the support features' class means c_k), ``random`` (a fresh head drawn
+#: like ``nn.Linear``'s default init, seeded by the task's classes, so every init of a comparison
+#: gets the same head on the same task; the meta-learned features without the meta-learned head),
+#: ``ncc`` (no fine-tuning: the nearest class mean of L2-normalized features)
+HEADS = ("learned", "zero", "proto", "random", "ncc")
 
 
 def head_name(model: nn.Module) -> str:
@@ -126,11 +128,27 @@ def _class_means(feats: Tensor, y: Tensor, way: int) -> Tensor:
     return torch.stack([feats[y == k].mean(0) for k in range(way)])
 
 
+def fresh_head(
+    shape: torch.Size | tuple[int, int],
+    class_ids: Sequence[int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """A (way, D) weight and (way,) bias drawn U(-1/sqrt(D), 1/sqrt(D)) (``nn.Linear``'s
+    default) from a generator seeded by ``class_ids``: the same head for the same task."""
+    way, dim = shape
+    g = torch.Generator().manual_seed(derive_seed(DEFAULT_EVAL_SEED, "head", *class_ids))
+    bound = 1.0 / math.sqrt(dim)
+    w = (torch.rand(way, dim, generator=g) * 2 - 1) * bound
+    b = (torch.rand(way, generator=g) * 2 - 1) * bound
+    return w.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+
+
 def start_head(model: nn.Module, params: Params, episode: Episode, head: str) -> Params:
     """``params`` with the classifier head set as ``head`` says (see :data:`HEADS`)."""
     if head == "learned":
         return params
-    if head not in ("zero", "proto"):
+    if head not in ("zero", "proto", "random"):
         raise ConfigError(f"eval.head must be one of {', '.join(HEADS)}; got {head!r}")
     name = head_name(model)
     w, b = params[f"{name}.weight"], params[f"{name}.bias"]
@@ -139,6 +157,8 @@ def start_head(model: nn.Module, params: Params, episode: Episode, head: str) ->
         raise ConfigError(f"the head has {w.shape[0]} outputs; episodes are {way}-way")
     if head == "zero":
         new_w, new_b = torch.zeros_like(w), torch.zeros_like(b)
+    elif head == "random":
+        new_w, new_b = fresh_head(w.shape, episode.class_ids, w.dtype, w.device)
     else:
         with torch.no_grad():
             c = _class_means(

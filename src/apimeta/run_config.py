@@ -158,7 +158,7 @@ class EvalConfig:
     test_lr: float | None = None  # fine-tuning lr at meta-val/meta-test (None: inner_lr, the paper)
     select_split: str = "val"  # val | test (the reference; optimistic)
     transductive: bool = True
-    head: str = "learned"  # learned (paper) | zero | proto | ncc (apimeta.evaluate.HEADS)
+    head: str = "learned"  # learned (paper) | zero | proto | random | ncc (evaluate.HEADS)
 
 
 @dataclass

@@ -71,7 +71,8 @@ def eval_cmd(
         "learned",
         "--head",
         help="How the classifier head starts: learned (the paper), zero, proto (Proto-MAML "
-        "from the support means) or ncc (nearest normalized class mean, no fine-tuning).",
+        "from the support means), random (a fresh head, seeded per task) or ncc (nearest "
+        "normalized class mean, no fine-tuning).",
     ),
     non_transductive: bool = typer.Option(
         False,
