@@ -11,9 +11,11 @@ zero head like every other init. Random init is the first row (update 0). Source
 - ``random-teacher``: dead-leaves images labelled by *random-init* Conv4s instead of the APIs
   (a control: how much of any gain is the image prior, not the APIs' knowledge).
 
-Usage: python benchmarks/surrogate_kd.py SOURCE PER_API STEPS [SEED] [ZOO] [EVAL_AT]
-e.g.   python benchmarks/surrogate_kd.py dead-leaves 1000 2000 2022 runs/zoos/emoji-conv4
-Prints, per evaluation point, the meta-val means (100 tasks, 1/5-shot) at lr 0.01, 0.1, 0.3.
+Usage: python benchmarks/surrogate_kd.py SOURCE PER_API STEPS [SEED] [ZOO] [EVAL_AT] [SAVE]
+e.g.   python benchmarks/surrogate_kd.py dead-leaves 1000 2000 2022 runs/zoos/emoji-conv4 500,1000
+Prints, per evaluation point, the meta-val means (100 tasks, 1/5-shot) per fine-tuning lr
+(0.01, 0.1) and head start (zero, random); SAVE: a path prefix for the model's state_dict at
+each point (``SAVE-step1000.pt``).
 """
 
 from __future__ import annotations
@@ -68,18 +70,25 @@ def smooth_noise(n: int, size: int, g: torch.Generator) -> Tensor:
     return torch.cat(out)
 
 
-def meta_val(model: nn.Module, ds, cfg: RunConfig, lrs=(0.01, 0.1, 0.3)) -> str:
+def meta_val(
+    model: nn.Module, ds, cfg: RunConfig, lrs=(0.01, 0.1), heads=("zero", "random")
+) -> str:
+    """Meta-val means (100 tasks, 1-shot/5-shot) per fine-tuning lr and head start."""
     parts = []
-    for lr in lrs:
-        res = evaluate_with_config(
-            model, ds, with_protocol(cfg, {"lr": lr}), split="val", shots=(1, 5), tasks=100
-        )
-        parts.append(f"lr={lr:g}: {res['1-shot']['mean']:.2f}/{res['5-shot']['mean']:.2f}")
+    for head in heads:
+        for lr in lrs:
+            res = evaluate_with_config(
+                model, ds, with_protocol(cfg, {"lr": lr, "head": head}), split="val",
+                shots=(1, 5), tasks=100,
+            )  # fmt: skip
+            parts.append(
+                f"{head} lr={lr:g}: {res['1-shot']['mean']:.2f}/{res['5-shot']['mean']:.2f}"
+            )
     return "  ".join(parts)
 
 
 def main(source: str, per_api: int, steps: int, seed: int = 2022,
-         zoo: str = "runs/zoos/emoji-conv4", eval_at: str = "") -> None:  # fmt: skip
+         zoo: str = "runs/zoos/emoji-conv4", eval_at: str = "", save: str = "") -> None:  # fmt: skip
     torch.set_num_threads(1)
     cfg = from_dict(
         RunConfig, {**base_config("cpu", []), "zoo": zoo, "dataset": "emoji", "seed": seed}
@@ -140,6 +149,8 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         loss.backward()
         opt.step()
         if step in points:
+            if save:
+                torch.save(model.state_dict(), f"{save}-step{step}.pt")
             print(f"step {step} ({time.time() - t0:.0f}s train, agreement "
                   f"{100 * agree / seen:.1f}%): {meta_val(model, ds, cfg)}", flush=True)  # fmt: skip
             agree = seen = 0

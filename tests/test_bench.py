@@ -37,6 +37,7 @@ def test_ablations_change_exactly_one_component():
         ("bidf-mkd:diverse-recovery", {"recovery"}),
         ("bidf-mkd:diverse-pixels", {"recovery"}),
         ("bidf-mkd:large-inner-lr", {"inner_lr"}),
+        ("bidf-mkd:random-head", {"train_head", "eval"}),  # the head, in training and testing
     ]:
         got = to_dict(_resolved(name))
         assert {k for k in base if base[k] != got[k]} == changed, name

@@ -137,3 +137,47 @@ def test_graph_free_adaptation_matches_differentiable_one():
         torch.testing.assert_close(fast[n], ref[n].detach())
         torch.testing.assert_close(nograd[n].detach(), ref[n].detach())
         assert not fast[n].requires_grad
+
+
+# ----------------------------------------------------------------- train_head (the head trick)
+def _tiny_episode(seed: int = 0) -> Episode:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(10, 3, 32, 32, generator=g)
+    y = torch.arange(5).repeat(2)
+    return Episode(x[:5], y[:5], x[5:], y[5:], (0, 1, 2, 3, 4))
+
+
+def test_start_inner_head_replaces_only_the_head():
+    from apimeta.errors import ConfigError
+    from apimeta.maml import start_inner_head
+
+    torch.manual_seed(0)
+    model = build_backbone("conv4", num_classes=5, width=8, bn="transductive")
+    params = named_params(model)
+    g = torch.Generator().manual_seed(1)
+    assert start_inner_head(model, params, "learned", g) == params
+    zero = start_inner_head(model, params, "zero", g)
+    assert torch.count_nonzero(zero["net.classifier.weight"]) == 0
+    first = start_inner_head(model, params, "random", g)["net.classifier.weight"]
+    second = start_inner_head(model, params, "random", g)["net.classifier.weight"]
+    assert first.abs().max() <= first.shape[1] ** -0.5 and not torch.equal(first, second)
+    assert first.requires_grad and first.is_leaf  # the inner loop adapts it
+    assert all(zero[n] is params[n] for n in params if "classifier" not in n)
+    with pytest.raises(ConfigError, match="train_head must be one of"):
+        start_inner_head(model, params, "proto", g)
+
+
+@pytest.mark.parametrize("mode", ["zero", "random"])
+def test_a_fresh_inner_head_is_adapted_but_not_meta_learned(mode):
+    """With a zero or random start the inner loop adapts the head (the query loss depends on
+    it), and the meta-gradient reaches the features only: the model's own head gets none."""
+    from apimeta.maml import start_inner_head
+
+    torch.manual_seed(0)
+    model = build_backbone("conv4", num_classes=5, width=8, bn="transductive")
+    start = start_inner_head(model, named_params(model), mode, torch.Generator().manual_seed(2))
+    out = maml_outer_loss(model, start, _tiny_episode(), steps=2, lr=0.1)
+    assert not torch.equal(out.params["net.classifier.weight"], start["net.classifier.weight"])
+    out.loss.backward()
+    assert model.net.classifier.weight.grad is None and model.net.classifier.bias.grad is None
+    assert model.net.features[0].weight.grad.abs().sum() > 0

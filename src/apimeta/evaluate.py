@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from apimeta.data.base import FewShotDataset
 from apimeta.episodes import Episode, TaskSampler, episode_at
 from apimeta.errors import ConfigError
-from apimeta.maml import Params, finetune, functional_forward, named_params
+from apimeta.maml import Params, finetune, functional_forward, head_name, linear_init, named_params
 from apimeta.parallel import Backend, run_jobs
 from apimeta.run_config import RunConfig
 from apimeta.seeding import derive_seed
@@ -104,14 +104,6 @@ def predict_non_transductive(
 HEADS = ("learned", "zero", "proto", "random", "ncc")
 
 
-def head_name(model: nn.Module) -> str:
-    """The qualified name of the model's classifier head (its last ``nn.Linear``)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise ConfigError(f"{type(model).__name__} has no linear head for eval.head")
-    return names[-1]
-
-
 def head_features(model: nn.Module, params: Params, x: Tensor) -> Tensor:
     """(B, C, H, W) -> (B, D): the input of the classifier head under ``params``."""
     head = model.get_submodule(head_name(model))
@@ -134,13 +126,11 @@ def fresh_head(
     dtype: torch.dtype,
     device: torch.device,
 ) -> tuple[Tensor, Tensor]:
-    """A (way, D) weight and (way,) bias drawn U(-1/sqrt(D), 1/sqrt(D)) (``nn.Linear``'s
-    default) from a generator seeded by ``class_ids``: the same head for the same task."""
-    way, dim = shape
+    """A (way, D) weight and (way,) bias drawn like ``nn.Linear``'s default init
+    (:func:`~apimeta.maml.linear_init`) from a generator seeded by ``class_ids``: the same head
+    for the same task, whatever the init."""
     g = torch.Generator().manual_seed(derive_seed(DEFAULT_EVAL_SEED, "head", *class_ids))
-    bound = 1.0 / math.sqrt(dim)
-    w = (torch.rand(way, dim, generator=g) * 2 - 1) * bound
-    b = (torch.rand(way, generator=g) * 2 - 1) * bound
+    w, b = linear_init(shape[0], shape[1], g)
     return w.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
 
 

@@ -21,6 +21,7 @@ Meta-gradient semantics (``theta`` = initial params, ``theta'`` = adapted):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from apimeta.episodes import Episode
+from apimeta.errors import ConfigError
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -186,6 +188,53 @@ class OuterResult:
         return float(self.acc)
 
 
+#: how the head starts every training inner loop (``train_head``): ``learned`` (the meta-learned
+#: head, MAML), ``zero`` (the zeroing trick) or ``random`` (a fresh head per inner loop); with
+#: zero or random the head is not meta-learned, only the features, as at meta-test with
+#: ``eval.head`` zero or random
+TRAIN_HEADS = ("learned", "zero", "random")
+
+
+def head_name(model: nn.Module) -> str:
+    """The qualified name of the model's classifier head (its last ``nn.Linear``)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ConfigError(f"{type(model).__name__} has no linear classifier head (nn.Linear)")
+    return names[-1]
+
+
+def linear_init(way: int, dim: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A (way, dim) weight and (way,) bias drawn U(-1/sqrt(dim), 1/sqrt(dim)), as
+    ``nn.Linear``'s default init draws them (on the generator's device)."""
+    bound = 1.0 / math.sqrt(dim)
+    dev = generator.device
+    w = (torch.rand(way, dim, generator=generator, device=dev) * 2 - 1) * bound
+    b = (torch.rand(way, generator=generator, device=dev) * 2 - 1) * bound
+    return w, b
+
+
+def start_inner_head(
+    model: nn.Module, params: Mapping[str, Tensor], mode: str, generator: torch.Generator
+) -> Params:
+    """``params`` with the head replaced as :data:`TRAIN_HEADS` ``mode`` says (a new dict; the
+    new head is a leaf that requires grad, so the inner loop adapts it)."""
+    if mode == "learned":
+        return dict(params)
+    if mode not in ("zero", "random"):
+        raise ConfigError(f"train_head must be one of {', '.join(TRAIN_HEADS)}; got {mode!r}")
+    name = head_name(model)
+    w = params[f"{name}.weight"]
+    if mode == "zero":
+        new_w, new_b = torch.zeros_like(w), torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    else:
+        new_w, new_b = linear_init(w.shape[0], w.shape[1], generator)
+    return {
+        **params,
+        f"{name}.weight": new_w.to(w).requires_grad_(True),
+        f"{name}.bias": new_b.to(w).requires_grad_(True),
+    }
+
+
 def maml_outer_loss(
     model: nn.Module,
     params: Mapping[str, Tensor] | None,
@@ -222,12 +271,16 @@ def maml_outer_loss(
 
 
 __all__ = [
+    "TRAIN_HEADS",
     "LossFn",
     "OuterResult",
     "Params",
     "finetune",
     "functional_forward",
+    "head_name",
     "inner_adapt",
+    "linear_init",
     "maml_outer_loss",
     "named_params",
+    "start_inner_head",
 ]

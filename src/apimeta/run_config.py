@@ -199,6 +199,9 @@ class RunConfig:
     inner_steps: int = 5  # MAML inner steps on memory / real tasks
     inner_lr: float = 0.01  # every inner loop (MAML, inner KD, fine-tuning at meta-test)
     first_order: bool = False
+    # extension ("learned" = the paper): how the head starts every training inner loop; zero or
+    # random (fresh per inner loop) meta-learn only the features (apimeta.maml.TRAIN_HEADS)
+    train_head: str = "learned"
 
     # query budget (images sent to APIs)
     query_budget: int | None = 5_000_000
@@ -395,6 +398,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # extension: every inner loop (MAML, inner KD, fine-tuning) at lr 0.1, the fine-tuning lr
     # meta-val chooses for most inits (BENCHMARKS.md §6), so training and testing agree
     "large-inner-lr": {"inner_lr": 0.1},
+    # extension: the head starts fresh (random) in every training inner loop and at meta-test,
+    # so only the features are meta-learned and training and testing agree
+    "random-head": {"train_head": "random", "eval": {"head": "random"}},
 }
 
 

@@ -326,3 +326,20 @@ def test_diverse_recovery_passes_the_learners_feature_diversity_to_recovery(zoo,
         bad = tiny_cfg(zoo, tmp_path, out=str(tmp_path / "c"))
         bad.recovery.diversity = -1.0
         train(bad)
+
+
+@pytest.mark.parametrize("method", ["bidf-mkd", "maml-real"])
+def test_random_train_head_meta_learns_the_features_only(zoo, tmp_path, method):
+    """train_head=random: every inner loop (inner KD, memory and real-task MAML) starts from a
+    fresh head, so the saved head never moves from its init while the features do; learned
+    (the paper) moves both."""
+    from apimeta.models.meta import load_init
+
+    w0 = load_init(None, tiny_cfg(zoo, tmp_path / "ref", method=method)).state_dict()
+    for mode in ("learned", "random"):
+        m, _ = train(tiny_cfg(zoo, tmp_path / mode, method=method, episodes=4, train_head=mode))
+        got = load_checkpoint(m.run.last_checkpoint)["model"]
+        head_moved = not torch.equal(got["net.classifier.weight"], w0["net.classifier.weight"])
+        feats_moved = not torch.equal(got["net.features.0.weight"], w0["net.features.0.weight"])
+        assert feats_moved, mode
+        assert head_moved == (mode == "learned"), mode

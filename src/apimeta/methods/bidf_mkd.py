@@ -65,6 +65,7 @@ class BiDfMKD(APILearner):
         "diverse-recovery",
         "diverse-pixels",
         "large-inner-lr",
+        "random-head",
     )
 
     # ------------------------------------------------------------------ setup
@@ -164,7 +165,7 @@ class BiDfMKD(APILearner):
             s_aug = crop_flip(sup.images, aug)
             fast = inner_kd(
                 self.model,
-                named_params(self.model),
+                self.inner_start(),
                 api,
                 s_aug,
                 kd,
@@ -276,7 +277,7 @@ class BiDfMKD(APILearner):
                 elif ep is not None:
                     out = maml_outer_loss(
                         self.model,
-                        None,
+                        self.inner_start(),
                         ep,
                         steps=cfg.inner_steps,
                         lr=cfg.inner_lr,

@@ -24,6 +24,7 @@ class MAMLReal(MetaTrainer):
     """Second-order (or first-order) MAML with CE on real meta-train tasks."""
 
     name = "maml-real"
+    ablations = ("random-head",)
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -47,7 +48,7 @@ class MAMLReal(MetaTrainer):
         for _ in range(cfg.meta_batch):
             res = maml_outer_loss(
                 self.model,
-                None,
+                self.inner_start(),
                 self.sample_episode(),
                 steps=cfg.inner_steps,
                 lr=cfg.inner_lr,

@@ -47,6 +47,7 @@ from apimeta.errors import APIUnavailableError, CheckpointError, ConfigError, Tr
 from apimeta.evaluate import HEADS, evaluate_with_config, format_result, summary_score
 from apimeta.events import TRIGGERS, APIEvent, EventHook, save_recovered_grid
 from apimeta.losses import KD_LOSSES
+from apimeta.maml import TRAIN_HEADS, named_params, start_inner_head
 from apimeta.methods.interface import Method, ProgressFn, TrainResult
 from apimeta.models import BACKBONES
 from apimeta.models.meta import load_meta_model, load_run_datasets, meta_model_for_datasets
@@ -83,6 +84,7 @@ CHOICES: dict[str, Callable[[RunConfig], tuple[str, Any]]] = {
     "eval.head": lambda c: (c.eval.head, HEADS),
     "outer_lr_schedule": lambda c: (c.outer_lr_schedule, OUTER_LR_SCHEDULES),
     "recovery.diversity_space": lambda c: (c.recovery.diversity_space, ("features", "pixels")),
+    "train_head": lambda c: (c.train_head, TRAIN_HEADS),
 }
 
 
@@ -217,6 +219,13 @@ class MetaTrainer(Method):
         if key not in self._rngs:
             self._rngs[key] = make_generator(self.cfg.seed, self.name, *names)
         return self._rngs[key]
+
+    def inner_start(self) -> dict[str, Tensor]:
+        """The meta-parameters an inner loop starts from: ``named_params(model)`` with the head
+        as ``cfg.train_head`` says (learned: unchanged; zero; random: fresh, from a saved RNG)."""
+        return start_inner_head(
+            self.model, named_params(self.model), self.cfg.train_head, self.rng("train-head")
+        )
 
     def record_event(self, event: APIEvent) -> None:
         """Log an API event under the meta-update it belongs to (so a resume from the checkpoint
