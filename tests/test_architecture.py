@@ -37,6 +37,7 @@ LAYERS = {
     "apimeta.maml": 2,
     "apimeta.scenarios": 2,
     "apimeta.recovery": 2,
+    "apimeta.candidates": 2,
     "apimeta.bilevel": 2,
     "apimeta.memory": 2,
     "apimeta.events": 2,

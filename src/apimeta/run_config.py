@@ -55,6 +55,11 @@ class RecoveryConfig:
     # 1 - cos of one class's images), added to the generator's loss; no queries
     diversity: float = 0.0
     diversity_space: str = "features"  # features (the learner's penultimate layer) | pixels
+    # extension ("generator" = the paper): where the images an API labels come from; a
+    # procedural source (apimeta.candidates.SOURCES, e.g. dead-leaves) draws ``candidates``
+    # images per API event and queries each once, with no generator (bbkd only)
+    source: str = "generator"
+    candidates: int = 1000
 
 
 @dataclass
@@ -401,6 +406,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # extension: the head starts fresh (random) in every training inner loop and at meta-test,
     # so only the features are meta-learned and training and testing agree
     "random-head": {"train_head": "random", "eval": {"head": "random"}},
+    # extension: bbkd on procedural dead-leaves images the APIs label with one query each (no
+    # generator); an event every update while the budget lasts
+    "dead-leaves": {"recovery": {"source": "dead-leaves"}, "events": {"patience": 1}},
 }
 
 

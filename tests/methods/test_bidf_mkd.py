@@ -343,3 +343,31 @@ def test_random_train_head_meta_learns_the_features_only(zoo, tmp_path, method):
         feats_moved = not torch.equal(got["net.features.0.weight"], w0["net.features.0.weight"])
         assert feats_moved, mode
         assert head_moved == (mode == "learned"), mode
+
+
+def test_bbkd_on_dead_leaves_queries_each_candidate_once_and_trains_no_generator(zoo, tmp_path):
+    cfg = tiny_cfg(
+        zoo, tmp_path, method="bbkd", episodes=6, events=EventConfig(patience=1),
+        recovery=RecoveryConfig(per_class=B_PER_CLASS, iters=ITERS, source="dead-leaves",
+                                candidates=7),
+    )  # fmt: skip
+    m, result = train(cfg)
+    assert m.n_events == 3 and m.ledger.used == 3 * 7  # one query per candidate, nothing else
+    assert [x.shape[0] for x in m.pool_x] == [7, 7, 7]
+    side = m.apis[0].info.image_size
+    assert all(x.shape[-1] == side and 0 <= float(x.min()) <= float(x.max()) <= 1 for x in m.pool_x)
+    events = [r for r in m.run.read_metrics() if r.get("phase") == "event"]
+    assert [e["source"] for e in events] == ["dead-leaves"] * 3
+    assert all(1 / WAY <= e["confidence"] <= 1 for e in events)
+    assert (m.run.path / "recovered" / "event-0000.png").exists()
+    assert result.metrics["test"]["final"]["synthetic"]
+
+
+def test_a_procedural_source_is_refused_by_bidf_mkd_and_bad_values_by_the_config(zoo, tmp_path):
+    rec = dict(per_class=B_PER_CLASS, iters=ITERS)
+    with pytest.raises(ConfigError, match=r"recovery\.source .dead-leaves. is for bbkd"):
+        train(tiny_cfg(zoo, tmp_path / "a", recovery=RecoveryConfig(**rec, source="dead-leaves")))
+    with pytest.raises(ConfigError, match=r"recovery\.source must be one of"):
+        train(tiny_cfg(zoo, tmp_path / "b", recovery=RecoveryConfig(**rec, source="fractals")))
+    with pytest.raises(ConfigError, match=r"recovery\.candidates must be >= 1"):
+        train(tiny_cfg(zoo, tmp_path / "c", recovery=RecoveryConfig(**rec, candidates=0)))

@@ -8,6 +8,10 @@ initialized ``way``-output head, fine-tuned on each test task exactly like every
 
 Schedule: an API event every ``events.patience`` meta-updates (the first update included) while the
 budget lasts; each meta-update trains on ``meta_batch`` batches drawn from the recovered pool.
+
+``recovery.source`` other than ``generator`` (an extension, :mod:`apimeta.candidates`): an event
+draws ``recovery.candidates`` procedural images (e.g. dead leaves) and queries each once; the
+API's outputs are the KD targets, and no generator is trained.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from apimeta.apis.base import BlackBoxAPI
+from apimeta.candidates import draw_candidates
+from apimeta.episodes import APIEpisode
 from apimeta.errors import ConfigError, QueryBudgetExceeded
 from apimeta.events import APIEvent
 from apimeta.losses import output_kind
@@ -43,6 +49,7 @@ class BBKD(APILearner):
     """Black-box KD of all APIs into one union-head model (see the module docstring)."""
 
     name = "bbkd"
+    ablations = ("dead-leaves",)
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
 
     def setup(self) -> None:
@@ -99,13 +106,64 @@ class BBKD(APILearner):
         return self.budget_exhausted and self.cfg.on_budget_exhausted == "stop"
 
     def event_cost(self, api: BlackBoxAPI) -> int:
-        """Worst-case queries of one event: two recoveries, each with its final query."""
+        """Worst-case queries of one event: two recoveries, each with its final query (a
+        procedural source: one query per candidate)."""
+        if self.cfg.recovery.source != "generator":
+            return self.cfg.recovery.candidates
         return 2 * (self.recovery_cost(api) + self.cfg.recovery.per_class * api.info.n_classes)
+
+    def _add_to_pool(self, api: BlackBoxAPI, x: Tensor, t: Tensor) -> None:
+        cols = torch.tensor([self.column[(api.info.dataset, int(c))] for c in api.info.classes])
+        self.pool_x.append(x.cpu())
+        self.pool_t.append(t.cpu())
+        self.pool_cols.append(cols)
+        self.pool_probs.append(output_kind(api.info.output) != "logits")
+        self.n_events += 1
+
+    def _candidate_event(self, api: BlackBoxAPI) -> None:
+        """Label ``recovery.candidates`` procedural images of the API's input spec with one
+        query each (the pool keeps them at that size; batches are resized for the model)."""
+        cfg = self.cfg
+        x = draw_candidates(
+            cfg.recovery.source, cfg.recovery.candidates, api.info.image_size, api.info.channels,
+            self.rng("candidates"),
+        ).to(self.device)  # fmt: skip
+        try:
+            t = api.query(x)
+        except QueryBudgetExceeded:
+            self.budget_exhausted = True
+            return
+        self._add_to_pool(api, x, t)
+        y = t.argmax(1)  # the grid of the event shows the candidates by the API's verdict
+        episode = APIEpisode(
+            api=api.info.name, dataset=api.info.dataset, classes=api.info.classes,
+            support_x=x, support_y=y, query_x=x, query_y=y,
+            query_keep=torch.ones_like(y, dtype=torch.bool),
+        )  # fmt: skip
+        record = {
+            "step": self.step + 1,
+            "event": self.n_events - 1,
+            "api": api.info.name,
+            "source": cfg.recovery.source,
+            # the API's mean top probability on the candidates (how sure it is of what it sees)
+            "confidence": float(self._probs(t, api).max(1).values.mean()),
+            "queries_total": self.ledger.used,
+        }
+        self.record_event(APIEvent(self.n_events - 1, episode, record))
+
+    @staticmethod
+    def _probs(t: Tensor, api: BlackBoxAPI) -> Tensor:
+        if output_kind(api.info.output) == "logits":
+            return torch.softmax(t, dim=1)
+        return t / t.sum(1, keepdim=True).clamp_min(1e-12)
 
     def _event(self) -> None:
         api: BlackBoxAPI = self.pool.draw()
         if not self.ledger.can_afford(self.event_cost(api)):
             self.budget_exhausted = True
+            return
+        if self.cfg.recovery.source != "generator":
+            self._candidate_event(api)
             return
         recs = []
         try:
@@ -120,12 +178,8 @@ class BBKD(APILearner):
         except QueryBudgetExceeded:
             self.budget_exhausted = True
             return
-        cols = torch.tensor([self.column[(api.info.dataset, int(c))] for c in api.info.classes])
-        self.pool_x.append(torch.cat([r.images for r in recs]).cpu())
-        self.pool_t.append(torch.cat([r.api_outputs for r in recs]).cpu())  # type: ignore[misc]
-        self.pool_cols.append(cols)
-        self.pool_probs.append(output_kind(api.info.output) != "logits")
-        self.n_events += 1
+        outputs = torch.cat([r.api_outputs for r in recs])  # type: ignore[misc]
+        self._add_to_pool(api, torch.cat([r.images for r in recs]), outputs)
         first, second = recs
         episode = self.episode_of(api, first, second)
         record = {

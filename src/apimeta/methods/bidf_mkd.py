@@ -71,6 +71,12 @@ class BiDfMKD(APILearner):
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
+        if cfg.recovery.source != "generator":
+            raise ConfigError(
+                f"recovery.source {cfg.recovery.source!r} is for bbkd; bidf-mkd recovers "
+                "class-conditional support and query sets with the generator (recovery.source: "
+                "generator)"
+            )
         self.setup_apis()
         self.memory = TaskMemory(
             cfg.memory.mem_batches, cfg.memory.quantize_uint8, device=self.device

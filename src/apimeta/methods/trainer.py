@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from apimeta.apis.base import parse_output_mode
+from apimeta.candidates import SOURCES
 from apimeta.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from apimeta.config import to_dict
 from apimeta.errors import APIUnavailableError, CheckpointError, ConfigError, TrainingInterrupted
@@ -85,6 +86,7 @@ CHOICES: dict[str, Callable[[RunConfig], tuple[str, Any]]] = {
     "outer_lr_schedule": lambda c: (c.outer_lr_schedule, OUTER_LR_SCHEDULES),
     "recovery.diversity_space": lambda c: (c.recovery.diversity_space, ("features", "pixels")),
     "train_head": lambda c: (c.train_head, TRAIN_HEADS),
+    "recovery.source": lambda c: (c.recovery.source, ("generator", *SOURCES.names())),
 }
 
 
@@ -105,6 +107,10 @@ def check_run_config(cfg: RunConfig) -> None:
         (
             cfg.recovery.diversity >= 0,
             f"recovery.diversity must be >= 0 (0 = off), got {cfg.recovery.diversity}",
+        ),
+        (
+            cfg.recovery.candidates >= 1,
+            f"recovery.candidates must be >= 1 images per event, got {cfg.recovery.candidates}",
         ),
         (0.0 <= cfg.ema < 1.0, f"ema must be in [0, 1) (0 = off), got {cfg.ema}"),
         (cfg.episodes >= 0, f"episodes must be >= 0, got {cfg.episodes}"),

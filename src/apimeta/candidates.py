@@ -1,0 +1,81 @@
+"""Procedural candidate images: inputs an API labels with one query each, with no data and no
+generator (docs/design.md 4.9).
+
+Recovery (:mod:`apimeta.recovery`) trains a generator through zero-order estimates to find
+images an API assigns to each class: 50 iterations x (1 + q) queries per image, and the images
+are near-copies of one blob per class. A procedural source instead draws images from a generic
+image model and asks the API once what it sees in each; the labels are soft (the API's outputs),
+so distillation on them transfers how the API responds to shapes, colours and edges it was
+never shown. Sources are registered in :data:`SOURCES`: ``source(n, size, channels,
+generator) -> (n, channels, size, size)`` float in [0, 1], on the generator's device.
+
+- ``dead-leaves``: the dead-leaves model (occluding disks and rectangles with power-law sizes,
+  random colours, on a random background), a classic model of natural-image statistics;
+- ``smooth-noise``: uniform colour noise at a random resolution (4..16 px), upsampled bilinearly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from apimeta.registry import Registry
+
+CandidateSource = Callable[[int, int, int, torch.Generator], Tensor]
+
+#: procedural image sources (``recovery.source`` names them)
+SOURCES: Registry[CandidateSource] = Registry("candidate source")
+
+
+@SOURCES.register("dead-leaves")
+def dead_leaves(
+    n: int, size: int, channels: int, generator: torch.Generator, shapes: int = 24
+) -> Tensor:
+    """(n, channels, size, size) in [0, 1]: a random background, then ``shapes`` disks or
+    rectangles (half each, aspect 0.5..1.5) of random colour painted over each other; radii
+    have density ~ r^-3 between 1.5 px and size / 2 (many small shapes, few large)."""
+    g, dev = generator, generator.device
+    x = torch.rand(n, channels, 1, 1, generator=g, device=dev).expand(n, channels, size, size)
+    x = x.contiguous()
+    coords = torch.arange(size, device=dev, dtype=torch.float32)
+    yy, xx = coords.view(1, size, 1), coords.view(1, 1, size)
+    lo, hi = 1.5, size / 2
+    for _ in range(shapes):
+        cy = torch.rand(n, 1, 1, generator=g, device=dev) * size
+        cx = torch.rand(n, 1, 1, generator=g, device=dev) * size
+        u = torch.rand(n, 1, 1, generator=g, device=dev)
+        r = (lo**-2 - u * (lo**-2 - hi**-2)) ** -0.5  # inverse CDF of the r^-3 density
+        aspect = 0.5 + torch.rand(n, 1, 1, generator=g, device=dev)
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+        rect = ((yy - cy).abs() <= r * aspect) & ((xx - cx).abs() <= r / aspect)
+        use_rect = torch.rand(n, 1, 1, generator=g, device=dev) < 0.5
+        mask = torch.where(use_rect, rect, disk).unsqueeze(1)
+        colour = torch.rand(n, channels, 1, 1, generator=g, device=dev)
+        x = torch.where(mask, colour, x)
+    return x
+
+
+@SOURCES.register("smooth-noise")
+def smooth_noise(n: int, size: int, channels: int, generator: torch.Generator) -> Tensor:
+    """(n, channels, size, size) in [0, 1]: uniform noise at r x r (r in 4..16, per image),
+    upsampled bilinearly (so values stay in [0, 1])."""
+    g, dev = generator, generator.device
+    out = []
+    for _ in range(n):
+        r = int(torch.randint(4, 17, (1,), generator=g, device=dev))
+        z = torch.rand(1, channels, r, r, generator=g, device=dev)
+        out.append(F.interpolate(z, size=(size, size), mode="bilinear", align_corners=False))
+    return torch.cat(out) if out else torch.zeros(0, channels, size, size, device=dev)
+
+
+def draw_candidates(
+    source: str, n: int, size: int, channels: int, generator: torch.Generator
+) -> Tensor:
+    """``n`` images of the registered ``source`` (ConfigError listing the choices if unknown)."""
+    return SOURCES.get(source)(n, size, channels, generator)
+
+
+__all__ = ["SOURCES", "CandidateSource", "dead_leaves", "draw_candidates", "smooth_noise"]
