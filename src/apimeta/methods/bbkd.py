@@ -124,16 +124,20 @@ class BBKD(APILearner):
         """Label ``recovery.candidates`` procedural images of the API's input spec with one
         query each (the pool keeps them at that size; batches are resized for the model)."""
         cfg = self.cfg
-        x = draw_candidates(
-            cfg.recovery.source, cfg.recovery.candidates, api.info.image_size, api.info.channels,
-            self.rng("candidates"),
-        ).to(self.device)  # fmt: skip
+        x8 = to_uint8(
+            draw_candidates(
+                cfg.recovery.source, cfg.recovery.candidates, api.info.image_size,
+                api.info.channels, self.rng("candidates"),
+            )
+        )  # fmt: skip
+        # the API sees exactly what the pool keeps: uint8 images (a quarter of float32's memory)
+        x = x8.to(self.device).float() / 255.0
         try:
             t = api.query(x)
         except QueryBudgetExceeded:
             self.budget_exhausted = True
             return
-        self._add_to_pool(api, x, t)
+        self._add_to_pool(api, x8, t)
         y = t.argmax(1)  # the grid of the event shows the candidates by the API's verdict
         episode = APIEpisode(
             api=api.info.name, dataset=api.info.dataset, classes=api.info.classes,
@@ -207,7 +211,8 @@ class BBKD(APILearner):
             i = int(torch.randint(len(self.pool_x), (1,), generator=g))
             x, t = self.pool_x[i], self.pool_t[i]
             idx = torch.randperm(x.shape[0], generator=g)[: cfg.way * (cfg.shot + cfg.query)]
-            xb = crop_flip(x[idx], g).to(self.device)
+            xb = x[idx].to(self.device)
+            xb = crop_flip(xb.float() / 255.0 if xb.dtype == torch.uint8 else xb, g)
             self.model(resize(xb, cfg.image_size))  # fills self._features through the hook
             assert self._features is not None
             logits = self.union_head(self._features)[:, self.pool_cols[i].to(self.device)]
@@ -224,4 +229,9 @@ class BBKD(APILearner):
         }
 
 
-__all__ = ["BBKD", "classifier_of"]
+def to_uint8(x: Tensor) -> Tensor:
+    """Images in [0, 1] -> uint8 (rounded)."""
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+__all__ = ["BBKD", "classifier_of", "to_uint8"]
