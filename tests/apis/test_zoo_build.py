@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from apimeta.apis import BlackBoxAPI, LocalAPI, QueryLedger, build_zoo, load_zoo, read_manifest
 from apimeta.apis.local import load_api_model
 from apimeta.apis.recipe import split_holdout
-from apimeta.apis.zoo import api_plan, class_pool_of, zoo_coverage
+from apimeta.apis.zoo import api_classes, api_plan, class_pool_of, zoo_coverage
 from apimeta.data import load_dataset
 from apimeta.errors import CheckpointError, ConfigError, EpisodeError
 
@@ -188,6 +188,11 @@ def test_class_pool_limits_the_classes_apis_draw(tmp_path: Path) -> None:
     pool = set(class_pool_of(train, 3, KW["seed"], "synthetic").tolist())
     drawn = {c for e in m.apis for c in e["classes"]}
     assert drawn <= pool and len(pool) == 3
+    # the draw can be planned without training (benchmarks/zoo_coverage.py)
+    tensor_pool = class_pool_of(train, 3, KW["seed"], "synthetic")
+    assert [e["classes"] for e in m.apis] == [
+        api_classes(tensor_pool, 2, KW["seed"], i) for i in range(4)
+    ]
     assert read_manifest(out)["build_args"]["class_pool"] == 3
     with pytest.raises(ConfigError, match="class_pool"):
         build_zoo(["synthetic"], 4, ["conv4"], 2, out, **KW)

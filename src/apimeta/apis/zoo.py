@@ -291,8 +291,7 @@ def _train_one(
         raise ConfigError(
             f"{dataset} has {pool.numel()} meta-train classes; --way {way} needs at least {way}"
         )
-    g = make_generator(seed, "zoo", i, "classes")
-    classes = pool[torch.randperm(pool.numel(), generator=g)[:way]].tolist()
+    classes = api_classes(pool, way, seed, i)
     train_x, train_y, hold_x, hold_y = split_holdout(split.images, split.labels, classes)
     width = default_width(arch, a["conv4_width"], a["resnet_width"])
     if progress is not None:
@@ -355,6 +354,14 @@ def class_pool_of(
     return pool[torch.randperm(pool.numel(), generator=g)[:size]].sort().values
 
 
+def api_classes(pool: torch.Tensor, way: int, seed: int, i: int) -> list[int]:
+    """The ``way`` classes API ``i`` of a zoo with ``seed`` draws from ``pool`` (seeded by
+    ``(seed, i)`` only, so coverage can be planned without training: see
+    ``benchmarks/zoo_coverage.py``)."""
+    g = make_generator(seed, "zoo", i, "classes")
+    return pool[torch.randperm(pool.numel(), generator=g)[:way]].tolist()
+
+
 def zoo_coverage(entries: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """How often the APIs of a zoo cover each class, per dataset: ``{"emoji": {"apis", "classes"
     (distinct classes covered), "draws" (API classes in all), "min", "mean", "max" (APIs per
@@ -388,4 +395,11 @@ def _write_weights(data: bytes, path: Path) -> None:
     atomic_write(path, lambda p: p.write_bytes(data))
 
 
-__all__ = ["ZooProgress", "api_plan", "build_zoo", "class_pool_of", "zoo_coverage"]
+__all__ = [
+    "ZooProgress",
+    "api_classes",
+    "api_plan",
+    "build_zoo",
+    "class_pool_of",
+    "zoo_coverage",
+]
