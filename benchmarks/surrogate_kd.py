@@ -15,7 +15,7 @@ Usage: python benchmarks/surrogate_kd.py SOURCE PER_API STEPS [SEED] [ZOO] [EVAL
 e.g.   python benchmarks/surrogate_kd.py dead-leaves 1000 2000 2022 runs/zoos/emoji-conv4 500,1000
 Prints, per evaluation point, the meta-val means (100 tasks, 1/5-shot) per fine-tuning lr
 (0.01, 0.1) and head start (zero, random); SAVE: a path prefix for the model's state_dict at
-each point (``SAVE-step1000.pt``).
+each point (``SAVE-step1000.pt``). EVAL_AT may include 0 (the random init itself).
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     union = nn.Linear(head.in_features, len(keys))
     opt = torch.optim.Adam([*model.parameters(), *union.parameters()], lr=cfg.outer_lr)
     points = sorted({int(v) for v in eval_at.split(",") if v} | {steps})
-    print(f"step 0 (random init): {meta_val(model, ds, cfg)}", flush=True)
+    if 0 in points:
+        print(f"step 0 (random init): {meta_val(model, ds, cfg)}", flush=True)
     t0, agree, seen = time.time(), 0, 0
     for step in range(1, steps + 1):
         loss = torch.zeros(())
