@@ -211,8 +211,8 @@ class BBKD(APILearner):
             i = int(torch.randint(len(self.pool_x), (1,), generator=g))
             x, t = self.pool_x[i], self.pool_t[i]
             idx = torch.randperm(x.shape[0], generator=g)[: cfg.way * (cfg.shot + cfg.query)]
-            xb = x[idx].to(self.device)
-            xb = crop_flip(xb.float() / 255.0 if xb.dtype == torch.uint8 else xb, g)
+            xb = x[idx].float() / 255.0 if x.dtype == torch.uint8 else x[idx]
+            xb = crop_flip(xb, g).to(self.device)
             self.model(resize(xb, cfg.image_size))  # fills self._features through the hook
             assert self._features is not None
             logits = self.union_head(self._features)[:, self.pool_cols[i].to(self.device)]
