@@ -5,9 +5,9 @@ over the union of the APIs' classes is trained by KD on them (each API supervise
 classes, as in ``bbkd``); the union head is dropped and the backbone is meta-validated with a
 zero head like every other init. Random init is the first row (update 0). Sources:
 
-- ``dead-leaves``: layered random disks and rectangles of random colours on a random
-  background (the "dead leaves" image model; a generic natural-image prior, no dataset);
-- ``noise``: smooth random colour noise (bilinear upsampling of 4x4..16x16 uniform noise);
+- ``dead-leaves``: :func:`apimeta.candidates.dead_leaves` (the "dead leaves" image model, a
+  generic natural-image prior, no dataset);
+- ``noise``: :func:`apimeta.candidates.smooth_noise`;
 - ``random-teacher``: dead-leaves images labelled by *random-init* Conv4s instead of the APIs
   (a control: how much of any gain is the image prior, not the APIs' knowledge).
 
@@ -25,11 +25,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apimeta.apis.ledger import QueryLedger
 from apimeta.apis.runtime import load_run_apis
+from apimeta.candidates import draw_candidates
 from apimeta.config import from_dict
 from apimeta.evaluate import evaluate_with_config, with_protocol
 from apimeta.losses import kd_kl
@@ -37,37 +37,6 @@ from apimeta.methods.bbkd import classifier_of
 from apimeta.models.meta import load_init, load_run_datasets
 from apimeta.run_config import RunConfig, base_config
 from apimeta.transforms import crop_flip
-
-
-def dead_leaves(n: int, size: int, g: torch.Generator, shapes: int = 24) -> Tensor:
-    """(n, 3, size, size) in [0, 1]: random background, then ``shapes`` disks/rectangles with
-    power-law sizes painted over each other."""
-    x = torch.rand(n, 3, 1, 1, generator=g).expand(n, 3, size, size).clone()
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    yy, xx = yy.float().view(1, size, size), xx.float().view(1, size, size)
-    for _ in range(shapes):
-        cy, cx = (torch.rand(2, n, 1, 1, generator=g) * size).unbind(0)
-        # radius r with density ~ 1/r^3 between 1.5 and size/2 (many small, few large)
-        u = torch.rand(n, 1, 1, generator=g)
-        lo, hi = 1.5, size / 2
-        r = (lo**-2 - u * (lo**-2 - hi**-2)) ** -0.5
-        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
-        aspect = 0.5 + torch.rand(n, 1, 1, generator=g)
-        rect = ((yy - cy).abs() <= r * aspect) & ((xx - cx).abs() <= r / aspect)
-        use_rect = torch.rand(n, 1, 1, generator=g) < 0.5
-        mask = torch.where(use_rect, rect, disk).unsqueeze(1)
-        colour = torch.rand(n, 3, 1, 1, generator=g)
-        x = torch.where(mask, colour.expand_as(x), x)
-    return x
-
-
-def smooth_noise(n: int, size: int, g: torch.Generator) -> Tensor:
-    out = []
-    for _ in range(n):
-        r = int(torch.randint(4, 17, (1,), generator=g))
-        z = torch.rand(1, 3, r, r, generator=g)
-        out.append(F.interpolate(z, size=(size, size), mode="bilinear", align_corners=False))
-    return torch.cat(out)
 
 
 def meta_val(
@@ -105,8 +74,9 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     pool_x, pool_t, pool_c = [], [], []
     t0 = time.time()
     for a in apis:
-        make = smooth_noise if source == "noise" else dead_leaves
-        x = make(per_api, size, g)
+        x = draw_candidates(
+            "smooth-noise" if source == "noise" else "dead-leaves", per_api, size, 3, g
+        )
         if source == "random-teacher":
             teacher = load_init(
                 None, dataclasses.replace(cfg, seed=seed + 1 + len(pool_x)), datasets
