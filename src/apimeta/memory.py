@@ -19,7 +19,7 @@ from torch import Tensor
 from apimeta.episodes import APIEpisode, Episode
 from apimeta.errors import CheckpointError, EpisodeError
 from apimeta.models.wrappers import match_channels
-from apimeta.transforms import resize
+from apimeta.transforms import resize, to_uint8
 
 
 def _encode_key(key: Hashable) -> Any:
@@ -88,7 +88,7 @@ class TaskMemory:
         img = images.detach().to(self.device)
         if self.quantize_uint8:
             if img.dtype != torch.uint8:
-                img = (img.float().clamp(0, 1) * 255).round().to(torch.uint8)
+                img = to_uint8(img)
         else:
             img = img.float().div(255.0) if img.dtype == torch.uint8 else img.float().clone()
         if key not in self._ids:

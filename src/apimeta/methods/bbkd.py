@@ -27,11 +27,11 @@ from apimeta.candidates import draw_candidates
 from apimeta.episodes import APIEpisode
 from apimeta.errors import ConfigError, QueryBudgetExceeded
 from apimeta.events import APIEvent
-from apimeta.losses import output_kind
+from apimeta.losses import output_kind, teacher_probs
 from apimeta.methods.api_learner import APILearner
 from apimeta.methods.interface import METHODS
 from apimeta.seeding import derive_seed
-from apimeta.transforms import crop_flip, resize
+from apimeta.transforms import crop_flip, resize, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -150,16 +150,10 @@ class BBKD(APILearner):
             "api": api.info.name,
             "source": cfg.recovery.source,
             # the API's mean top probability on the candidates (how sure it is of what it sees)
-            "confidence": float(self._probs(t, api).max(1).values.mean()),
+            "confidence": float(teacher_probs(t, 1.0, self.pool_probs[-1]).max(1).values.mean()),
             "queries_total": self.ledger.used,
         }
         self.record_event(APIEvent(self.n_events - 1, episode, record))
-
-    @staticmethod
-    def _probs(t: Tensor, api: BlackBoxAPI) -> Tensor:
-        if output_kind(api.info.output) == "logits":
-            return torch.softmax(t, dim=1)
-        return t / t.sum(1, keepdim=True).clamp_min(1e-12)
 
     def _event(self) -> None:
         api: BlackBoxAPI = self.pool.draw()
@@ -229,9 +223,4 @@ class BBKD(APILearner):
         }
 
 
-def to_uint8(x: Tensor) -> Tensor:
-    """Images in [0, 1] -> uint8 (rounded)."""
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-__all__ = ["BBKD", "classifier_of", "to_uint8"]
+__all__ = ["BBKD", "classifier_of"]
