@@ -192,8 +192,10 @@ def test_random_head_is_fresh_the_same_per_task_and_independent_of_the_init():
 def test_parse_grid_reads_keys_and_refuses_bad_ones():
     from apimeta.evaluate import parse_grid
 
-    grid = parse_grid(["lr=0.01, 0.1", "steps=10,30", "head=learned,ncc"])
-    assert grid == {"lr": [0.01, 0.1], "steps": [10, 30], "head": ["learned", "ncc"]}
+    grid = parse_grid(["lr=0.01, 0.1", "steps=10,30", "head=learned,ncc", "reinit=0,2"])
+    assert grid == {
+        "lr": [0.01, 0.1], "steps": [10, 30], "head": ["learned", "ncc"], "reinit": [0, 2]
+    }  # fmt: skip
     assert parse_grid([]) == {}
     for bad in (
         ["momentum=0.9"],  # unknown key
@@ -203,6 +205,8 @@ def test_parse_grid_reads_keys_and_refuses_bad_ones():
         ["lr=0.1,0.1"],  # repeated value
         ["steps=-1"],
         ["head=cosine"],  # not a head
+        ["reinit=-1"],
+        ["reinit=1.5"],
         ["lr=0.1", "lr=0.2"],  # key twice
     ):
         with pytest.raises(ConfigError):
@@ -272,3 +276,24 @@ def test_tune_protocol_on_real_episodes_matches_evaluate(data):
     ref = evaluate(model, data, split="test", way=3, shots=(1,), query=2, tasks=4, lr=lr,
                    keep_accs=True)["1-shot"]  # fmt: skip
     assert got["accs"] == ref["accs"] and got["mean"] == ref["mean"]
+
+
+def test_reinit_evaluates_the_init_with_fresh_top_stages_the_same_for_every_init(data):
+    """``reinit=k``: two inits that differ only in their top k stages score the same (the
+    stages are re-drawn from one seed); re-drawing fewer or more stages than that changes the
+    scores; the model itself is never modified."""
+    a, b = _model(0), _model(1)
+    with torch.no_grad():  # b = a with other top two stages (the head is kept, too)
+        for i in (0, 1, 4, 5):
+            b.net.features[i].load_state_dict(a.net.features[i].state_dict())
+        b.net.classifier.load_state_dict(a.net.classifier.state_dict())
+    before = {n: p.detach().clone() for n, p in b.named_parameters()}
+    kw = dict(split="test", shots=(1,), query=3, tasks=6, steps=2, lr=0.1, keep_accs=True)
+    ra, rb = evaluate(a, data, reinit=2, **kw), evaluate(b, data, reinit=2, **kw)
+    assert ra["1-shot"]["accs"] == rb["1-shot"]["accs"]
+    assert all(torch.equal(p, before[n]) for n, p in b.named_parameters())
+    kept = evaluate(b, data, reinit=0, **kw)["1-shot"]["accs"]
+    assert kept != ra["1-shot"]["accs"]
+    assert evaluate(b, data, reinit=3, **kw)["1-shot"]["accs"] != ra["1-shot"]["accs"]
+    with pytest.raises(ConfigError, match=r"eval\.reinit"):
+        evaluate(a, data, reinit=9, **kw)

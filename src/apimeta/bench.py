@@ -185,7 +185,7 @@ def _protocol_key(cfg: RunConfig) -> dict[str, Any]:
     e = cfg.eval
     return {"way": cfg.way, "query": cfg.query, "inner_lr": cfg.inner_lr, "head": e.head,
             "test_steps": e.test_steps, "test_lr": e.test_lr, "transductive": e.transductive,
-            "seed": cfg.seed}  # fmt: skip
+            "seed": cfg.seed, **({"reinit": e.reinit} if e.reinit else {})}  # fmt: skip
 
 
 def _file_key(path: Path | None) -> list[Any] | None:

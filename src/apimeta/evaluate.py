@@ -31,6 +31,7 @@ from apimeta.data.base import FewShotDataset
 from apimeta.episodes import Episode, TaskSampler, episode_at
 from apimeta.errors import ConfigError
 from apimeta.maml import Params, finetune, functional_forward, head_name, linear_init, named_params
+from apimeta.models.stages import redraw_top_stages
 from apimeta.parallel import Backend, run_jobs
 from apimeta.run_config import RunConfig
 from apimeta.seeding import derive_seed
@@ -102,6 +103,14 @@ def predict_non_transductive(
 #: gets the same head on the same task; the meta-learned features without the meta-learned head),
 #: ``ncc`` (no fine-tuning: the nearest class mean of L2-normalized features)
 HEADS = ("learned", "zero", "proto", "random", "ncc")
+
+
+def reinit_stages(model: nn.Module, k: int) -> nn.Module:
+    """``model``, or a copy whose last ``k`` feature stages (``eval.reinit``) are re-drawn with
+    each layer's default init from one fixed seed: the same new stages for every init of the
+    same backbone, so a comparison differs only in the stages kept. Transfers the low-level
+    features of an init and leaves the high-level ones fresh."""
+    return redraw_top_stages(model, k, derive_seed(DEFAULT_EVAL_SEED, "reinit"))
 
 
 def head_features(model: nn.Module, params: Params, x: Tensor) -> Tensor:
@@ -206,9 +215,11 @@ def evaluate(
     progress: EvalProgress | None = None,
     head: str = "learned",
     backend: Backend | None = None,
+    reinit: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate the initialization ``model`` on fixed seeded tasks, per shot (``head``: how
-    the classifier head starts, :data:`HEADS`).
+    the classifier head starts, :data:`HEADS`; ``reinit``: re-draw the last ``reinit`` feature
+    stages first, :func:`reinit_stages`).
 
     ``data``: a dataset (its ``split`` is used) or a ``sampler_factory(split, way, shot, query,
     generator)``. Returns ``{"1-shot": {"mean", "ci95", "std", "n", ["accs"]}, ...}`` with
@@ -226,6 +237,7 @@ def evaluate(
         raise ConfigError(f"eval.head must be one of {', '.join(HEADS)}; got {head!r}")
     if not shots:
         raise ConfigError("give at least one shot count, e.g. shots=(1, 5)")
+    model = reinit_stages(model, reinit)
     dev = torch.device(device) if device is not None else _model_device(model)
     backend = backend or Backend()
     if backend.parallel and dev.type != "cpu":
@@ -358,7 +370,8 @@ def evaluate_with_config(
     backend: Backend | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The meta-test protocol with a run's settings (way, query, ``eval.test_steps``,
-    ``eval.test_lr`` (None: ``inner_lr``), ``eval.transductive``, ``eval.head``) on the shared
+    ``eval.test_lr`` (None: ``inner_lr``), ``eval.transductive``, ``eval.head``,
+    ``eval.reinit``) on the shared
     seeded task list: ``{"1-shot": ...}`` (``keep_accs``: with the per-task accuracies, for
     paired comparisons)."""
     return evaluate(
@@ -378,6 +391,7 @@ def evaluate_with_config(
         progress=progress,
         head=cfg.eval.head,
         backend=backend,
+        reinit=cfg.eval.reinit,
     )
 
 
@@ -391,6 +405,7 @@ TUNABLE: dict[str, tuple[str, type]] = {
     "lr": ("test_lr", float),
     "steps": ("test_steps", int),
     "head": ("head", str),
+    "reinit": ("reinit", int),
 }
 
 
@@ -413,10 +428,20 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
             vals = [kind(v.strip()) for v in values.split(",") if v.strip()]
         except ValueError:
             raise ConfigError(f"--tune {spec!r}: {key} values must be {kind.__name__}s") from None
-        valid = {"lr": lambda v: v > 0, "steps": lambda v: v >= 0, "head": lambda v: v in HEADS}
+        valid = {
+            "lr": lambda v: v > 0,
+            "steps": lambda v: v >= 0,
+            "head": lambda v: v in HEADS,
+            "reinit": lambda v: v >= 0,
+        }
         ok = all(valid[key](v) for v in vals)
         if not vals or not ok or len(set(vals)) != len(vals):
-            need = {"lr": "> 0", "steps": ">= 0", "head": f"in {', '.join(HEADS)}"}[key]
+            need = {
+                "lr": "> 0",
+                "steps": ">= 0",
+                "head": f"in {', '.join(HEADS)}",
+                "reinit": ">= 0",
+            }[key]
             raise ConfigError(f"--tune {spec!r}: give distinct {key} values {need}")
         grid[key] = vals
     return grid

@@ -164,6 +164,7 @@ class EvalConfig:
     select_split: str = "val"  # val | test (the reference; optimistic)
     transductive: bool = True
     head: str = "learned"  # learned (paper) | zero | proto | random | ncc (evaluate.HEADS)
+    reinit: int = 0  # re-draw the last N feature stages of the init before fine-tuning (0: none)
 
 
 @dataclass

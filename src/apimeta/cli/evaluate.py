@@ -74,6 +74,12 @@ def eval_cmd(
         "from the support means), random (a fresh head, seeded per task) or ncc (nearest "
         "normalized class mean, no fine-tuning).",
     ),
+    reinit: int = typer.Option(
+        0,
+        "--reinit",
+        help="Re-draw the last N feature stages of the init (a fixed seeded default init) "
+        "before fine-tuning: keep only the low-level features (0: keep all).",
+    ),
     non_transductive: bool = typer.Option(
         False,
         "--non-transductive",
@@ -198,6 +204,7 @@ def eval_cmd(
                     lr=lr,
                     transductive=not non_transductive,
                     head=head,
+                    reinit=reinit,
                     seed=seed,
                     device=device,
                     keep_accs=json_out is not None,  # per-task accuracies for paired comparisons

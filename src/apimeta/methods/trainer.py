@@ -126,6 +126,7 @@ def check_run_config(cfg: RunConfig) -> None:
             f"eval.test_lr must be > 0, or none for inner_lr; got {cfg.eval.test_lr}",
         ),
         (cfg.eval.test_steps >= 0, f"eval.test_steps must be >= 0, got {cfg.eval.test_steps}"),
+        (cfg.eval.reinit >= 0, f"eval.reinit must be >= 0 (feature stages), got {cfg.eval.reinit}"),
         (cfg.eval.test_tasks >= 1, f"eval.test_tasks must be >= 1, got {cfg.eval.test_tasks}"),
         (
             bool(cfg.eval.test_shots) and all(k >= 1 for k in cfg.eval.test_shots),

@@ -48,5 +48,9 @@ class Conv4(nn.Module):
         side = 1 if adaptive_pool else max(image_size // 16, 1)
         self.classifier = nn.Linear(w * side * side, num_classes)
 
+    def stages(self) -> list[nn.Module]:
+        """The four conv-BN-ReLU-pool blocks, in order (:mod:`apimeta.models.stages`)."""
+        return [self.features[i : i + 4] for i in range(0, len(self.features), 4)]
+
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))

@@ -92,6 +92,11 @@ class ResNet(nn.Module):
             self.layers = nn.Sequential(*stages)
         self.classifier = nn.Linear(widths[-1], num_classes)
 
+    def stages(self) -> list[nn.Module]:
+        """The stem (if any) and the residual blocks, in order (:mod:`apimeta.models.stages`)."""
+        stem = [] if isinstance(self.stem, nn.Identity) else [self.stem]
+        return [*stem, *self.layers]
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.layers(self.stem(x))
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

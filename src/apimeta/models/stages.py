@@ -1,0 +1,51 @@
+"""Feature stages of a backbone and re-drawing the top ones (``eval.reinit``).
+
+A backbone's *stages* are its feature blocks in input-to-output order, without the classifier
+head: Conv4's four conv-BN-ReLU-pool blocks, a ResNet's stem (if any) and residual blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from apimeta.errors import ConfigError
+
+
+def feature_stages(model: nn.Module) -> list[nn.Module]:
+    """The feature stages of ``model`` (a backbone or a wrapper holding one as ``.net``), in
+    order; ConfigError if the backbone does not declare them (a ``stages()`` method)."""
+    for m in model.modules():
+        stages = getattr(m, "stages", None)
+        if callable(stages):
+            return list(stages())
+    raise ConfigError(
+        f"{type(model).__name__} declares no feature stages (a stages() method); "
+        "eval.reinit needs them"
+    )
+
+
+def redraw_top_stages(model: nn.Module, k: int, seed: int) -> nn.Module:
+    """A copy of ``model`` whose last ``k`` feature stages are re-drawn with PyTorch's default
+    init of each layer (``reset_parameters``) from the seed ``seed``; the other stages and
+    the head are kept. ``k = 0`` returns ``model`` itself. The global RNG is left untouched."""
+    if k == 0:
+        return model
+    stages = feature_stages(model)
+    if not 0 < k <= len(stages):
+        raise ConfigError(
+            f"eval.reinit must be in 0..{len(stages)} (the backbone's feature stages); got {k}"
+        )
+    out = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for stage in feature_stages(out)[len(stages) - k :]:
+            for m in stage.modules():
+                if hasattr(m, "reset_parameters") and m is not stage:
+                    m.reset_parameters()
+    return out
+
+
+__all__ = ["feature_stages", "redraw_top_stages"]
