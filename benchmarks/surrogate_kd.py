@@ -16,11 +16,15 @@ e.g.   python benchmarks/surrogate_kd.py dead-leaves 1000 2000 2022 runs/zoos/em
 Prints, per evaluation point, the meta-val means (100 tasks, 1/5-shot) per fine-tuning lr
 (0.01, 0.1) and head start (zero, random); SAVE: a path prefix for the model's state_dict at
 each point (``SAVE-step1000.pt``). EVAL_AT may include 0 (the random init itself).
+Environment: ``REINIT=0,2`` also scores each point with ``eval.reinit`` 2 (the last two feature
+stages re-drawn); ``FREEZE_TOP=2`` trains with the last two stages frozen at their init (the
+union head learns through them), the training-side match of ``eval.reinit``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 
@@ -35,24 +39,26 @@ from apimeta.evaluate import evaluate_with_config, with_protocol
 from apimeta.losses import kd_kl
 from apimeta.methods.bbkd import classifier_of
 from apimeta.models.meta import load_init, load_run_datasets
+from apimeta.models.stages import feature_stages
 from apimeta.run_config import RunConfig, base_config
 from apimeta.transforms import crop_flip
 
 
 def meta_val(
-    model: nn.Module, ds, cfg: RunConfig, lrs=(0.01, 0.1), heads=("zero", "random")
+    model: nn.Module, ds, cfg: RunConfig, lrs=(0.01, 0.1), heads=("zero", "random"), reinits=(0,)
 ) -> str:
-    """Meta-val means (100 tasks, 1-shot/5-shot) per fine-tuning lr and head start."""
+    """Meta-val means (100 tasks, 1-shot/5-shot) per fine-tuning lr, head start and
+    ``eval.reinit`` (the ``REINIT`` environment variable, e.g. ``0,2``)."""
     parts = []
-    for head in heads:
-        for lr in lrs:
-            res = evaluate_with_config(
-                model, ds, with_protocol(cfg, {"lr": lr, "head": head}), split="val",
-                shots=(1, 5), tasks=100,
-            )  # fmt: skip
-            parts.append(
-                f"{head} lr={lr:g}: {res['1-shot']['mean']:.2f}/{res['5-shot']['mean']:.2f}"
-            )
+    for reinit in reinits:
+        for head in heads:
+            for lr in lrs:
+                res = evaluate_with_config(
+                    model, ds, with_protocol(cfg, {"lr": lr, "head": head, "reinit": reinit}),
+                    split="val", shots=(1, 5), tasks=100,
+                )  # fmt: skip
+                tag = f"{head} lr={lr:g}" + (f" reinit={reinit}" if reinit else "")
+                parts.append(f"{tag}: {res['1-shot']['mean']:.2f}/{res['5-shot']['mean']:.2f}")
     return "  ".join(parts)
 
 
@@ -100,10 +106,16 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     feats: list[Tensor] = []
     head.register_forward_hook(lambda m, i, o: feats.append(i[0]))
     union = nn.Linear(head.in_features, len(keys))
-    opt = torch.optim.Adam([*model.parameters(), *union.parameters()], lr=cfg.outer_lr)
+    stages = feature_stages(model)
+    frozen = int(os.environ.get("FREEZE_TOP", "0"))  # keep the last N stages at their init
+    for stage in stages[len(stages) - frozen :] if frozen else []:
+        stage.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam([*trainable, *union.parameters()], lr=cfg.outer_lr)
     points = sorted({int(v) for v in eval_at.split(",") if v} | {steps})
+    reinits = tuple(int(v) for v in os.environ.get("REINIT", "0").split(","))
     if 0 in points:
-        print(f"step 0 (random init): {meta_val(model, ds, cfg)}", flush=True)
+        print(f"step 0 (random init): {meta_val(model, ds, cfg, reinits=reinits)}", flush=True)
     t0, agree, seen = time.time(), 0, 0
     for step in range(1, steps + 1):
         loss = torch.zeros(())
@@ -123,7 +135,8 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
             if save:
                 torch.save(model.state_dict(), f"{save}-step{step}.pt")
             print(f"step {step} ({time.time() - t0:.0f}s train, agreement "
-                  f"{100 * agree / seen:.1f}%): {meta_val(model, ds, cfg)}", flush=True)  # fmt: skip
+                  f"{100 * agree / seen:.1f}%): {meta_val(model, ds, cfg, reinits=reinits)}",
+                  flush=True)  # fmt: skip
             agree = seen = 0
 
 

@@ -90,3 +90,17 @@ def test_event_counts_print_whole_or_as_a_short_mean():
         "2.5",
         "100",
     ]
+
+
+def test_protocol_key_names_reinit_only_when_set():
+    """A run config with ``eval.reinit`` is tuned apart from one without; caches written before
+    the option (no ``reinit`` key) still match a config that leaves it at 0."""
+    import dataclasses
+
+    from apimeta.bench import _protocol_key
+    from apimeta.run_config import RunConfig
+
+    cfg = RunConfig()
+    assert "reinit" not in _protocol_key(cfg)
+    other = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, reinit=2))
+    assert _protocol_key(other) == {**_protocol_key(cfg), "reinit": 2}

@@ -215,7 +215,11 @@ def test_deterministic_kernels_only_touch_cuda_settings(monkeypatch):
 
 @pytest.mark.parametrize(
     ("overrides", "match"),
-    [(["eval.test_lr=0"], "eval.test_lr must be > 0"), (["eval.test_steps=-1"], "test_steps")],
+    [
+        (["eval.test_lr=0"], "eval.test_lr must be > 0"),
+        (["eval.test_steps=-1"], "test_steps"),
+        (["eval.reinit=-1"], r"eval\.reinit must be >= 0"),
+    ],
 )
 def test_eval_protocol_values_are_checked(overrides: list[str], match: str) -> None:
     from apimeta.methods.trainer import check_run_config

@@ -71,6 +71,13 @@ def test_eval_checkpoint_and_random(trained, tmp_path):
     assert res.exit_code == 0, res.output
     assert "1-shot" in res.output
     assert json.loads(js.read_text())["protocol"]["transductive"] is False
+    # --reinit: the top stages re-drawn; recorded in the protocol; out of range is one line
+    args = ["eval", "--init", str(out / "best.pt"), "--shots", "1", "--json", str(js), *common]
+    res = runner.invoke(app, [*args, "--reinit", "2"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(js.read_text())["protocol"]["reinit"] == 2
+    res = runner.invoke(app, [*args, "--reinit", "9"])
+    assert res.exit_code == 2 and "eval.reinit must be in 0..4" in res.output
 
 
 @pytest.mark.parametrize(

@@ -232,6 +232,8 @@ def eval_cmd(
                         "steps": steps,
                         "lr": lr,
                         "transductive": not non_transductive,
+                        "head": head,
+                        "reinit": reinit,
                         "seed": seed,
                     },
                     "results": results,
