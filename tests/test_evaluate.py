@@ -218,6 +218,8 @@ def test_grid_settings_is_the_product_with_ncc_once():
 
     got = grid_settings({"lr": [0.01, 0.1], "head": ["learned", "ncc"]})
     assert got == [{"lr": 0.01, "head": "learned"}, {"head": "ncc"}, {"lr": 0.1, "head": "learned"}]
+    got = grid_settings({"lr": [0.01, 0.1], "head": ["ncc"], "reinit": [0, 2]})
+    assert got == [{"head": "ncc", "reinit": 0}, {"head": "ncc", "reinit": 2}]  # reinit matters
 
 
 def test_test_lr_defaults_to_inner_lr_and_overrides_it(monkeypatch, data):

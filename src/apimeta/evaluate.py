@@ -371,9 +371,8 @@ def evaluate_with_config(
 ) -> dict[str, dict[str, Any]]:
     """The meta-test protocol with a run's settings (way, query, ``eval.test_steps``,
     ``eval.test_lr`` (None: ``inner_lr``), ``eval.transductive``, ``eval.head``,
-    ``eval.reinit``) on the shared
-    seeded task list: ``{"1-shot": ...}`` (``keep_accs``: with the per-task accuracies, for
-    paired comparisons)."""
+    ``eval.reinit``) on the shared seeded task list: ``{"1-shot": ...}`` (``keep_accs``: with
+    the per-task accuracies, for paired comparisons)."""
     return evaluate(
         model,
         dataset,
@@ -428,34 +427,27 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
             vals = [kind(v.strip()) for v in values.split(",") if v.strip()]
         except ValueError:
             raise ConfigError(f"--tune {spec!r}: {key} values must be {kind.__name__}s") from None
-        valid = {
-            "lr": lambda v: v > 0,
-            "steps": lambda v: v >= 0,
-            "head": lambda v: v in HEADS,
-            "reinit": lambda v: v >= 0,
-        }
-        ok = all(valid[key](v) for v in vals)
-        if not vals or not ok or len(set(vals)) != len(vals):
-            need = {
-                "lr": "> 0",
-                "steps": ">= 0",
-                "head": f"in {', '.join(HEADS)}",
-                "reinit": ">= 0",
-            }[key]
+        check, need = {
+            "lr": (lambda v: v > 0, "> 0"),
+            "steps": (lambda v: v >= 0, ">= 0"),
+            "head": (lambda v: v in HEADS, f"in {', '.join(HEADS)}"),
+            "reinit": (lambda v: v >= 0, ">= 0"),
+        }[key]
+        if not vals or not all(check(v) for v in vals) or len(set(vals)) != len(vals):
             raise ConfigError(f"--tune {spec!r}: give distinct {key} values {need}")
         grid[key] = vals
     return grid
 
 
 def grid_settings(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination of ``grid``, in grid order; ncc (no fine-tuning) appears once, with
-    no lr or steps."""
+    """Every combination of ``grid``, in grid order; ncc (no fine-tuning) appears once per
+    ``reinit``, with no lr or steps."""
     keys = list(grid)
     out: list[dict[str, Any]] = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         s = dict(zip(keys, combo, strict=True))
         if s.get("head") == "ncc":
-            s = {"head": "ncc"}
+            s = {k: v for k, v in s.items() if k in ("head", "reinit")}
         if s not in out:
             out.append(s)
     return out
