@@ -74,8 +74,8 @@ def bench_cmd(
     tune: list[str] = typer.Option(
         [],
         "--tune",
-        help="KEY=V1,V2 (repeatable; KEY: lr, steps, head, reinit): also choose every row's meta-test "
-        "fine-tuning protocol on meta-val from this grid (per run and shot) and add its tables "
+        help="KEY=V1,V2 (repeatable; KEY: lr, steps, head, reinit): also choose every row's "
+        "meta-test fine-tuning protocol on meta-val from this grid (per run and shot) and add its tables "
         "beside the run config's protocol, e.g. --tune lr=0.01,0.03,0.1 --tune head=learned,zero.",
     ),
 ) -> None:

@@ -30,7 +30,8 @@ def feature_stages(model: nn.Module) -> list[nn.Module]:
 def redraw_top_stages(model: nn.Module, k: int, seed: int) -> nn.Module:
     """A copy of ``model`` whose last ``k`` feature stages are re-drawn with PyTorch's default
     init of each layer (``reset_parameters``) from the seed ``seed``; the other stages and
-    the head are kept. ``k = 0`` returns ``model`` itself. The global RNG is left untouched."""
+    the head are kept. ``k = 0`` returns ``model`` itself. Drawn on CPU, then moved to the
+    model's device; the global RNG is left untouched."""
     if k == 0:
         return model
     stages = feature_stages(model)
@@ -38,14 +39,15 @@ def redraw_top_stages(model: nn.Module, k: int, seed: int) -> nn.Module:
         raise ConfigError(
             f"eval.reinit must be in 0..{len(stages)} (the backbone's feature stages); got {k}"
         )
-    out = copy.deepcopy(model)
+    device = next(model.parameters()).device
+    out = copy.deepcopy(model).cpu()  # drawn on CPU: the same stages whatever the device
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # CPU only: no other device's RNG moves
         for stage in feature_stages(out)[len(stages) - k :]:
             for m in stage.modules():
                 if hasattr(m, "reset_parameters") and m is not stage:
                     m.reset_parameters()
-    return out
+    return out.to(device)
 
 
 __all__ = ["feature_stages", "redraw_top_stages"]
