@@ -16,19 +16,14 @@ import sys
 
 import torch
 from interpolate_init import mix
-from surrogate_kd import meta_val
+from surrogate_kd import meta_val, screen_config
 
-from apimeta.config import from_dict
 from apimeta.models.meta import load_init, load_run_datasets
-from apimeta.run_config import RunConfig, base_config
 
 
 def main(seed: str, path: str, specs: str, zoo: str = "runs/zoos/emoji-conv4") -> None:
     torch.set_num_threads(1)
-    cfg = from_dict(
-        RunConfig,
-        {**base_config("cpu", []), "zoo": zoo, "dataset": "emoji", "seed": int(seed)},
-    )
+    cfg = screen_config(int(seed), zoo)
     datasets = load_run_datasets(cfg)
     start = load_init(None, cfg, datasets).state_dict()
     trained = torch.load(path, weights_only=True)

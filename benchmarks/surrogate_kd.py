@@ -44,6 +44,13 @@ from apimeta.run_config import RunConfig, base_config
 from apimeta.transforms import crop_flip
 
 
+def screen_config(seed: int, zoo: str) -> RunConfig:
+    """The ``cpu`` preset on emoji with ``zoo`` and ``seed``: the config of every screen here."""
+    return from_dict(
+        RunConfig, {**base_config("cpu", []), "zoo": zoo, "dataset": "emoji", "seed": seed}
+    )
+
+
 def meta_val(
     model: nn.Module, ds, cfg: RunConfig, lrs=(0.01, 0.1), heads=("zero", "random"), reinits=(0,)
 ) -> str:
@@ -65,9 +72,7 @@ def meta_val(
 def main(source: str, per_api: int, steps: int, seed: int = 2022,
          zoo: str = "runs/zoos/emoji-conv4", eval_at: str = "", save: str = "") -> None:  # fmt: skip
     torch.set_num_threads(1)
-    cfg = from_dict(
-        RunConfig, {**base_config("cpu", []), "zoo": zoo, "dataset": "emoji", "seed": seed}
-    )
+    cfg = screen_config(seed, zoo)
     datasets = load_run_datasets(cfg)
     ds = datasets[0]
     model = load_init(None, cfg, datasets)
