@@ -75,8 +75,9 @@ def bench_cmd(
         [],
         "--tune",
         help="KEY=V1,V2 (repeatable; KEY: lr, steps, head, reinit): also choose every row's "
-        "meta-test fine-tuning protocol on meta-val from this grid (per run and shot) and add its tables "
-        "beside the run config's protocol, e.g. --tune lr=0.01,0.03,0.1 --tune head=learned,zero.",
+        "meta-test fine-tuning protocol on meta-val from this grid (per run and shot) and add "
+        "its tables beside the run config's protocol, e.g. --tune lr=0.01,0.03,0.1 "
+        "--tune head=learned,zero.",
     ),
 ) -> None:
     """Train every method variant in every scenario, evaluate each on the same meta-test tasks

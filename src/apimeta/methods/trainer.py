@@ -52,6 +52,7 @@ from apimeta.maml import TRAIN_HEADS, named_params, start_inner_head
 from apimeta.methods.interface import Method, ProgressFn, TrainResult
 from apimeta.models import BACKBONES
 from apimeta.models.meta import load_meta_model, load_run_datasets, meta_model_for_datasets
+from apimeta.models.stages import check_reinit
 from apimeta.recovery import ITERATES
 from apimeta.registry import Registry
 from apimeta.run_config import RunConfig, schedule_point
@@ -434,6 +435,8 @@ class MetaTrainer(Method):
                 )
             self.datasets = load_run_datasets(cfg)
             self.model, self.spec = meta_model_for_datasets(cfg, self.datasets)
+            if cfg.eval.reinit:  # refused now, not at the first meta-val pass
+                check_reinit(self.model, cfg.eval.reinit)
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
             self.ema_model = None
             if cfg.ema > 0:

@@ -27,6 +27,16 @@ def feature_stages(model: nn.Module) -> list[nn.Module]:
     )
 
 
+def check_reinit(model: nn.Module, k: int) -> list[nn.Module]:
+    """The feature stages of ``model``; ConfigError (one line) unless 0 <= ``k`` <= their count."""
+    stages = feature_stages(model)
+    if not 0 <= k <= len(stages):
+        raise ConfigError(
+            f"eval.reinit must be in 0..{len(stages)} (the backbone's feature stages); got {k}"
+        )
+    return stages
+
+
 def redraw_top_stages(model: nn.Module, k: int, seed: int) -> nn.Module:
     """A copy of ``model`` whose last ``k`` feature stages are re-drawn with PyTorch's default
     init of each layer (``reset_parameters``) from the seed ``seed``; the other stages and
@@ -34,11 +44,7 @@ def redraw_top_stages(model: nn.Module, k: int, seed: int) -> nn.Module:
     model's device; the global RNG is left untouched."""
     if k == 0:
         return model
-    stages = feature_stages(model)
-    if not 0 < k <= len(stages):
-        raise ConfigError(
-            f"eval.reinit must be in 0..{len(stages)} (the backbone's feature stages); got {k}"
-        )
+    stages = check_reinit(model, k)
     device = next(model.parameters()).device
     out = copy.deepcopy(model).cpu()  # drawn on CPU: the same stages whatever the device
     with torch.random.fork_rng(devices=[]):
@@ -50,4 +56,4 @@ def redraw_top_stages(model: nn.Module, k: int, seed: int) -> nn.Module:
     return out.to(device)
 
 
-__all__ = ["feature_stages", "redraw_top_stages"]
+__all__ = ["check_reinit", "feature_stages", "redraw_top_stages"]
