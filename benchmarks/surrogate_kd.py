@@ -18,7 +18,10 @@ Prints, per evaluation point, the meta-val means (100 tasks, 1/5-shot) per fine-
 each point (``SAVE-step1000.pt``). EVAL_AT may include 0 (the random init itself).
 Environment: ``REINIT=0,2`` also scores each point with ``eval.reinit`` 2 (the last two feature
 stages re-drawn); ``FREEZE_TOP=2`` trains with the last two stages frozen at their init (the
-union head learns through them), the training-side match of ``eval.reinit``.
+union head learns through them), the training-side match of ``eval.reinit``. ``SSL=W`` adds W x a
+SimCLR loss (NT-Xent, temperature 0.2, a 2-layer projection) between two strongly augmented
+views of the same candidates (no extra queries); ``KD=0`` drops the KD loss (SSL alone, a
+control). ``LRS=0.1`` / ``HEADS=random`` narrow the meta-val grid.
 """
 
 from __future__ import annotations
@@ -36,12 +39,12 @@ from apimeta.apis.runtime import load_run_apis
 from apimeta.candidates import draw_candidates
 from apimeta.config import from_dict
 from apimeta.evaluate import evaluate_with_config, with_protocol
-from apimeta.losses import kd_kl
+from apimeta.losses import kd_kl, nt_xent
 from apimeta.methods.bbkd import classifier_of
 from apimeta.models.meta import load_init, load_run_datasets
 from apimeta.models.stages import feature_stages
 from apimeta.run_config import RunConfig, base_config
-from apimeta.transforms import crop_flip
+from apimeta.transforms import color_jitter, crop_flip, resized_crop_flip
 
 
 def screen_config(seed: int, zoo: str) -> RunConfig:
@@ -111,16 +114,27 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     feats: list[Tensor] = []
     head.register_forward_hook(lambda m, i, o: feats.append(i[0]))
     union = nn.Linear(head.in_features, len(keys))
+    ssl_w = float(os.environ.get("SSL", "0"))
+    kd_w = float(os.environ.get("KD", "1"))
+    proj = nn.Sequential(
+        nn.Linear(head.in_features, 256), nn.ReLU(), nn.Linear(256, 128)
+    )  # fmt: skip
     stages = feature_stages(model)
     frozen = int(os.environ.get("FREEZE_TOP", "0"))  # keep the last N stages at their init
     for stage in stages[len(stages) - frozen :] if frozen else []:
         stage.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam([*trainable, *union.parameters()], lr=cfg.outer_lr)
+    extra = [*union.parameters(), *(proj.parameters() if ssl_w else ())]
+    opt = torch.optim.Adam([*trainable, *extra], lr=cfg.outer_lr)
     points = sorted({int(v) for v in eval_at.split(",") if v} | {steps})
     reinits = tuple(int(v) for v in os.environ.get("REINIT", "0").split(","))
+    grid = {
+        "reinits": reinits,
+        "lrs": tuple(float(v) for v in os.environ.get("LRS", "0.01,0.1").split(",")),
+        "heads": tuple(os.environ.get("HEADS", "zero,random").split(",")),
+    }
     if 0 in points:
-        print(f"step 0 (random init): {meta_val(model, ds, cfg, reinits=reinits)}", flush=True)
+        print(f"step 0 (random init): {meta_val(model, ds, cfg, **grid)}", flush=True)
     t0, agree, seen = time.time(), 0, 0
     for step in range(1, steps + 1):
         loss = torch.zeros(())
@@ -130,7 +144,13 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
             feats.clear()
             model(crop_flip(pool_x[i][idx], g))
             logits = union(feats[-1])[:, pool_c[i]]
-            loss = loss + kd_kl(logits, pool_t[i][idx], T=cfg.kd.T)
+            loss = loss + kd_w * kd_kl(logits, pool_t[i][idx], T=cfg.kd.T)
+            if ssl_w:
+                views = [color_jitter(resized_crop_flip(pool_x[i][idx], g), g) for _ in "ab"]
+                feats.clear()
+                model(torch.cat(views))
+                f1, f2 = proj(feats[-1]).chunk(2)
+                loss = loss + ssl_w * nt_xent(f1, f2)
             agree += int((logits.argmax(1) == pool_t[i][idx].argmax(1)).sum())
             seen += len(idx)
         opt.zero_grad()
@@ -140,7 +160,7 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
             if save:
                 torch.save(model.state_dict(), f"{save}-step{step}.pt")
             print(f"step {step} ({time.time() - t0:.0f}s train, agreement "
-                  f"{100 * agree / seen:.1f}%): {meta_val(model, ds, cfg, reinits=reinits)}",
+                  f"{100 * agree / seen:.1f}%): {meta_val(model, ds, cfg, **grid)}",
                   flush=True)  # fmt: skip
             agree = seen = 0
 

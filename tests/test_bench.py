@@ -44,6 +44,9 @@ def test_ablations_change_exactly_one_component():
     leaves, bbkd = to_dict(_resolved("bbkd:dead-leaves")), to_dict(_resolved("bbkd"))
     assert {k for k in bbkd if bbkd[k] != leaves[k]} == {"recovery", "events"}
     assert _resolved("bbkd:dead-leaves").recovery.source == "dead-leaves"
+    contrastive = to_dict(_resolved("bbkd:contrastive-leaves"))
+    assert {k for k in leaves if leaves[k] != contrastive[k]} == {"kd"}
+    assert _resolved("bbkd:contrastive-leaves").kd.contrastive == 1.0
     kd, kd0 = to_dict(_resolved("bidf-mkd:no-boundary"))["kd"], base["kd"]
     assert {k for k in kd if kd[k] != kd0[k]} == {"adv"}
     mem = _resolved("bidf-mkd:diverse-memory").memory

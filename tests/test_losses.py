@@ -128,3 +128,17 @@ def test_boundary_mask_and_objective_hand_computed():
     assert kl[0] < ce[0] and kl[1] == pytest.approx(ce[1].item())
     with pytest.raises(ConfigError, match="logits or probs"):
         boundary_objective(pa, y, student, "topk")
+
+
+def test_nt_xent_hand_computed_and_prefers_matching_views():
+    from apimeta.losses import nt_xent
+
+    z = torch.eye(4)[:2]  # two orthogonal images, both views identical
+    # each view: positive similarity 1/tau, two orthogonal negatives at 0, itself excluded
+    expected = math.log(1 + 2 * math.exp(-1 / 0.2))
+    assert nt_xent(z, z.clone(), tau=0.2).item() == pytest.approx(expected, rel=1e-6)
+    swapped = nt_xent(z, z.flip(0), tau=0.2)  # each positive is the other image
+    assert swapped.item() > 1 / 0.2
+    z1 = torch.randn(8, 5, requires_grad=True)
+    nt_xent(z1, torch.randn(8, 5)).backward()
+    assert z1.grad is not None and z1.grad.abs().sum() > 0

@@ -131,3 +131,18 @@ def test_augment_applies_named_augmentations_in_order_and_refuses_unknown_names(
         parse_augment("crop,rotate")
     with pytest.raises(ConfigError, match="twice"):
         parse_augment("flip,flip")
+
+
+def test_resized_crop_flip_is_seeded_bounded_and_full_area_is_identity_or_flip() -> None:
+    from apimeta.transforms import resized_crop_flip
+
+    x = torch.rand(16, 3, 12, 12)
+    a = resized_crop_flip(x, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, resized_crop_flip(x, torch.Generator().manual_seed(3)))
+    assert not torch.allclose(a, x)
+    # the whole image: each output is the image or its mirror
+    full = resized_crop_flip(x, torch.Generator().manual_seed(4), min_area=1.0, max_aspect=1.0)
+    same = (full - x).abs().amax(dim=(1, 2, 3)) < 1e-5
+    mirrored = (full - x.flip(3)).abs().amax(dim=(1, 2, 3)) < 1e-5
+    assert bool((same | mirrored).all()) and same.any() and mirrored.any()

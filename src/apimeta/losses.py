@@ -6,6 +6,7 @@
 * Per-sample recovery losses on API scores (differentiable, so the white-box path can use them):
   :func:`recovery_ce` and the boundary objective :func:`boundary_objective` with its mask and
   discrepancy helpers.
+* :func:`nt_xent`: SimCLR's contrastive loss between two augmented views (no API involved).
 
 Teacher scores come from an API in its output mode: ``logits`` are raw logits; ``probs`` and
 ``topk:K`` are probabilities (top-k: zeros outside the top K); ``label`` is a one-hot vector.
@@ -191,6 +192,16 @@ def boundary_objective(
     return ce - adv * mask * disc
 
 
+def nt_xent(z1: Tensor, z2: Tensor, tau: float = 0.2) -> Tensor:
+    """SimCLR's contrastive loss (NT-Xent) for projections (B, D) of two views of B images: each
+    view's positive is the other view of its image, the 2B - 2 other views are negatives."""
+    b = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    sim = (z @ z.T / tau).fill_diagonal_(float("-inf"))  # a view is not its own positive
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
 __all__ = [
     "KD_LOSSES",
     "PROB_EPS",
@@ -201,6 +212,7 @@ __all__ = [
     "kd_neg_prob_dot",
     "kl_discrepancy",
     "l1_discrepancy",
+    "nt_xent",
     "output_kind",
     "recovery_ce",
     "student_reference",

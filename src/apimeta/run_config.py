@@ -95,6 +95,12 @@ class KDConfig:
     # the run's meta-updates (see schedule_point)
     adv_start: float = 500
     cache_api_outputs: bool = True  # query the API once per set, not once per inner step
+    # extension (0 = off; bbkd only): weight of a SimCLR loss (NT-Xent, temperature
+    # contrastive_tau) between two strongly augmented views of each KD batch's images, through
+    # a 2-layer projection on the features; it teaches what stays the same under crops and
+    # colour changes, and costs no queries
+    contrastive: float = 0.0
+    contrastive_tau: float = 0.2
 
 
 @dataclass
@@ -410,6 +416,12 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # extension: bbkd on procedural dead-leaves images the APIs label with one query each (no
     # generator); an event every update while the budget lasts
     "dead-leaves": {"recovery": {"source": "dead-leaves"}, "events": {"patience": 1}},
+    # extension: dead-leaves + a contrastive loss on two views of the same candidates
+    "contrastive-leaves": {
+        "recovery": {"source": "dead-leaves"},
+        "events": {"patience": 1},
+        "kd": {"contrastive": 1.0},
+    },
 }
 
 

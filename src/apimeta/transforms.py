@@ -6,6 +6,7 @@ differentiable with respect to the input, so recovery can back-propagate through
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -44,6 +45,26 @@ def random_flip(x: Tensor, generator: torch.Generator, p: float = 0.5) -> Tensor
 def crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
     """The method's augmentation: random crop of the 4-px zero-padded image, random h-flip."""
     return random_flip(random_crop(x, pad, generator), generator)
+
+
+def resized_crop_flip(
+    x: Tensor, generator: torch.Generator, min_area: float = 0.25, max_aspect: float = 4 / 3
+) -> Tensor:
+    """SimCLR's view: per image a random crop of ``min_area``..1 of the area (aspect
+    1/max_aspect..max_aspect; a side that would pass the border is clipped), resized back to the
+    input size (bilinear), flipped with p 0.5. (B, C, H, W) -> (B, C, H, W)."""
+    b = x.shape[0]
+    u = torch.rand(5, b, generator=generator, device=generator.device).to(x.device)
+    area = min_area + (1 - min_area) * u[0]
+    aspect = torch.exp((u[1] - 0.5) * 2 * math.log(max_aspect))
+    sx, sy = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
+    flip = torch.where(u[4] < 0.5, -1.0, 1.0)
+    zero = torch.zeros_like(sx)
+    row_x = torch.stack([sx * flip, zero, (1 - sx) * (2 * u[2] - 1)], 1)
+    row_y = torch.stack([zero, sy, (1 - sy) * (2 * u[3] - 1)], 1)
+    theta = torch.stack([row_x, row_y], 1).to(x.dtype)  # (B, 2, 3): output -> input coords
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)
 
 
 def to_uint8(x: Tensor) -> Tensor:

@@ -372,3 +372,44 @@ def test_a_procedural_source_is_refused_by_bidf_mkd_and_bad_values_by_the_config
         train(tiny_cfg(zoo, tmp_path / "b", recovery=RecoveryConfig(**rec, source="fractals")))
     with pytest.raises(ConfigError, match=r"recovery\.candidates must be >= 1"):
         train(tiny_cfg(zoo, tmp_path / "c", recovery=RecoveryConfig(**rec, candidates=0)))
+
+
+def _leaves(zoo, tmp_path, contrastive: float, episodes: int = 4) -> RunConfig:
+    return tiny_cfg(
+        zoo, tmp_path, method="bbkd", episodes=episodes, events=EventConfig(patience=1),
+        recovery=RecoveryConfig(per_class=B_PER_CLASS, iters=ITERS, source="dead-leaves",
+                                candidates=7),
+        kd=KDConfig(adv_start=1, contrastive=contrastive),
+    )  # fmt: skip
+
+
+def test_bbkd_contrastive_term_costs_no_queries_changes_training_and_resumes_exactly(zoo, tmp_path):
+    off, _ = train(_leaves(zoo, tmp_path / "off", 0.0))
+    on, _ = train(_leaves(zoo, tmp_path / "on", 1.0))
+    assert on.ledger.used == off.ledger.used == 2 * 7  # the views are never sent to an API
+    a = load_checkpoint(off.run.last_checkpoint)
+    b = load_checkpoint(on.run.last_checkpoint)
+    assert a["extra"]["projection"] is None
+    assert b["extra"]["projection"]["2.weight"].shape[0] == 128
+    # the union head starts the same; the features then learn differently
+    w = "net.features.0.weight"
+    assert not torch.equal(a["model"][w], b["model"][w])
+    # interrupted and resumed: the same weights, projection included
+    train(_leaves(zoo, tmp_path / "part", 1.0, episodes=2))
+    resumed, _ = train(_leaves(zoo, tmp_path / "part", 1.0), resume=True)
+    c = load_checkpoint(resumed.run.last_checkpoint)
+    for k, v in b["model"].items():
+        torch.testing.assert_close(v, c["model"][k], rtol=0, atol=0)
+    for k, v in b["extra"]["projection"].items():
+        torch.testing.assert_close(v, c["extra"]["projection"][k], rtol=0, atol=0)
+
+
+def test_contrastive_is_refused_by_bidf_mkd_and_bad_values_by_the_config(zoo, tmp_path):
+    with pytest.raises(ConfigError, match=r"kd\.contrastive .* is for bbkd"):
+        train(tiny_cfg(zoo, tmp_path / "a", kd=KDConfig(adv_start=1, contrastive=1.0)))
+    with pytest.raises(ConfigError, match=r"kd\.contrastive must be >= 0"):
+        train(_leaves(zoo, tmp_path / "b", -1.0))
+    cfg = _leaves(zoo, tmp_path / "c", 1.0)
+    cfg = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, contrastive_tau=0.0))
+    with pytest.raises(ConfigError, match=r"kd\.contrastive_tau must be > 0"):
+        train(cfg)

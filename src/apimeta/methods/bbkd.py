@@ -12,6 +12,11 @@ budget lasts; each meta-update trains on ``meta_batch`` batches drawn from the r
 ``recovery.source`` other than ``generator`` (an extension, :mod:`apimeta.candidates`): an event
 draws ``recovery.candidates`` procedural images (e.g. dead leaves) and queries each once; the
 API's outputs are the KD targets, and no generator is trained.
+
+``kd.contrastive`` > 0 (an extension): each KD batch's images also give two strong views
+(:func:`~apimeta.transforms.resized_crop_flip`, then colour jitter), and a SimCLR loss
+(:func:`~apimeta.losses.nt_xent`) through a 2-layer projection of the features is added with
+that weight. No extra queries; the projection is dropped with the union head.
 """
 
 from __future__ import annotations
@@ -27,11 +32,11 @@ from apimeta.candidates import draw_candidates
 from apimeta.episodes import APIEpisode
 from apimeta.errors import ConfigError, QueryBudgetExceeded
 from apimeta.events import APIEvent
-from apimeta.losses import output_kind, teacher_probs
+from apimeta.losses import nt_xent, output_kind, teacher_probs
 from apimeta.methods.api_learner import APILearner
 from apimeta.methods.interface import METHODS
 from apimeta.seeding import derive_seed
-from apimeta.transforms import crop_flip, resize, to_uint8
+from apimeta.transforms import color_jitter, crop_flip, resize, resized_crop_flip, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +49,19 @@ def classifier_of(model: nn.Module) -> nn.Linear:
     return head
 
 
+PROJECTION_HIDDEN, PROJECTION_DIM = 256, 128  # SimCLR's projection MLP (kd.contrastive)
+
+
+def _cpu_state(module: nn.Module | None) -> dict[str, Tensor] | None:
+    return None if module is None else {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
 @METHODS.register("bbkd")
 class BBKD(APILearner):
     """Black-box KD of all APIs into one union-head model (see the module docstring)."""
 
     name = "bbkd"
-    ablations = ("dead-leaves",)
+    ablations = ("dead-leaves", "contrastive-leaves")
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
 
     def setup(self) -> None:
@@ -66,7 +78,18 @@ class BBKD(APILearner):
         with torch.random.fork_rng(devices=[]):  # seeded: the global RNG differs per process
             torch.manual_seed(derive_seed(self.cfg.seed, self.name, "union-head"))
             self.union_head = nn.Linear(head.in_features, len(keys)).to(self.device)
-        self.optimizer.add_param_group({"params": list(self.union_head.parameters())})
+            # the contrastive loss's projection (SimCLR's 2-layer MLP), only when it is on
+            self.projection: nn.Module | None = None
+            if self.cfg.kd.contrastive:
+                width = head.in_features
+                self.projection = nn.Sequential(
+                    nn.Linear(width, PROJECTION_HIDDEN), nn.ReLU(),
+                    nn.Linear(PROJECTION_HIDDEN, PROJECTION_DIM),
+                ).to(self.device)  # fmt: skip
+        extra = [*self.union_head.parameters()]
+        if self.projection is not None:
+            extra += [*self.projection.parameters()]
+        self.optimizer.add_param_group({"params": extra})
         # recovered pool: per event (images in [0,1], API outputs on their augmented view)
         self.pool_x: list[Tensor] = []
         self.pool_t: list[Tensor] = []
@@ -83,7 +106,8 @@ class BBKD(APILearner):
     def extra_state(self) -> dict[str, Any]:
         return {
             **self.api_state(),
-            "union_head": {k: v.detach().cpu() for k, v in self.union_head.state_dict().items()},
+            "union_head": _cpu_state(self.union_head),
+            "projection": _cpu_state(self.projection),
             "pool_x": list(self.pool_x),
             "pool_t": list(self.pool_t),
             "pool_cols": list(self.pool_cols),
@@ -95,6 +119,14 @@ class BBKD(APILearner):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.load_api_state(state)
         self.union_head.load_state_dict(state["union_head"])
+        saved = state.get("projection")
+        if (saved is None) != (self.projection is None):
+            raise ConfigError(
+                "this checkpoint was trained with a different kd.contrastive (on vs off); "
+                "resume it with the kd.contrastive it was trained with"
+            )
+        if self.projection is not None:
+            self.projection.load_state_dict(saved)
         self.pool_x = list(state["pool_x"])
         self.pool_t = list(state["pool_t"])
         self.pool_cols = list(state["pool_cols"])
@@ -189,6 +221,17 @@ class BBKD(APILearner):
         }
         self.record_event(APIEvent(self.n_events - 1, episode, record))
 
+    def _contrastive(self, x: Tensor, g: torch.Generator) -> Tensor:
+        """NT-Xent between two strong views of the (B, C, H, W) pool images ``x`` (uint8 or
+        float in [0, 1]), one forward pass of both through the model and the projection."""
+        assert self.projection is not None
+        xf = (x.float() / 255.0 if x.dtype == torch.uint8 else x).to(self.device)
+        views = [color_jitter(resized_crop_flip(xf, g), g) for _ in range(2)]
+        self.model(resize(torch.cat(views), self.cfg.image_size))
+        assert self._features is not None
+        z1, z2 = self.projection(self._features).chunk(2)
+        return nt_xent(z1, z2, self.cfg.kd.contrastive_tau)
+
     def meta_batch_loss(self, step: int) -> tuple[Tensor, dict[str, Any]]:
         cfg = self.cfg
         if step % max(cfg.events.patience, 1) == 0 and not self.budget_exhausted:
@@ -212,6 +255,8 @@ class BBKD(APILearner):
             logits = self.union_head(self._features)[:, self.pool_cols[i].to(self.device)]
             teacher = t[idx].to(self.device)
             loss = self.kd(logits, teacher, T=cfg.kd.T, teacher_is_probs=self.pool_probs[i])
+            if self.projection is not None:
+                loss = loss + cfg.kd.contrastive * self._contrastive(x[idx], g)
             total = loss if total is None else total + loss
             correct += int((logits.argmax(1) == teacher.argmax(1)).sum())
             seen += len(idx)

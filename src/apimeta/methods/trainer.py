@@ -113,6 +113,14 @@ def check_run_config(cfg: RunConfig) -> None:
             cfg.recovery.candidates >= 1,
             f"recovery.candidates must be >= 1 images per event, got {cfg.recovery.candidates}",
         ),
+        (
+            cfg.kd.contrastive >= 0,
+            f"kd.contrastive must be >= 0 (0 = off), got {cfg.kd.contrastive}",
+        ),
+        (
+            cfg.kd.contrastive_tau > 0,
+            f"kd.contrastive_tau must be > 0, got {cfg.kd.contrastive_tau}",
+        ),
         (0.0 <= cfg.ema < 1.0, f"ema must be in [0, 1) (0 = off), got {cfg.ema}"),
         (cfg.episodes >= 0, f"episodes must be >= 0, got {cfg.episodes}"),
         (cfg.inner_steps >= 0, f"inner_steps must be >= 0, got {cfg.inner_steps}"),
