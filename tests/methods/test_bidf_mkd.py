@@ -9,7 +9,7 @@ import torch
 
 from apimeta.apis.zoo import build_zoo
 from apimeta.checkpoint import load_checkpoint
-from apimeta.errors import ConfigError
+from apimeta.errors import CheckpointError, ConfigError
 from apimeta.events import EventSchedule
 from apimeta.methods import METHODS
 from apimeta.run_config import (
@@ -413,3 +413,9 @@ def test_contrastive_is_refused_by_bidf_mkd_and_bad_values_by_the_config(zoo, tm
     cfg = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, contrastive_tau=0.0))
     with pytest.raises(ConfigError, match=r"kd\.contrastive_tau must be > 0"):
         train(cfg)
+
+
+def test_resuming_with_the_contrastive_term_switched_is_a_checkpoint_error(zoo, tmp_path):
+    train(_leaves(zoo, tmp_path, 0.0, episodes=2))
+    with pytest.raises(CheckpointError, match="trained with other parameters"):
+        train(_leaves(zoo, tmp_path, 1.0), resume=True)

@@ -379,7 +379,14 @@ class MetaTrainer(Method):
                     "(the value it was trained with)"
                 )
             self.ema_model.load_state_dict(ckpt["ema"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:  # a setting that adds or removes trained parameters changed
+            raise CheckpointError(
+                f"{self.run.last_checkpoint} was trained with other parameters than this config "
+                f"gives ({e}); resume it with the config it was trained with (e.g. the same "
+                "kd.contrastive)"
+            ) from e
         defaults = dataclasses.asdict(TrainerState())
         self.state = TrainerState(**{f: ckpt.get(f, defaults[f]) for f in _STATE_FIELDS})
         self.state.step, self.state.elapsed = int(self.state.step), float(self.state.elapsed)
