@@ -45,8 +45,14 @@ def test_ablations_change_exactly_one_component():
     assert {k for k in bbkd if bbkd[k] != leaves[k]} == {"recovery", "events"}
     assert _resolved("bbkd:dead-leaves").recovery.source == "dead-leaves"
     contrastive = to_dict(_resolved("bbkd:contrastive-leaves"))
-    assert {k for k in leaves if leaves[k] != contrastive[k]} == {"kd"}
-    assert _resolved("bbkd:contrastive-leaves").kd.contrastive == 1.0
+    assert {k for k in leaves if leaves[k] != contrastive[k]} == {"kd", "eval"}
+    resolved = _resolved("bbkd:contrastive-leaves")
+    assert resolved.kd.contrastive == 1.0
+    assert (resolved.eval.reinit, resolved.eval.test_lr) == (2, 0.1)
+    assert {k for k in leaves["eval"] if leaves["eval"][k] != contrastive["eval"][k]} == {
+        "reinit",
+        "test_lr",
+    }
     kd, kd0 = to_dict(_resolved("bidf-mkd:no-boundary"))["kd"], base["kd"]
     assert {k for k in kd if kd[k] != kd0[k]} == {"adv"}
     mem = _resolved("bidf-mkd:diverse-memory").memory

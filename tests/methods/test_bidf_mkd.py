@@ -212,6 +212,17 @@ def test_a_budget_below_one_event_is_refused_before_the_run_starts(zoo, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("method", ["bidf-mkd", "bbkd"])
+def test_meta_val_with_reinit_runs_inside_training(zoo, tmp_path, method):
+    """In-training meta-val copies the model for eval.reinit: bbkd's feature hook, bound to the
+    learner, once dragged the learner (its ledger's lock) into that copy and the run failed."""
+    ev = EvalConfig(every=2, tasks=3, test_tasks=3, reinit=2)
+    m, result = train(tiny_cfg(zoo, tmp_path, method=method, eval=ev))
+    assert [r["step"] for r in m.run.read_metrics() if r.get("phase") == "val"]
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.model.modules())
+    assert result.metrics["test"]["final"]["synthetic"]
+
+
 def test_schedules_a_short_run_never_reaches_are_warned_about(zoo, tmp_path, caplog):
     """A 2-update run with the default kd.adv_start=500 and eval.every=1000 used to run without
     the boundary term and without model selection, silently."""

@@ -97,11 +97,20 @@ class BBKD(APILearner):
         self.pool_probs: list[bool] = []
         self.budget_exhausted = False
         self.n_events = 0
-        self._features: Tensor | None = None
-        head.register_forward_hook(self._grab)
+        self.head = head
 
-    def _grab(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        self._features = inputs[0]
+    def _features_of(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) model inputs -> (B, D) the model's features (its head's input), with
+        gradients. The hook lives only for this forward pass: a persistent hook bound to the
+        learner would drag the learner into every copy of the model (``copy.deepcopy`` in
+        ``eval.reinit``)."""
+        seen: list[Tensor] = []
+        handle = self.head.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+        try:
+            self.model(x)
+        finally:
+            handle.remove()
+        return seen[-1]
 
     def extra_state(self) -> dict[str, Any]:
         return {
@@ -221,9 +230,8 @@ class BBKD(APILearner):
         assert self.projection is not None
         xf = (x.float() / 255.0 if x.dtype == torch.uint8 else x).to(self.device)
         views = [color_jitter(resized_crop_flip(xf, g), g) for _ in range(2)]
-        self.model(resize(torch.cat(views), self.cfg.image_size))
-        assert self._features is not None
-        z1, z2 = self.projection(self._features).chunk(2)
+        feats = self._features_of(resize(torch.cat(views), self.cfg.image_size))
+        z1, z2 = self.projection(feats).chunk(2)
         return nt_xent(z1, z2, self.cfg.kd.contrastive_tau)
 
     def meta_batch_loss(self, step: int) -> tuple[Tensor, dict[str, Any]]:
@@ -244,9 +252,8 @@ class BBKD(APILearner):
             idx = torch.randperm(x.shape[0], generator=g)[: cfg.way * (cfg.shot + cfg.query)]
             xb = x[idx].float() / 255.0 if x.dtype == torch.uint8 else x[idx]
             xb = crop_flip(xb, g).to(self.device)
-            self.model(resize(xb, cfg.image_size))  # fills self._features through the hook
-            assert self._features is not None
-            logits = self.union_head(self._features)[:, self.pool_cols[i].to(self.device)]
+            feats = self._features_of(resize(xb, cfg.image_size))
+            logits = self.union_head(feats)[:, self.pool_cols[i].to(self.device)]
             teacher = t[idx].to(self.device)
             loss = self.kd(logits, teacher, T=cfg.kd.T, teacher_is_probs=self.pool_probs[i])
             if self.projection is not None:
