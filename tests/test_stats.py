@@ -45,3 +45,35 @@ def test_seed_noise_widens_the_interval_and_no_effect_is_covered():
 def test_mismatched_tasks_are_refused():
     with pytest.raises(ValueError, match="same tasks"):
         paired_bootstrap(np.zeros((2, 5)), np.zeros((2, 6)))
+
+
+def _tuned_dirs(tmp_path, name: str, offset: float, tasks: int = 6) -> str:
+    """A bench row directory with seed-*/tuned.json whose accuracies are known."""
+    import json
+
+    row = tmp_path / name
+    for seed in (2022, 2023):
+        accs = [40.0 + offset + t for t in range(tasks)]  # the same for both seeds
+        cell = {"setting": {"lr": 0.1}, "val": {"lr=0.1": 50.0 + offset}, "mean": sum(accs) / tasks}
+        cell["accs"] = accs
+        (row / f"seed-{seed}").mkdir(parents=True)
+        (row / f"seed-{seed}" / "tuned.json").write_text(
+            json.dumps({"tasks": tasks, "shots": [1], "results": {"d": {"1-shot": cell}}})
+        )
+    return str(row)
+
+
+def test_the_cross_bench_script_pairs_rows_on_their_tasks(tmp_path, capsys):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "paired_rows.py"
+    main = runpy.run_path(str(script))["main"]
+    a, b = _tuned_dirs(tmp_path, "a", 0.0), _tuned_dirs(tmp_path, "b", 5.0)
+    main([f"a={a}", f"b={b}"])
+    out = capsys.readouterr().out
+    assert "b - a: +5.00 [+5.00, +5.00]" in out  # +5 on every task of every seed
+    assert "2022: val 55.00 test" in out
+    other = _tuned_dirs(tmp_path, "c", 0.0, tasks=4)
+    with pytest.raises(SystemExit, match="other tasks"):
+        main([f"a={a}", f"c={other}"])
