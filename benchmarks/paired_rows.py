@@ -4,7 +4,9 @@
 
 Each DIR is a row's directory of a bench run (the one holding ``seed-N/tuned.json``, e.g.
 ``runs/contrastive/SS/bbkd-contrastive-leaves``). Every row must have been tuned on the same
-meta-test tasks (same ``--tasks``, same task seed); this is checked. Prints, per shot, each row's
+meta-test tasks: bench draws them from its fixed evaluation seed, so the same ``--tasks`` and
+shots give the same tasks (counts, shots, way and query size are checked; another dataset is
+not caught). Prints, per shot, each row's
 meta-val score of the chosen setting and meta-test mean per seed, then the paired bootstrap
 (tasks and seeds, :func:`apimeta.stats.paired_bootstrap`) of every row against the first.
 """
@@ -18,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from apimeta.stats import paired_bootstrap
+
+KEYS = ("way", "query")  # protocol fields that must agree for the tasks to be the same
 
 
 def load_row(path: Path) -> dict[int, dict]:
@@ -38,7 +42,8 @@ def main(argv: list[str]) -> None:
     ref = next(iter(first.values()))
     for name, seeds in rows.items():
         for seed, t in seeds.items():
-            if t["tasks"] != ref["tasks"] or t["shots"] != ref["shots"]:
+            same = [t.get("protocol", {}).get(k) == ref.get("protocol", {}).get(k) for k in KEYS]
+            if t["tasks"] != ref["tasks"] or t["shots"] != ref["shots"] or not all(same):
                 raise SystemExit(f"{name} seed {seed}: other tasks or shots than the first row")
     for ds in ref["results"]:
         for shot in ref["results"][ds]:
