@@ -31,8 +31,10 @@ from apimeta.apis.base import BlackBoxAPI
 from apimeta.candidates import draw_candidates
 from apimeta.episodes import APIEpisode
 from apimeta.errors import ConfigError, QueryBudgetExceeded
+from apimeta.evaluate import head_features
 from apimeta.events import APIEvent
 from apimeta.losses import nt_xent, output_kind, teacher_probs
+from apimeta.maml import named_params
 from apimeta.methods.api_learner import APILearner
 from apimeta.methods.interface import METHODS
 from apimeta.seeding import derive_seed
@@ -97,20 +99,9 @@ class BBKD(APILearner):
         self.pool_probs: list[bool] = []
         self.budget_exhausted = False
         self.n_events = 0
-        self.head = head
-
-    def _features_of(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) model inputs -> (B, D) the model's features (its head's input), with
-        gradients. The hook lives only for this forward pass: a persistent hook bound to the
-        learner would drag the learner into every copy of the model (``copy.deepcopy`` in
-        ``eval.reinit``)."""
-        seen: list[Tensor] = []
-        handle = self.head.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
-        try:
-            self.model(x)
-        finally:
-            handle.remove()
-        return seen[-1]
+        # features are read with a hook that lives for one forward pass (evaluate.head_features):
+        # a hook left on the model, bound to the learner, would be copied with the model
+        # (eval.reinit deep-copies it) and drag the learner along
 
     def extra_state(self) -> dict[str, Any]:
         return {
@@ -224,13 +215,17 @@ class BBKD(APILearner):
         }
         self.record_event(APIEvent(self.n_events - 1, episode, record))
 
+    def _features(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) model inputs -> (B, D) features (the head's input), with gradients."""
+        return head_features(self.model, named_params(self.model), x)
+
     def _contrastive(self, x: Tensor, g: torch.Generator) -> Tensor:
         """NT-Xent between two strong views of the (B, C, H, W) pool images ``x`` (uint8 or
         float in [0, 1]), one forward pass of both through the model and the projection."""
         assert self.projection is not None
         xf = (x.float() / 255.0 if x.dtype == torch.uint8 else x).to(self.device)
         views = [color_jitter(resized_crop_flip(xf, g), g) for _ in range(2)]
-        feats = self._features_of(resize(torch.cat(views), self.cfg.image_size))
+        feats = self._features(resize(torch.cat(views), self.cfg.image_size))
         z1, z2 = self.projection(feats).chunk(2)
         return nt_xent(z1, z2, self.cfg.kd.contrastive_tau)
 
@@ -252,7 +247,7 @@ class BBKD(APILearner):
             idx = torch.randperm(x.shape[0], generator=g)[: cfg.way * (cfg.shot + cfg.query)]
             xb = x[idx].float() / 255.0 if x.dtype == torch.uint8 else x[idx]
             xb = crop_flip(xb, g).to(self.device)
-            feats = self._features_of(resize(xb, cfg.image_size))
+            feats = self._features(resize(xb, cfg.image_size))
             logits = self.union_head(feats)[:, self.pool_cols[i].to(self.device)]
             teacher = t[idx].to(self.device)
             loss = self.kd(logits, teacher, T=cfg.kd.T, teacher_is_probs=self.pool_probs[i])
