@@ -28,7 +28,7 @@ def _cli(*args: str) -> list[str]:
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_last_pt_and_resume_finishes(tmp_path, sig, code):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(
         _cli(*TRAIN, "--episodes", "100000", "--out", str(out)),
         stdout=subprocess.PIPE,
@@ -45,7 +45,14 @@ def test_signal_saves_last_pt_and_resume_finishes(tmp_path, sig, code):
     # no periodic checkpoint yet (checkpoint_every is huge): only the signal can save one
     assert not (out / "last.pt").exists()
     proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # seen once: show where every thread of the child hangs
+        proc.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER dumps the stacks on SIGABRT
+        stdout, stderr = proc.communicate()
+        pytest.fail(
+            f"no exit within 120 s of signal {sig!r}; the child's stacks:\n{stderr[-6000:]}"
+        )
     assert proc.returncode == code, stdout + stderr
     assert f"apimeta train --resume --out {out}" in " ".join((stdout + stderr).split())
     step = load_checkpoint(out / "last.pt")["step"]
