@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from apimeta.evaluate import setting_label
 from apimeta.stats import paired_bootstrap
 
 KEYS = ("way", "query")  # protocol fields that must agree for the tasks to be the same
@@ -53,8 +54,8 @@ def main(argv: list[str]) -> None:
                 per = []
                 for seed, t in sorted(seeds.items()):
                     cell = t["results"][ds][shot]
-                    key = " ".join(f"{k}={v}" for k, v in cell["setting"].items())
-                    per.append(f"{seed}: val {cell['val'][key]:.2f} test {cell['mean']:.2f}")
+                    val = cell["val"][setting_label(cell["setting"])]
+                    per.append(f"{seed}: val {val:.2f} test {cell['mean']:.2f}")
                 accs[name] = np.array([t["results"][ds][shot]["accs"] for t in seeds.values()])
                 print(f"{name}: mean {accs[name].mean():.2f}  ({'; '.join(per)})")
             base = next(iter(accs))

@@ -99,9 +99,6 @@ class BBKD(APILearner):
         self.pool_probs: list[bool] = []
         self.budget_exhausted = False
         self.n_events = 0
-        # features are read with a hook that lives for one forward pass (evaluate.head_features):
-        # a hook left on the model, bound to the learner, would be copied with the model
-        # (eval.reinit deep-copies it) and drag the learner along
 
     def extra_state(self) -> dict[str, Any]:
         return {
@@ -216,7 +213,9 @@ class BBKD(APILearner):
         self.record_event(APIEvent(self.n_events - 1, episode, record))
 
     def _features(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) model inputs -> (B, D) features (the head's input), with gradients."""
+        """(B, C, H, W) model inputs -> (B, D) features (the head's input), with gradients.
+        The hook of :func:`head_features` lives for one forward pass: a hook left on the model,
+        bound to the learner, would be copied with it (``eval.reinit`` deep-copies the model)."""
         return head_features(self.model, named_params(self.model), x)
 
     def _contrastive(self, x: Tensor, g: torch.Generator) -> Tensor:
