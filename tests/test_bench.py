@@ -45,13 +45,21 @@ def test_ablations_change_exactly_one_component():
     assert {k for k in bbkd if bbkd[k] != leaves[k]} == {"recovery", "events"}
     assert _resolved("bbkd:dead-leaves").recovery.source == "dead-leaves"
     contrastive = to_dict(_resolved("bbkd:contrastive-leaves"))
-    assert {k for k in leaves if leaves[k] != contrastive[k]} == {"kd", "eval"}
+    # the measured run: its loss, its meta-test protocol, its length and budget
+    assert {k for k in leaves if leaves[k] != contrastive[k]} == {
+        "kd",
+        "eval",
+        "episodes",
+        "query_budget",
+    }
     resolved = _resolved("bbkd:contrastive-leaves")
     assert resolved.kd.contrastive == 1.0
     assert (resolved.eval.reinit, resolved.eval.test_lr) == (2, 0.1)
+    assert (resolved.episodes, resolved.query_budget, resolved.eval.every) == (4000, 50_000, 0.5)
     assert {k for k in leaves["eval"] if leaves["eval"][k] != contrastive["eval"][k]} == {
         "reinit",
         "test_lr",
+        "every",
     }
     kd, kd0 = to_dict(_resolved("bidf-mkd:no-boundary"))["kd"], base["kd"]
     assert {k for k in kd if kd[k] != kd0[k]} == {"adv"}
@@ -113,3 +121,24 @@ def test_protocol_key_names_reinit_only_when_set():
     assert "reinit" not in _protocol_key(cfg)
     other = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, reinit=2))
     assert _protocol_key(other) == {**_protocol_key(cfg), "reinit": 2}
+
+
+def test_a_bench_row_is_base_then_variant_then_sets_then_scenario(tmp_path):
+    """--set wins over a variant's own length and budget; the scenario and the row name the zoo,
+    the datasets and the method whatever the preset or --set say."""
+    from apimeta.bench import ZooScenario, row_config
+
+    assert CPU["method"] == "bbkd:contrastive-leaves"  # the preset's variant, not expanded
+    scen = ZooScenario("SS", "zoos/z", "emoji")
+    kw = {"shots": (1, 5), "tasks": 7}
+    own = row_config(CPU, scen, "bbkd:contrastive-leaves", tmp_path, **kw)
+    assert (own.method, own.episodes, own.query_budget) == ("bbkd", 4000, 50_000)
+    assert own.eval.test_tasks == 7 and own.zoo == "zoos/z" and own.out == str(tmp_path)
+    sets = ["episodes=12", "query_budget=900", "zoo=elsewhere", "method=maml-real"]
+    cfg = row_config(CPU, scen, "bbkd:contrastive-leaves", tmp_path, sets=sets, seed=5, **kw)
+    assert (cfg.method, cfg.episodes, cfg.query_budget, cfg.zoo) == ("bbkd", 12, 900, "zoos/z")
+    assert cfg.seed == 5 and cfg.kd.contrastive == 1.0
+    # another row of the same base gets none of the preset's variant
+    paper = row_config(CPU, scen, "bidf-mkd", tmp_path, **kw)
+    assert paper.method == "bidf-mkd" and paper.kd.contrastive == 0.0
+    assert paper.recovery.source == "generator" and paper.query_budget == 5_000_000

@@ -228,3 +228,46 @@ def test_eval_protocol_values_are_checked(overrides: list[str], match: str) -> N
     assert load_config(RunConfig, overrides=["eval.test_lr=none"]).eval.test_lr is None
     with pytest.raises(ConfigError, match=match):
         check_run_config(load_config(RunConfig, overrides=overrides))
+
+
+def test_a_method_variant_enters_below_direct_options_and_sets() -> None:
+    """The cpu preset names ``bbkd:contrastive-leaves``: its changes sit above the preset and
+    below --method / direct options / --set; the resolved config names the plain method."""
+    from apimeta.bench import variants
+
+    cfg = resolve_config(preset="cpu")
+    assert (cfg.method, cfg.recovery.source, cfg.kd.contrastive) == ("bbkd", "dead-leaves", 1.0)
+    assert (cfg.episodes, cfg.query_budget, cfg.eval.reinit) == (4000, 50_000, 2)
+    assert cfg.zo.q == 10  # the preset's keys the variant leaves alone
+    cfg = resolve_config(preset="cpu", direct={"query_budget": 7}, sets=["eval.reinit=1"])
+    assert (cfg.query_budget, cfg.eval.reinit, cfg.episodes) == (7, 1, 4000)
+    paper = resolve_config(preset="cpu", direct={"method": "bidf-mkd"})
+    assert (paper.method, paper.kd.contrastive, paper.recovery.source) == (
+        "bidf-mkd",
+        0.0,
+        "generator",
+    )
+    assert paper.query_budget == 5_000_000 and paper.episodes == 8000
+    named = resolve_config(direct={"method": "bbkd:dead-leaves"})
+    assert (named.method, named.recovery.source, named.kd.contrastive) == (
+        "bbkd",
+        "dead-leaves",
+        0.0,
+    )
+    assert resolve_config(preset="cpu", expand=False).method == "bbkd:contrastive-leaves"
+    with pytest.raises(ConfigError, match="no extension named 'nope'"):
+        resolve_config(direct={"method": "bbkd:nope"})
+    # with the bench's table, a variant must be one its method declares
+    with pytest.raises(ConfigError, match="unknown method variant 'bidf-mkd:contrastive-leaves'"):
+        resolve_config(direct={"method": "bidf-mkd:contrastive-leaves"}, variants=variants())
+
+
+def test_a_resumed_run_keeps_its_own_config_not_the_variants(tmp_path: Path) -> None:
+    """config.yaml stores the expanded config under the plain method: resuming does not apply
+    the variant again over what the run was started with."""
+    from apimeta.config import to_dict
+
+    first = resolve_config(preset="cpu", sets=["kd.contrastive=0.5", "episodes=40"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(first)))
+    again = resolve_config(resume_from=tmp_path)
+    assert (again.method, again.kd.contrastive, again.episodes) == ("bbkd", 0.5, 40)

@@ -34,7 +34,14 @@ from apimeta.methods import METHODS
 from apimeta.models.meta import load_init, load_run_datasets
 from apimeta.parallel import Backend, run_jobs
 from apimeta.report import fmt_acc, markdown_table
-from apimeta.run_config import ABLATIONS, SECTIONS, RunConfig, base_config, migrate_legacy
+from apimeta.run_config import (
+    ABLATIONS,
+    SECTIONS,
+    RunConfig,
+    apply_sets,
+    base_config,
+    migrate_legacy,
+)
 from apimeta.runner import start_run
 from apimeta.runs import RunDir
 from apimeta.stats import paired_bootstrap
@@ -195,6 +202,31 @@ def _file_key(path: Path | None) -> list[Any] | None:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
+def row_config(
+    base: dict[str, Any],
+    scenario: ZooScenario,
+    name: str,
+    path: Path,
+    *,
+    shots: Sequence[int],
+    tasks: int,
+    seed: int | None = None,
+    sets: Sequence[str] = (),
+) -> RunConfig:
+    """The config of one cell: ``base`` (defaults <- preset) <- the variant's changes <-
+    ``sets`` (``--set`` items: they win over a variant's own length or budget) <- the scenario's
+    zoo and datasets, the row's method, ``seed`` and the bench's meta-test tasks and shots."""
+    method, overrides = variant(name)
+    data = apply_sets(merge(base, overrides), sets)
+    data = merge(data, {"method": method, "zoo": scenario.zoo, "dataset": scenario.dataset})
+    # the training run's own final meta-test is the bench's (same tasks and shots): reused
+    data = merge(data, {"eval": {"test_tasks": tasks, "test_shots": list(shots)}})
+    if seed is not None:
+        data["seed"] = seed
+    data["out"] = str(path)
+    return from_dict(RunConfig, data)
+
+
 def run_one(
     base: dict[str, Any],
     scenario: ZooScenario,
@@ -206,24 +238,19 @@ def run_one(
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
     seed: int | None = None,
     tune: dict[str, list[Any]] | None = None,
+    sets: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train (unless reusable) and evaluate one variant in one scenario; returns the eval row
-    (per-task accuracies included). ``seed``: this training seed, in ``<run dir>/seed-N``
+    (per-task accuracies included); its config is :func:`row_config`. ``seed``: this training
+    seed, in ``<run dir>/seed-N``
     (None: the config's seed, in the run dir itself). ``tune``: a protocol grid
     (:func:`~apimeta.evaluate.parse_grid`); the row then also holds ``"tuned"``, its results
     with the fine-tuning protocol chosen on meta-val (:func:`tune_init`, cached in
     ``tuned.json``)."""
-    method, overrides = variant(name)
+    method = variant(name)[0]
     path = cell_dir(out, scenario, name, seed)
     done = path / "eval.json"
-    data = merge(base, {"method": method, "zoo": scenario.zoo, "dataset": scenario.dataset})
-    data = merge(data, overrides)
-    # the training run's own final meta-test is the bench's (same tasks and shots): reused below
-    data = merge(data, {"eval": {"test_tasks": tasks, "test_shots": list(shots)}})
-    if seed is not None:
-        data["seed"] = seed
-    data["out"] = str(path)
-    cfg = from_dict(RunConfig, data)
+    cfg = row_config(base, scenario, name, path, shots=shots, tasks=tasks, seed=seed, sets=sets)
     if done.exists():
         row = json.loads(done.read_text())
         accs = all("accs" in r for res in row.get("results", {}).values() for r in res.values())
@@ -314,7 +341,7 @@ def _cell_job(shared: dict[str, Any], cell: Cell) -> None:
     """A parallel job: train and evaluate one cell (its row is read back from disk)."""
     run_one(shared["base"], cell.scenario, cell.name, Path(shared["out"]),
             shots=shared["shots"], tasks=shared["tasks"], seed=cell.seed,
-            tune=shared.get("tune"))  # fmt: skip
+            tune=shared.get("tune"), sets=shared.get("sets", ()))  # fmt: skip
 
 
 def run_cells(
@@ -328,8 +355,9 @@ def run_cells(
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
     on_done: Callable[[Cell], None] | None = None,
     tune: dict[str, list[Any]] | None = None,
+    sets: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """The eval rows of ``cells``, in order. A parallel ``backend`` (:mod:`apimeta.parallel`:
+    """The eval rows of ``cells``, in order (each row's config: :func:`run_one`). A parallel ``backend`` (:mod:`apimeta.parallel`:
     worker processes or Ray, one torch thread per job) runs each run directory once (zoo-free
     rows shared by scenarios train once); the rows are then read back in order. Finished runs
     are reused and interrupted ones resume, so a killed bench continues where it stopped. The
@@ -342,7 +370,7 @@ def run_cells(
             unique.setdefault(cell_dir(out, c.scenario, c.name, c.seed), c)
         jobs = [(c,) for c in unique.values()]
         shared = {"base": base, "out": str(out), "shots": list(shots), "tasks": tasks,
-                  "tune": tune}  # fmt: skip
+                  "tune": tune, "sets": list(sets)}  # fmt: skip
         for k, _ in run_jobs(_cell_job, jobs, backend, shared=shared):
             if on_done is not None:
                 on_done(jobs[k][0])
@@ -350,7 +378,7 @@ def run_cells(
     for c in cells:  # sequential, or reading back what the workers finished
         rows.append(
             run_one(base, c.scenario, c.name, out, shots=shots, tasks=tasks,
-                    progress=progress, seed=c.seed, tune=tune)
+                    progress=progress, seed=c.seed, tune=tune, sets=sets)
         )  # fmt: skip
         if on_done is not None and not backend.parallel:
             on_done(c)
@@ -653,6 +681,7 @@ __all__ = [
     "paired_table",
     "per_dataset_table",
     "protocol_table",
+    "row_config",
     "run_cells",
     "run_dir_for",
     "run_one",

@@ -84,6 +84,8 @@ def test_eval_checkpoint_and_random(trained, tmp_path):
     ("args", "message"),
     [
         (["train", "--method", "nope"], "unknown method"),
+        (["train", "--method", "bidf-mkd:nope"], "unknown method variant 'bidf-mkd:nope'"),
+        (["train", "--preset", "cpu", "--no-boundary"], "add --method bidf-mkd"),
         (["train", "--preset", "nope"], "no preset named"),
         (["train", "--resume"], "--resume needs --out"),
         (["train", "--method", "maml-real", "--set", "bogus=1"], "unknown config key"),
@@ -110,10 +112,14 @@ def test_config_resolution_order(tmp_path):
 
 
 def test_white_box_flag_disables_zo_and_early_stop_unless_set_again():
-    assert resolve_config(preset="cpu").recovery.early_stop_prob is not None
-    cfg = resolve_config(preset="cpu", ablations=ABLATIONS["white-box"])
+    paper = {"method": "bidf-mkd"}
+    assert resolve_config(preset="cpu", direct=paper).recovery.early_stop_prob is not None
+    cfg = resolve_config(preset="cpu", direct=paper, ablations=ABLATIONS["white-box"])
     assert cfg.zo.enabled is False and cfg.recovery.early_stop_prob is None
     cfg = resolve_config(
-        preset="cpu", ablations=ABLATIONS["white-box"], sets=["recovery.early_stop_prob=0.5"]
+        preset="cpu",
+        direct=paper,
+        ablations=ABLATIONS["white-box"],
+        sets=["recovery.early_stop_prob=0.5"],
     )
     assert cfg.recovery.early_stop_prob == 0.5

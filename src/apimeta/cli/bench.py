@@ -123,12 +123,14 @@ def bench_cmd(
             variant(n)
         shot_list = parse_shots(shots)
         grid = parse_grid(tune)
-        base = base_config(preset, [*sets, *([f"device={device}"] if device else [])])
+        all_sets = [*sets, *([f"device={device}"] if device else [])]
+        base = base_config(preset, [])
+        first_seed = int(base_config(preset, all_sets)["seed"])  # a bad --set fails here
         if seeds < 1:
             raise ConfigError(f"--seeds must be >= 1, got {seeds}")
         backend = make_backend(workers, ray=ray, ray_address=ray_address)
         seed_list: list[int | None] = (
-            [None] if seeds == 1 else [int(base.get("seed", 2022)) + i for i in range(seeds)]
+            [None] if seeds == 1 else [first_seed + i for i in range(seeds)]
         )
         rows = []
         cols = (
@@ -157,6 +159,7 @@ def bench_cmd(
                 progress=TrainProgress(progress) if not backend.parallel else None,
                 on_done=done,
                 tune=grid or None,
+                sets=all_sets,
             )
         cmd = "apimeta bench " + " ".join(
             [f"--scenario {s}" for s in scenario]

@@ -1,9 +1,10 @@
 """``apimeta demo``: the main job on the built-in offline data, end to end.
 
 Renders ``emoji`` (cached), builds a 20-API Conv4 zoo (cached under ``$APIMETA_HOME/zoos``),
-meta-trains BiDf-MKD with the ``cpu`` preset under a query budget, evaluates it against random
-init on the same meta-test tasks, and writes a run directory with the resolved config, metrics
-(JSONL), checkpoints, recovered-image grids per API event, a learning curve and ``report.md``.
+meta-trains the ``cpu`` preset's method (``bbkd:contrastive-leaves``) and the paper's BiDf-MKD,
+evaluates both and random init on the same meta-test tasks, and writes a run directory with the
+resolved configs, metrics (JSONL), checkpoints, image grids per API event, a learning curve and
+``report.md``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ COLUMNS = (
 )
 
 
+#: the demo's length and budget per trained row (the preset's method is ``default``); direct
+#: --episodes / --query-budget replace them for every row
+DEMO_ROWS: dict[str, dict[str, int]] = {
+    "default": {"episodes": 1600},
+    "bidf-mkd": {"episodes": 800, "query_budget": 1_000_000},
+}
+
+
 @app.command("demo")
 def demo_cmd(
     out: Path | None = typer.Option(
@@ -42,11 +51,20 @@ def demo_cmd(
     ),
     dataset: str = typer.Option("emoji", "--dataset", "-d", help="Built-in dataset to use."),
     n_apis: int = typer.Option(20, "--n-apis", help="APIs in the Conv4 zoo."),
-    episodes: int = typer.Option(
-        800, "--episodes", help="Training episodes (4 per meta-update; the cpu preset has 8000)."
+    episodes: int | None = typer.Option(
+        None,
+        "--episodes",
+        help="Training episodes of every trained row (4 per meta-update). Default: "
+        + ", ".join(f"{k} {v['episodes']}" for k, v in DEMO_ROWS.items())
+        + " (shorter than the cpu preset's runs, to finish in minutes).",
+        show_default=False,
     ),
-    query_budget: int = typer.Option(
-        1_000_000, "--query-budget", help="Hard budget of images sent to the APIs."
+    query_budget: int | None = typer.Option(
+        None,
+        "--query-budget",
+        help="Hard budget of images sent to the APIs, per trained row. Default: the row's own "
+        "(the preset's method: 50,000; bidf-mkd: 1,000,000).",
+        show_default=False,
     ),
     tasks: int = typer.Option(300, "--tasks", help="Meta-test tasks per shot (paper: 600)."),
     sets: list[str] = typer.Option(
@@ -54,11 +72,12 @@ def demo_cmd(
     ),
     threads: int = typer.Option(2, "--threads", help="torch CPU threads."),
 ) -> None:
-    """Run the main job on the built-in data: emoji + 20 Conv4 APIs -> BiDf-MKD vs random init."""
+    """Run the main job on the built-in data: emoji + 20 Conv4 APIs -> the cpu preset's method
+    and BiDf-MKD vs random init, on the same meta-test tasks."""
     with friendly_errors():
         from apimeta.apis.zoo import build_zoo
         from apimeta.bench import ZooScenario, base_config, run_one
-        from apimeta.config import apimeta_home
+        from apimeta.config import apimeta_home, merge
         from apimeta.data import load_dataset
         from apimeta.report import (
             fmt_acc,
@@ -67,6 +86,7 @@ def demo_cmd(
             read_jsonl,
             write_report,
         )
+        from apimeta.run_config import split_variant
 
         t_start = time.perf_counter()
         set_threads(threads)
@@ -104,41 +124,52 @@ def demo_cmd(
             f"{100 * sum(accs) / len(accs):.1f}%"
         )
 
-        # 3-4. meta-train BiDf-MKD, evaluate it and random init on the same test tasks
-        base = base_config(
-            "cpu",
-            [
-                f"episodes={episodes}",
-                f"query_budget={query_budget}",
-                f"eval.every={max(episodes // 4, 4)}",
+        # 3-4. meta-train the preset's method and BiDf-MKD, evaluate both and random init on
+        # the same test tasks
+        base = base_config("cpu", [])
+        default = str(base["method"])  # a variant name, e.g. bbkd:contrastive-leaves
+        scenario = ZooScenario("SS", str(zoo_dir), dataset)
+        # every row is fine-tuned with the default row's protocol (its meta-val uses it too)
+        protocol = merge(base["eval"], split_variant(default)[1].get("eval", {}))
+        same_protocol = [
+            f"eval.{k}={'null' if protocol[k] is None else protocol[k]}"
+            for k in ("test_steps", "test_lr", "head", "reinit")
+        ]
+        rows = {}
+        for name in dict.fromkeys((default, "bidf-mkd", "random")):
+            own = DEMO_ROWS["default" if name == default else name] if name != "random" else {}
+            n_ep = episodes or own.get("episodes", 800)
+            budget = query_budget or own.get("query_budget")
+            row_sets = [
+                f"episodes={n_ep}",
+                *([f"query_budget={budget}"] if budget else []),
+                f"eval.every={max(n_ep // 4, 4)}",
                 "eval.tasks=50",
                 f"eval.test_tasks={tasks}",
                 f"threads={threads}",
+                *same_protocol,
                 *sets,
-            ],
-        )
-        scenario = ZooScenario("SS", str(zoo_dir), dataset)
-        rows = {}
-        for name in ("bidf-mkd", "random"):
+            ]
             with Progress(*COLUMNS, console=console, transient=True) as p:
+                if name != "random":
+                    p.console.print(f"training [bold]{name}[/] ({n_ep // 4} meta-updates)")
                 rows[name] = run_one(
-                    base, scenario, name, out, shots=(1, 5), tasks=tasks, progress=TrainProgress(p)
-                )
-        bidf = rows["bidf-mkd"]
-        run_path = Path(bidf["checkpoint"]).parent
+                    base, scenario, name, out, shots=(1, 5), tasks=tasks,
+                    progress=TrainProgress(p), sets=row_sets,
+                )  # fmt: skip
+        best = rows[default]
 
         # 5. artefacts
-        metrics = read_jsonl(run_path / "metrics.jsonl")
-        train_rows = [m for m in metrics if m.get("phase") == "train"]
+        runs = {n: Path(r["checkpoint"]).parent for n, r in rows.items() if r["checkpoint"]}
+        metrics = {n: read_jsonl(path / "metrics.jsonl") for n, path in runs.items()}
+        train_rows = [m for m in metrics[default] if m.get("phase") == "train"]
         val_rows = [
             {"step": m["step"], "val_acc_1shot": m["score"]}
-            for m in metrics
+            for m in metrics[default]
             if m.get("phase") == "val"
         ]
         curve = out / "learning_curve.png"
-        plot_learning_curve(train_rows + val_rows, curve, title=f"BiDf-MKD on {dataset} (API-SS)")
-        events = [m for m in metrics if m.get("phase") == "event"]
-        grids = sorted((run_path / "recovered").glob("event-*.png"))
+        plot_learning_curve(train_rows + val_rows, curve, title=f"{default} on {dataset} (API-SS)")
         table = markdown_table(
             ["init", "1-shot", "5-shot", "API queries", "API events", "train time"],
             [
@@ -154,50 +185,40 @@ def demo_cmd(
             ],
         )
         wall = time.perf_counter() - t_start
-        fid = (
-            sum(e["fidelity_support"] + e["fidelity_query"] for e in events) / (2 * len(events))
-            if events
-            else float("nan")
-        )
-        div = (
-            sum(e.get("diversity_support", float("nan")) for e in events) / len(events)
-            if events
-            else float("nan")
-        )
+        e = best["config"]["eval"]
         write_report(
             out / "report.md",
-            f"apimeta demo: BiDf-MKD on {dataset} (API-SS, {len(accs)} Conv4 APIs)",
+            f"apimeta demo: {default} and BiDf-MKD on {dataset} (API-SS, {len(accs)} Conv4 APIs)",
             [
                 (
                     "Result",
                     f"5-way meta-test accuracy (%) ± 95% CI on {tasks} tasks per shot, the same "
-                    "tasks for both initializations; BiDf-MKD's checkpoint was selected on "
-                    "meta-val.\n\n"
-                    + table
-                    + f"\nFine-tuning: {bidf['config']['eval']['test_steps']} steps at lr "
-                    f"{bidf['config']['eval'].get('test_lr') or bidf['config']['inner_lr']} "
-                    "for both (the paper's protocol by default). With the lr chosen on meta-val "
-                    "for each init, random init gains the most and is level with or above "
-                    "BiDf-MKD (BENCHMARKS.md §6); "
-                    "to compare that way, run `apimeta bench` with `--tune lr=0.01,0.1,0.3`.\n",
+                    "tasks and the same fine-tuning protocol for every initialization: "
+                    f"{e['test_steps']} steps at lr {e.get('test_lr') or best['config']['inner_lr']}"
+                    + (", the init's own head" if e["head"] == "learned" else f", {e['head']} head")
+                    + (f", the top {e['reinit']} feature stages re-drawn" if e["reinit"] else "")
+                    + f" (the protocol of `{default}`, the `cpu` preset's method). Trained "
+                    "checkpoints were selected on meta-val. One seed and shorter runs than the "
+                    "preset's: the 3-seed comparisons are in BENCHMARKS.md §6.\n\n" + table,
                 ),
                 (
-                    "Run",
-                    f"- run directory: `{run_path}` (config.yaml, metrics.jsonl, best.pt, last.pt)\n"
-                    f"- API zoo: `{zoo_dir}` ({len(accs)} APIs)\n"
-                    f"- API events: {len(events)}, mean recovery fidelity {100 * fid:.1f}%, "
-                    f"mean within-class diversity of support sets {div:.3f} (1 - cos of the "
-                    "meta-model's features; 0 = near-copies)\n"
-                    f"- queries: {bidf['queries']:,} of a {query_budget:,} budget\n"
+                    "Runs",
+                    "".join(_run_lines(n, runs[n], metrics[n], rows[n]) for n in runs)
+                    + f"- API zoo: `{zoo_dir}` ({len(accs)} APIs)\n"
                     f"- wall time of the whole demo: {wall / 60:.1f} min\n",
                 ),
                 ("Learning curve", f"![learning curve]({curve.name})\n"),
                 (
-                    "Recovered images",
-                    "\n".join(
-                        f"![event {i}]({g.relative_to(out)})" for i, g in enumerate(grids[:6])
-                    )
-                    + "\n",
+                    "Images of the API events",
+                    "".join(
+                        f"{n}:\n\n"
+                        + "\n".join(
+                            f"![{n} event {i}]({g.relative_to(out)})"
+                            for i, g in enumerate(sorted((runs[n] / "recovered").glob("*.png"))[:3])
+                        )
+                        + "\n\n"
+                        for n in runs
+                    ),
                 ),
             ],
         )
@@ -205,6 +226,26 @@ def demo_cmd(
         console.print(table)
         console.print(
             f"report: [cyan]{out / 'report.md'}[/]   learning curve: [cyan]{curve}[/]   "
-            f"recovered images: [cyan]{run_path / 'recovered'}[/]"
+            f"run directories: " + ", ".join(f"[cyan]{p}[/]" for p in runs.values())
         )
         console.print(f"demo finished in {wall / 60:.1f} min")
+
+
+def _run_lines(name: str, path: Path, metrics: list[dict], row: dict) -> str:
+    """Report lines of one trained row: its directory, API events and queries."""
+    events = [m for m in metrics if m.get("phase") == "event"]
+    lines = f"- {name}: `{path}` (config.yaml, metrics.jsonl, best.pt, last.pt); "
+    lines += f"{len(events)} API events, {row['queries']:,} queries"
+    budget = row["config"].get("query_budget")
+    lines += f" of a {budget:,} budget" if budget else ""
+    if events and "fidelity_support" in events[0]:
+        fid = sum(e["fidelity_support"] + e["fidelity_query"] for e in events) / (2 * len(events))
+        div = sum(e.get("diversity_support", float("nan")) for e in events) / len(events)
+        lines += (
+            f"; mean recovery fidelity {100 * fid:.1f}%, mean within-class diversity of support "
+            f"sets {div:.3f} (1 - cos of the meta-model's features; 0 = near-copies)"
+        )
+    elif events and "confidence" in events[0]:
+        conf = sum(e["confidence"] for e in events) / len(events)
+        lines += f"; the APIs' mean top probability on the candidates {100 * conf:.1f}%"
+    return lines + "\n"

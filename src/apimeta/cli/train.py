@@ -31,7 +31,12 @@ EXIT_RESUMABLE = 75
 def _methods_help() -> str:
     from apimeta.methods import METHODS
 
-    return "Method to train: " + ", ".join(METHODS.names()) + " (default: the config's `method`)."
+    return (
+        "Method to train: "
+        + ", ".join(METHODS.names())
+        + ", or a variant METHOD:NAME of `apimeta bench` (e.g. bbkd:contrastive-leaves, the cpu "
+        "preset's). Default: the config's `method`."
+    )
 
 
 def result_table(metrics: dict[str, Any], title: str) -> Table:
@@ -136,7 +141,9 @@ def train(
     and prints the meta-test table.
     """
     with friendly_errors():
+        from apimeta.bench import variants
         from apimeta.config import parse_overrides
+        from apimeta.methods import METHODS
         from apimeta.run_config import ABLATIONS, resolve_config
         from apimeta.runner import interrupts, start_run
 
@@ -159,27 +166,31 @@ def train(
             "out": str(out) if out is not None else None,
         }
         ablations: dict[str, Any] = {}
-        for flag, name in (
-            (no_boundary, "no-boundary"),
-            (no_memory, "no-memory"),
-            (white_box, "white-box"),
-        ):
+        flags = ((no_boundary, "no-boundary"), (no_memory, "no-memory"), (white_box, "white-box"))
+        for flag, name in flags:
             if flag:
                 ablations = merge(ablations, ABLATIONS[name])
-        cfg = resolve_config(
-            preset=preset,
-            config=config,
-            direct=direct,
-            ablations=ablations,
-            sets=sets,
-            resume_from=out if resume else None,
-        )
+        layers = {
+            "preset": preset,
+            "config": config,
+            "direct": direct,
+            "ablations": ablations,
+            "sets": sets,
+            "resume_from": out if resume else None,
+        }
+        named = resolve_config(**layers, expand=False).method  # e.g. bbkd:contrastive-leaves
+        cfg = resolve_config(**layers, variants=variants())
+        for flag, name in flags:
+            if flag and name not in METHODS.get(cfg.method).ablations:
+                raise ConfigError(
+                    f"--{name} is an ablation of bidf-mkd, not of {named}; add --method bidf-mkd"
+                )
         if not resume and dataset is None and not any(x.startswith("dataset=") for x in sets):
             cfg = _dataset_of_zoo(cfg)
         set_threads(cfg.threads)
         method, run = start_run(cfg, resume=resume)
         console.print(
-            f"[bold]{cfg.method}[/] on [bold]{cfg.dataset}[/] "
+            f"[bold]{named}[/] on [bold]{cfg.dataset}[/] "
             f"({cfg.way}-way {cfg.shot}-shot, {cfg.episodes} episodes) -> [cyan]{run.path}[/]"
             + (" [yellow](resumed)[/]" if resume else "")
         )
