@@ -92,6 +92,10 @@ def bench_cmd(
     bidf-mkd:diverse-pixels (recovery.diversity in features or pixels) and bidf-mkd:large-inner-lr
     (inner_lr=0.1) are default-off extensions.
 
+    A row's config: the preset, then the variant's own changes (bbkd:contrastive-leaves, the cpu
+    preset's method, brings 1,000 updates and a 50 k budget), then every --set, then the
+    scenario's zoo and datasets.
+
     Runs are stored under OUT/<scenario>/<variant>/ and reused when their eval.json exists, so
     an interrupted comparison resumes and several processes (each with its own --methods) can
     fill one table. With --tune, each run's meta-val choice and its meta-test are cached in its
