@@ -8,6 +8,7 @@ zero head like every other init. Random init is the first row (update 0). Source
 - ``dead-leaves``: :func:`apimeta.candidates.dead_leaves` (the "dead leaves" image model, a
   generic natural-image prior, no dataset);
 - ``noise``: :func:`apimeta.candidates.smooth_noise`;
+- any other name of :data:`apimeta.candidates.SOURCES` (e.g. ``icons``);
 - ``random-teacher``: dead-leaves images labelled by *random-init* Conv4s instead of the APIs
   (a control: how much of any gain is the image prior, not the APIs' knowledge).
 
@@ -88,9 +89,8 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     pool_x, pool_t, pool_c = [], [], []
     t0 = time.time()
     for a in apis:
-        x = draw_candidates(
-            "smooth-noise" if source == "noise" else "dead-leaves", per_api, size, 3, g
-        )
+        name = {"noise": "smooth-noise", "random-teacher": "dead-leaves"}.get(source, source)
+        x = draw_candidates(name, per_api, size, 3, g)
         if source == "random-teacher":
             teacher = load_init(
                 None, dataclasses.replace(cfg, seed=seed + 1 + len(pool_x)), datasets

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apimeta.candidates import SOURCES, dead_leaves, draw_candidates
+from apimeta.candidates import SOURCES, dead_leaves, draw_candidates, icons
 from apimeta.errors import ConfigError
 
 
@@ -30,6 +30,20 @@ def test_dead_leaves_paints_many_flat_regions():
     assert same > 0.6
     colours = [len(torch.unique(img.flatten(1).T, dim=0)) for img in x]
     assert min(colours) >= 5
+
+
+def test_icons_put_one_outlined_object_on_a_plain_ground():
+    """The border is the background, one colour per image; the centre is the object, another
+    colour; an outline darker than both separates them along a line through the centre."""
+    x = icons(16, 32, 3, torch.Generator().manual_seed(0))
+    corners = x[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]  # (n, c, 4)
+    assert torch.equal(corners, corners[..., :1].expand_as(corners))
+    background = corners[..., 0]
+    centre = x[:, :, 16, 16]
+    assert (centre - background).abs().amax(1).min() > 0  # the object covers the centre
+    row = x[:, :, 16, :].sum(1)  # brightness along the middle row (n, 32)
+    darkest = row.min(1).values
+    assert bool((darkest < background.sum(1)).all())  # the outline is darker than the ground
 
 
 def test_unknown_source_lists_the_choices():

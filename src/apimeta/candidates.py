@@ -11,7 +11,9 @@ generator) -> (n, channels, size, size)`` float in [0, 1], on the generator's de
 
 - ``dead-leaves``: the dead-leaves model (occluding disks and rectangles with power-law sizes,
   random colours, on a random background), a classic model of natural-image statistics;
-- ``smooth-noise``: uniform colour noise at a random resolution (4..16 px), upsampled bilinearly.
+- ``smooth-noise``: uniform colour noise at a random resolution (4..16 px), upsampled bilinearly;
+- ``icons``: one large outlined object with small outlined details on a plain ground (a prior on
+  pictogram-style inputs such as emoji).
 """
 
 from __future__ import annotations
@@ -58,6 +60,61 @@ def dead_leaves(
     return x
 
 
+def _paint(x: Tensor, mask: Tensor, colour: Tensor) -> Tensor:
+    """``x`` (n, c, s, s) with ``colour`` (n, c, 1, 1) where ``mask`` (n, 1, s, s) is true."""
+    return torch.where(mask, colour, x)
+
+
+@SOURCES.register("icons")
+def icons(n: int, size: int, channels: int, generator: torch.Generator, details: int = 4) -> Tensor:
+    """(n, channels, size, size) in [0, 1]: pictogram-like images — a plain background and one
+    large object near the centre (a disk, an ellipse or a rounded box, radius 0.25..0.45 of the
+    image) with a dark outline, carrying up to ``details`` small outlined disks or boxes inside
+    it. A prior on icon-style inputs (one outlined object on a plain ground, as in emoji); not
+    a generic natural-image model like ``dead-leaves``."""
+    g, dev = generator, generator.device
+
+    def rand(*shape: int) -> Tensor:
+        return torch.rand(*shape, generator=g, device=dev)
+
+    coords = torch.arange(size, device=dev, dtype=torch.float32) + 0.5
+    yy, xx = coords.view(1, size, 1), coords.view(1, 1, size)
+
+    def shape_mask(cy: Tensor, cx: Tensor, ry: Tensor, rx: Tensor, kind: Tensor) -> Tensor:
+        """(n, 1, s, s): an ellipse (kind 0) or a rounded box (kind 1) of radii ry, rx."""
+        dy, dx = (yy - cy) / ry, (xx - cx) / rx
+        ellipse = dy**2 + dx**2 <= 1.0
+        box = dy.abs() ** 4 + dx.abs() ** 4 <= 1.0  # a superellipse: a box with round corners
+        return torch.where(kind, box, ellipse).unsqueeze(1)
+
+    def outline_colour(fill: Tensor) -> Tensor:
+        return fill * 0.25 * rand(n, 1, 1, 1)  # a dark shade of the fill, or near black
+
+    x = rand(n, channels, 1, 1).expand(n, channels, size, size).contiguous()
+    cy = size / 2 + (rand(n, 1, 1) - 0.5) * size * 0.15
+    cx = size / 2 + (rand(n, 1, 1) - 0.5) * size * 0.15
+    r = size * (0.25 + 0.2 * rand(n, 1, 1))
+    aspect = 0.75 + 0.5 * rand(n, 1, 1)
+    ry, rx = r * aspect.sqrt(), r / aspect.sqrt()
+    kind = rand(n, 1, 1) < 0.4
+    line = size / 32 * (1.0 + rand(n, 1, 1))  # outline width, 1..2 px at 32 px
+    fill = rand(n, channels, 1, 1)
+    x = _paint(x, shape_mask(cy, cx, ry + line, rx + line, kind), outline_colour(fill))
+    x = _paint(x, shape_mask(cy, cx, ry, rx, kind), fill)
+    for _ in range(details):
+        present = (rand(n, 1, 1, 1) < 0.7).expand(n, 1, size, size)
+        ang = rand(n, 1, 1) * 2 * torch.pi
+        dist = 0.6 * rand(n, 1, 1)  # inside the object
+        dy, dx = cy + dist * ry * ang.sin(), cx + dist * rx * ang.cos()
+        rr = size * (0.04 + 0.1 * rand(n, 1, 1))
+        k = rand(n, 1, 1) < 0.3
+        colour = rand(n, channels, 1, 1)
+        outer = shape_mask(dy, dx, rr + line * 0.7, rr + line * 0.7, k) & present
+        x = _paint(x, outer, outline_colour(colour))
+        x = _paint(x, shape_mask(dy, dx, rr, rr, k) & present, colour)
+    return x
+
+
 @SOURCES.register("smooth-noise")
 def smooth_noise(n: int, size: int, channels: int, generator: torch.Generator) -> Tensor:
     """(n, channels, size, size) in [0, 1]: uniform noise at r x r (r in 4..16, per image),
@@ -78,4 +135,4 @@ def draw_candidates(
     return SOURCES.get(source)(n, size, channels, generator)
 
 
-__all__ = ["SOURCES", "CandidateSource", "dead_leaves", "draw_candidates", "smooth_noise"]
+__all__ = ["SOURCES", "CandidateSource", "dead_leaves", "draw_candidates", "icons", "smooth_noise"]
