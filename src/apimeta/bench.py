@@ -242,8 +242,8 @@ def run_one(
 ) -> dict[str, Any]:
     """Train (unless reusable) and evaluate one variant in one scenario; returns the eval row
     (per-task accuracies included); its config is :func:`row_config`. ``seed``: this training
-    seed, in ``<run dir>/seed-N``
-    (None: the config's seed, in the run dir itself). ``tune``: a protocol grid
+    seed, in ``<run dir>/seed-N`` (None: the config's seed, in the run dir itself). ``tune``: a
+    protocol grid
     (:func:`~apimeta.evaluate.parse_grid`); the row then also holds ``"tuned"``, its results
     with the fine-tuning protocol chosen on meta-val (:func:`tune_init`, cached in
     ``tuned.json``)."""
@@ -357,8 +357,9 @@ def run_cells(
     tune: dict[str, list[Any]] | None = None,
     sets: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """The eval rows of ``cells``, in order (each row's config: :func:`run_one`). A parallel ``backend`` (:mod:`apimeta.parallel`:
-    worker processes or Ray, one torch thread per job) runs each run directory once (zoo-free
+    """The eval rows of ``cells``, in order (each row's config: :func:`row_config`). A parallel
+    ``backend`` (:mod:`apimeta.parallel`: worker processes or Ray, one torch thread per job)
+    runs each run directory once (zoo-free
     rows shared by scenarios train once); the rows are then read back in order. Finished runs
     are reused and interrupted ones resume, so a killed bench continues where it stopped. The
     numbers do not depend on the backend (every run is seeded by its config alone). On Ray

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,7 +342,7 @@ def _read_yaml(path: Path, quiet: bool) -> dict[str, Any]:
     return migrate_legacy(loaded, where=str(path), quiet=quiet)
 
 
-def apply_sets(data: dict[str, Any], sets: list[str] | tuple[str, ...]) -> dict[str, Any]:
+def apply_sets(data: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
     """``data`` with ``--set key.sub=value`` items merged in, one at a time (a later one wins), in
     either layout."""
     for item in sets:
