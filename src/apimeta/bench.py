@@ -359,11 +359,11 @@ def run_cells(
 ) -> list[dict[str, Any]]:
     """The eval rows of ``cells``, in order (each row's config: :func:`row_config`). A parallel
     ``backend`` (:mod:`apimeta.parallel`: worker processes or Ray, one torch thread per job)
-    runs each run directory once (zoo-free
-    rows shared by scenarios train once); the rows are then read back in order. Finished runs
-    are reused and interrupted ones resume, so a killed bench continues where it stopped. The
-    numbers do not depend on the backend (every run is seeded by its config alone). On Ray
-    every node must see ``out`` and the zoos at the same paths (a shared filesystem)."""
+    runs each run directory once (zoo-free rows shared by scenarios train once); the rows are
+    then read back in order. Finished runs are reused and interrupted ones resume, so a killed
+    bench continues where it stopped. The numbers do not depend on the backend (every run is
+    seeded by its config alone). On Ray every node must see ``out`` and the zoos at the same
+    paths (a shared filesystem)."""
     backend = backend or Backend()
     if backend.parallel and len(cells) > 1:
         unique: dict[Path, Cell] = {}
