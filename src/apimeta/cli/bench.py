@@ -41,8 +41,8 @@ def bench_cmd(
         help="NAME=ZOO:DATASET[,DATASET] (repeatable), e.g. SS=runs/zoos/emoji-conv4:emoji.",
     ),
     methods: str = typer.Option(
-        "random,maml-real,maml-zoo,bbkd,bidf-mkd,bidf-mkd:no-boundary,bidf-mkd:no-memory,"
-        "bidf-mkd:white-box",
+        "random,maml-real,maml-zoo,bbkd,bbkd:contrastive-leaves,bidf-mkd,bidf-mkd:no-boundary,"
+        "bidf-mkd:no-memory,bidf-mkd:white-box",
         "--methods",
         help="Comma-separated method variants (rows of the table): " + ", ".join(_variants()) + ".",
     ),
