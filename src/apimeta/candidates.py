@@ -71,7 +71,9 @@ def icons(n: int, size: int, channels: int, generator: torch.Generator, details:
     large object near the centre (a disk, an ellipse or a rounded box, radius 0.25..0.45 of the
     image) with a dark outline, carrying up to ``details`` small outlined disks or boxes inside
     it. A prior on icon-style inputs (one outlined object on a plain ground, as in emoji); not
-    a generic natural-image model like ``dead-leaves``."""
+    a generic natural-image model like ``dead-leaves``. Screened against dead leaves as bbkd's
+    candidates on emoji APIs (BENCHMARKS.md §6): no 1-shot gain over random init, where dead
+    leaves give +2.4 to +3.2."""
     g, dev = generator, generator.device
 
     def rand(*shape: int) -> Tensor:
