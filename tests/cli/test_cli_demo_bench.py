@@ -24,11 +24,11 @@ def test_demo_writes_report_curve_grids_and_table(tmp_path):
     res = runner.invoke(
         app,
         ["demo", "--dataset", "synthetic", "--n-apis", "2", "--episodes", "8", "--tasks", "4",
-         "--threads", "1", "--out", str(out), *TINY],
+         "--threads", "1", "--paper", "--out", str(out), *TINY],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     report = (out / "report.md").read_text()
-    for row in ("bbkd:contrastive-leaves", "bidf-mkd", "random"):  # the preset's method first
+    for row in ("bbkd:contrastive-leaves", "bidf-mkd", "random"):  # bidf-mkd: --paper
         assert f"| {row} |" in report
     # one protocol for every row: the preset's method's (lr 0.1, top two stages re-drawn)
     assert "the same fine-tuning protocol for every initialization: 10 steps at lr 0.1" in report
