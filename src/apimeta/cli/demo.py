@@ -127,8 +127,8 @@ def demo_cmd(
             f"{100 * sum(accs) / len(accs):.1f}%"
         )
 
-        # 3-4. meta-train the preset's method and BiDf-MKD, evaluate both and random init on
-        # the same test tasks
+        # 3-4. train the preset's method (and with --paper BiDf-MKD), evaluate it and random
+        # init on the same test tasks
         base = base_config("cpu", [])
         default = str(base["method"])  # a variant name, e.g. bbkd:contrastive-leaves
         scenario = ZooScenario("SS", str(zoo_dir), dataset)
