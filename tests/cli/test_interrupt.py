@@ -67,34 +67,3 @@ def test_signal_saves_last_pt_and_resume_finishes(tmp_path, sig, code):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert load_checkpoint(out / "last.pt")["step"] == step + 2
-
-
-def test_progress_updates_defer_ctrl_c_until_rich_is_done():
-    """A SIGINT arriving inside a progress update is handled right after it, never inside rich
-    (where an interrupted lock can hang the Progress on exit); the handler is restored."""
-    from apimeta.cli.train import TrainProgress
-
-    seen: dict[str, object] = {}
-
-    class FakeProgress:
-        def add_task(self, desc, total):
-            return 0
-
-        def update(self, task, **kw):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # without the guard the KeyboardInterrupt lands here
-            seen["finished"] = True
-
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        TrainProgress(FakeProgress())(1, 10, {"phase": "train", "loss": 0.5})
-    assert seen == {"finished": True}
-    assert signal.getsignal(signal.SIGINT) is before
-    seen.clear()
-
-    class Quiet(FakeProgress):
-        def update(self, task, **kw):
-            seen["finished"] = True
-
-    TrainProgress(Quiet())(1, 10, {"phase": "train", "loss": 0.5})
-    assert seen == {"finished": True}

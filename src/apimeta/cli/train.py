@@ -20,13 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from apimeta.cli.app import app
-from apimeta.cli.common import (
-    console,
-    deferred_signals,
-    err_console,
-    friendly_errors,
-    set_threads,
-)
+from apimeta.cli.common import console, err_console, friendly_errors, set_threads
 from apimeta.config import merge
 from apimeta.errors import APIUnavailableError, ConfigError, TrainingInterrupted
 
@@ -65,10 +59,6 @@ class TrainProgress:
         self.tasks: dict[str, TaskID] = {}
 
     def __call__(self, done: int, total: int, info: dict[str, Any]) -> None:
-        with deferred_signals():  # Ctrl-C lands after rich's locks are released, never inside
-            self._update(done, total, info)
-
-    def _update(self, done: int, total: int, info: dict[str, Any]) -> None:
         phase = info.get("phase", "train")
         if phase == "train":
             desc = f"train  loss {info.get('loss', float('nan')):.3f}"
