@@ -22,7 +22,15 @@ TRAIN = [
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from apimeta.cli import app; app()", *args]
+    """The CLI in a child whose Ctrl-C raises KeyboardInterrupt, as in a terminal. A process
+    started with SIGINT ignored (a background job of a non-interactive shell, e.g. `make test &`
+    or `nohup`) passes that on to its children, and Python then installs no SIGINT handler: the
+    child would train on after SIGINT (what made this test "hang" in such runs)."""
+    code = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from apimeta.cli import app; app()"
+    )
+    return [sys.executable, "-c", code, *args]
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
