@@ -54,9 +54,9 @@ def demo_cmd(
     episodes: int | None = typer.Option(
         None,
         "--episodes",
-        help="Training episodes of every trained row (4 per meta-update). Default: "
-        + ", ".join(f"{k} {v['episodes']}" for k, v in DEMO_ROWS.items())
-        + " (shorter than the cpu preset's runs, to finish in minutes).",
+        help="Training episodes of every trained row (4 per meta-update). Default: the preset's "
+        f"method {DEMO_ROWS['default']['episodes']}, bidf-mkd {DEMO_ROWS['bidf-mkd']['episodes']}"
+        " (shorter than the cpu preset's runs, to finish in minutes).",
         show_default=False,
     ),
     query_budget: int | None = typer.Option(
