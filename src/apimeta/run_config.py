@@ -384,7 +384,26 @@ def resolve_config(
     variants: Mapping[str, tuple[str, dict[str, Any]]] | None = None,
     expand: bool = True,
 ) -> RunConfig:
-    """RunConfig defaults <- preset <- --config file <- [method variant] <- direct options <-
+    """The resolved config of :func:`resolve_named` (without the requested name)."""
+    return resolve_named(
+        preset=preset, config=config, direct=direct, ablations=ablations, sets=sets,
+        resume_from=resume_from, variants=variants, expand=expand,
+    )[1]  # fmt: skip
+
+
+def resolve_named(
+    *,
+    preset: str | None = None,
+    config: Path | None = None,
+    direct: dict[str, Any] | None = None,
+    ablations: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+    resume_from: Path | None = None,
+    variants: Mapping[str, tuple[str, dict[str, Any]]] | None = None,
+    expand: bool = True,
+) -> tuple[str, RunConfig]:
+    """(the method as requested, e.g. ``bbkd:contrastive-leaves``; the resolved RunConfig).
+    RunConfig defaults <- preset <- --config file <- [method variant] <- direct options <-
     ablation flags <- --set (last wins). ``direct`` values of None mean "not given";
     ``ablations`` may set None.
 
@@ -410,12 +429,13 @@ def resolve_config(
     if ablations:
         top = merge(top, ablations)
     top = apply_sets(top, sets or ())
+    named = str(top.get("method", data["method"]))
     if not expand:
-        return from_dict(RunConfig, merge(data, top))
-    method, changes = split_variant(str(top.get("method", data["method"])), variants)
+        return named, from_dict(RunConfig, merge(data, top))
+    method, changes = split_variant(named, variants)
     data = merge(merge(data, changes), top)
     data["method"] = method
-    return from_dict(RunConfig, data)
+    return named, from_dict(RunConfig, data)
 
 
 def base_config(preset: str | None, sets: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -499,6 +519,7 @@ __all__ = [
     "load_run_config",
     "migrate_legacy",
     "resolve_config",
+    "resolve_named",
     "run_config_from_dict",
     "schedule_point",
     "split_variant",

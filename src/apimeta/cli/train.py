@@ -144,7 +144,7 @@ def train(
         from apimeta.bench import variants
         from apimeta.config import parse_overrides
         from apimeta.methods import METHODS
-        from apimeta.run_config import ABLATIONS, resolve_config
+        from apimeta.run_config import ABLATIONS, resolve_named
         from apimeta.runner import interrupts, start_run
 
         if resume and out is None:
@@ -170,16 +170,15 @@ def train(
         for flag, name in flags:
             if flag:
                 ablations = merge(ablations, ABLATIONS[name])
-        layers = {
-            "preset": preset,
-            "config": config,
-            "direct": direct,
-            "ablations": ablations,
-            "sets": sets,
-            "resume_from": out if resume else None,
-        }
-        named = resolve_config(**layers, expand=False).method  # e.g. bbkd:contrastive-leaves
-        cfg = resolve_config(**layers, variants=variants())
+        named, cfg = resolve_named(  # named: e.g. bbkd:contrastive-leaves; cfg: method bbkd
+            preset=preset,
+            config=config,
+            direct=direct,
+            ablations=ablations,
+            sets=sets,
+            resume_from=out if resume else None,
+            variants=variants(),
+        )
         for flag, name in flags:
             if flag and name not in METHODS.get(cfg.method).ablations:
                 raise ConfigError(
