@@ -60,7 +60,9 @@ def test_ablations_change_exactly_one_component():
         "reinit",
         "test_lr",
         "every",
+        "tune",
     }
+    assert resolved.eval.tune == {"head": ["learned", "random"]}  # chosen per shot on meta-val
     kd, kd0 = to_dict(_resolved("bidf-mkd:no-boundary"))["kd"], base["kd"]
     assert {k for k in kd if kd[k] != kd0[k]} == {"adv"}
     mem = _resolved("bidf-mkd:diverse-memory").memory

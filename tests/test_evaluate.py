@@ -299,3 +299,37 @@ def test_reinit_evaluates_the_init_with_fresh_top_stages_the_same_for_every_init
     assert evaluate(b, data, reinit=3, **kw)["1-shot"]["accs"] != ra["1-shot"]["accs"]
     with pytest.raises(ConfigError, match=r"eval\.reinit"):
         evaluate(a, data, reinit=9, **kw)
+
+
+def test_check_grid_converts_config_values_and_refuses_bad_ones():
+    """``eval.tune`` comes from YAML: numbers may arrive as strings or ints, a lone value as a
+    scalar; the checks are parse_grid's, with the config key named."""
+    from apimeta.evaluate import check_grid
+
+    got = check_grid({"lr": ["0.1", 1], "head": "random", "reinit": [0, 2]})
+    assert got == {"lr": [0.1, 1.0], "head": ["random"], "reinit": [0, 2]}
+    assert check_grid({}) == {}
+    for bad in ({"momentum": [0.9]}, {"lr": []}, {"lr": ["fast"]}, {"head": ["cosine"]},
+                {"reinit": [2, 2]}, {"lr": [None]}):  # fmt: skip
+        with pytest.raises(ConfigError, match=r"eval\.tune"):
+            check_grid(bad)
+
+
+def test_meta_test_uses_the_run_protocol_or_the_grid_chosen_on_meta_val(data):
+    """Without ``eval.tune`` a run's meta-test is ``evaluate_with_config``; with it, the per-shot
+    choice of ``tune_protocol`` over that grid (each result names its setting)."""
+    from apimeta.evaluate import evaluate_with_config, meta_test, tune_protocol
+    from apimeta.run_config import RunConfig
+
+    cfg = RunConfig(way=5, query=2)
+    cfg.eval.tasks = 3
+    model = _model(2)
+    plain = meta_test(model, data, cfg, shots=(1,), tasks=4)
+    ref = evaluate_with_config(model, data, cfg, split="test", shots=(1,), tasks=4, keep_accs=True)
+    assert plain == ref and "setting" not in plain["1-shot"]
+    cfg.eval.tune = {"head": ["learned", "random"], "lr": ["0.01", 0.5]}
+    tuned = meta_test(model, data, cfg, shots=(1, 2), tasks=4)
+    grid = {"head": ["learned", "random"], "lr": [0.01, 0.5]}
+    assert tuned == tune_protocol(model, data, cfg, grid, shots=(1, 2), tasks=4)
+    assert {tuple(sorted(r["setting"])) for r in tuned.values()} == {("head", "lr")}
+    assert len(tuned["2-shot"]["val"]) == 4 and len(tuned["2-shot"]["accs"]) == 4

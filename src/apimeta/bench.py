@@ -28,7 +28,7 @@ import torch
 
 from apimeta.config import from_dict, merge, to_dict
 from apimeta.errors import ConfigError
-from apimeta.evaluate import evaluate_with_config, setting_label, tune_protocol
+from apimeta.evaluate import meta_test, setting_label, tune_protocol
 from apimeta.io import atomic_write_json
 from apimeta.methods import METHODS
 from apimeta.models.meta import load_init, load_run_datasets
@@ -122,7 +122,7 @@ def evaluate_init(
     known: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Meta-test ``checkpoint`` (None: the seeded random init of ``cfg``) on every dataset of
-    ``cfg`` at each shot count: ``{dataset: {"1-shot": {...}, ...}}`` (accuracies in %).
+    ``cfg`` at each shot count with the run's protocol (:func:`~apimeta.evaluate.meta_test`): ``{dataset: {"1-shot": {...}, ...}}`` (accuracies in %).
     ``known``: results of this checkpoint on the same ``tasks`` (e.g. the training run's own
     meta-test), reused instead of evaluated again; task lists are seeded per shot, so they match."""
     datasets = load_run_datasets(cfg)
@@ -133,20 +133,7 @@ def evaluate_init(
             k: r for k, r in (known or {}).get(ds.name, {}).items() if r and "accs" in r
         }  # reused only with its per-task accuracies (paired comparisons need them)
         todo = tuple(k for k in shots if f"{k}-shot" not in have)
-        new = (
-            evaluate_with_config(
-                model,
-                ds,
-                cfg,
-                split="test",
-                shots=todo,
-                tasks=tasks,
-                progress=progress,
-                keep_accs=True,
-            )
-            if todo
-            else {}
-        )
+        new = meta_test(model, ds, cfg, shots=todo, tasks=tasks, progress=progress) if todo else {}
         out[ds.name] = {f"{k}-shot": have.get(f"{k}-shot") or new[f"{k}-shot"] for k in shots}
     return out
 

@@ -368,11 +368,12 @@ def evaluate_with_config(
     progress: EvalProgress | None = None,
     keep_accs: bool = False,
     backend: Backend | None = None,
+    seed: int = DEFAULT_EVAL_SEED,
 ) -> dict[str, dict[str, Any]]:
     """The meta-test protocol with a run's settings (way, query, ``eval.test_steps``,
     ``eval.test_lr`` (None: ``inner_lr``), ``eval.transductive``, ``eval.head``,
-    ``eval.reinit``) on the shared seeded task list: ``{"1-shot": ...}`` (``keep_accs``: with
-    the per-task accuracies, for paired comparisons)."""
+    ``eval.reinit``) on the shared seeded task list (``seed``): ``{"1-shot": ...}``
+    (``keep_accs``: with the per-task accuracies, for paired comparisons)."""
     return evaluate(
         model,
         dataset,
@@ -384,7 +385,7 @@ def evaluate_with_config(
         steps=cfg.eval.test_steps,
         lr=finetune_lr(cfg),
         transductive=cfg.eval.transductive,
-        seed=DEFAULT_EVAL_SEED,
+        seed=seed,
         device=cfg.device,
         keep_accs=keep_accs,
         progress=progress,
@@ -422,11 +423,23 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
             )
         if key in grid:
             raise ConfigError(f"--tune {key} is given twice; put all its values in one option")
+        grid[key] = [v.strip() for v in values.split(",") if v.strip()]
+    return check_grid(grid, where="--tune")
+
+
+def check_grid(grid: dict[str, Any], where: str = "eval.tune") -> dict[str, list[Any]]:
+    """``grid`` ({key of :data:`TUNABLE`: values}) with each value converted to its type;
+    ConfigError (one line, naming ``where``) on an unknown key, a bad or repeated value."""
+    out: dict[str, list[Any]] = {}
+    for key, values in grid.items():
+        if key not in TUNABLE:
+            raise ConfigError(f"{where}: unknown key {key!r}; use {', '.join(TUNABLE)}")
         kind = TUNABLE[key][1]
+        seq = values if isinstance(values, (list, tuple)) else [values]
         try:
-            vals = [kind(v.strip()) for v in values.split(",") if v.strip()]
-        except ValueError:
-            raise ConfigError(f"--tune {spec!r}: {key} values must be {kind.__name__}s") from None
+            vals = [kind(v) for v in seq]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} {key}: values must be {kind.__name__}s") from None
         check, need = {
             "lr": (lambda v: v > 0, "> 0"),
             "steps": (lambda v: v >= 0, ">= 0"),
@@ -434,9 +447,9 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
             "reinit": (lambda v: v >= 0, ">= 0"),
         }[key]
         if not vals or not all(check(v) for v in vals) or len(set(vals)) != len(vals):
-            raise ConfigError(f"--tune {spec!r}: give distinct {key} values {need}")
-        grid[key] = vals
-    return grid
+            raise ConfigError(f"{where} {key}={seq}: give distinct {key} values {need}")
+        out[key] = vals
+    return out
 
 
 def grid_settings(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -474,14 +487,16 @@ def tune_protocol(
     tasks: int,
     val_tasks: int | None = None,
     backend: Backend | None = None,
+    progress: EvalProgress | None = None,
+    seed: int = DEFAULT_EVAL_SEED,
 ) -> dict[str, dict[str, Any]]:
     """Choose the fine-tuning protocol per shot on **meta-val**, then meta-test it.
 
     Every setting of :func:`grid_settings` (over the run's own protocol ``cfg.eval``) is scored
     on ``val_tasks`` (default ``eval.tasks``) seeded meta-val tasks; the best mean wins (ties:
     the first in grid order). Only the winner sees the ``tasks`` meta-test tasks (the shared
-    seeded list, per-task accuracies kept). Returns ``{"1-shot": {"mean", "ci95", "std", "n",
-    "accs", "setting": {...}, "val": {label: meta-val mean}}, ...}``.
+    seeded list of ``seed``, per-task accuracies kept). Returns ``{"1-shot": {"mean", "ci95",
+    "std", "n", "accs", "setting": {...}, "val": {label: meta-val mean}}, ...}``.
     """
     settings = grid_settings(grid)
     n_val = cfg.eval.tasks if val_tasks is None else val_tasks
@@ -493,7 +508,7 @@ def tune_protocol(
         for s in settings:
             res = evaluate_with_config(
                 model, dataset, with_protocol(cfg, s), split="val", shots=(shot,),
-                tasks=n_val, backend=backend,
+                tasks=n_val, backend=backend, seed=seed,
             )  # fmt: skip
             val[setting_label(s)] = res[key]["mean"]
             if best is None or res[key]["mean"] > val[setting_label(best)]:
@@ -501,11 +516,37 @@ def tune_protocol(
         assert best is not None
         test = evaluate_with_config(
             model, dataset, with_protocol(cfg, best), split="test", shots=(shot,),
-            tasks=tasks, keep_accs=True, backend=backend,
+            tasks=tasks, keep_accs=True, backend=backend, progress=progress, seed=seed,
         )  # fmt: skip
         out[key] = {**test[key], "setting": best, "val": val}
         log.info("%s: meta-val chose %s", key, setting_label(best))
     return out
+
+
+def meta_test(
+    model: nn.Module,
+    dataset: FewShotDataset,
+    cfg: RunConfig,
+    *,
+    shots: Sequence[int],
+    tasks: int,
+    progress: EvalProgress | None = None,
+    backend: Backend | None = None,
+) -> dict[str, dict[str, Any]]:
+    """A run's meta-test on the shared seeded task list, per-task accuracies kept: the run's
+    protocol (:func:`evaluate_with_config`), or, when ``eval.tune`` holds a grid, the protocol
+    chosen per shot on meta-val from that grid (:func:`tune_protocol`; each shot's result then
+    names its ``"setting"``)."""
+    if cfg.eval.tune:
+        grid = check_grid(cfg.eval.tune)
+        return tune_protocol(
+            model, dataset, cfg, grid, shots=shots, tasks=tasks, backend=backend,
+            progress=progress,
+        )  # fmt: skip
+    return evaluate_with_config(
+        model, dataset, cfg, split="test", shots=shots, tasks=tasks, progress=progress,
+        keep_accs=True, backend=backend,
+    )  # fmt: skip
 
 
 def summary_score(results: dict[str, dict[str, Any]]) -> float:
@@ -537,12 +578,14 @@ def _model_device(model: nn.Module) -> torch.device:
 __all__ = [
     "DEFAULT_EVAL_SEED",
     "adapt_and_score",
+    "check_grid",
     "ci95",
     "evaluate",
     "evaluate_with_config",
     "finetune_lr",
     "format_result",
     "grid_settings",
+    "meta_test",
     "parse_grid",
     "predict_non_transductive",
     "setting_label",

@@ -33,6 +33,11 @@ def test_demo_writes_report_curve_grids_and_table(tmp_path):
     # one protocol for every row: the preset's method's (lr 0.1, top two stages re-drawn)
     assert "the same fine-tuning protocol for every initialization: 10 steps at lr 0.1" in report
     assert "the top 2 feature stages re-drawn" in report
+    assert "the head (learned or random)" in report and "chosen per shot on meta-val" in report
+    for name in ("bbkd-contrastive-leaves", "bidf-mkd", "random-synthetic"):  # the same grid
+        res_ = json.loads((out / ("" if name.startswith("random") else "SS") / name / "eval.json")
+                          .read_text())["results"]["synthetic"]  # fmt: skip
+        assert all(r["setting"]["head"] in ("learned", "random") for r in res_.values()), name
     assert (out / "learning_curve.png").stat().st_size > 1000
     for name in ("bbkd-contrastive-leaves", "bidf-mkd"):
         run = out / "SS" / name

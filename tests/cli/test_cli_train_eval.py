@@ -80,6 +80,44 @@ def test_eval_checkpoint_and_random(trained, tmp_path):
     assert res.exit_code == 2 and "eval.reinit must be in 0..4" in res.output
 
 
+def test_eval_tune_chooses_per_shot_on_meta_val(trained, tmp_path):
+    """``--tune``: each shot's protocol is chosen on meta-val from the grid, the winner alone is
+    meta-tested, and the table and JSON name it."""
+    out, _ = trained
+    js = tmp_path / "t.json"
+    res = runner.invoke(
+        app,
+        ["eval", "--init", str(out / "best.pt"), "--shots", "1,2", "--tasks", "2", "--query",
+         "3", "--steps", "1", "--threads", "1", "--tune", "head=learned,random", "--tune",
+         "lr=0.01,0.1", "--val-tasks", "2", "--json", str(js)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "chosen on" in res.output and "head=" in res.output  # the table names the choice
+    data = json.loads(js.read_text())
+    assert data["protocol"]["tune"] == {"head": ["learned", "random"], "lr": [0.01, 0.1]}
+    for r in data["results"]["synthetic"].values():
+        assert set(r["setting"]) == {"head", "lr"} and len(r["val"]) == 4
+        best = max(r["val"].values())
+        assert r["val"][f"head={r['setting']['head']} lr={r['setting']['lr']}"] == best
+        assert len(r["accs"]) == 2
+
+
+def test_train_with_eval_tune_meta_tests_the_chosen_protocol(tmp_path):
+    """``eval.tune`` in a run's config: its final meta-test names the setting chosen per shot
+    (in-training meta-val keeps the plain protocol); a bad grid is one line before training."""
+    out = tmp_path / "run"
+    args = ["train", "--method", "maml-real", "--episodes", "2", "--out", str(out), *TINY]
+    res = runner.invoke(app, [*args, "--set", "eval.tune.head=[learned,random]"])
+    assert res.exit_code == 0, res.output
+    test = json.loads((out / "test.json").read_text())["test"]["best"]["synthetic"]
+    assert {r["setting"]["head"] for r in test.values()} <= {"learned", "random"}
+    assert all(set(r["val"]) == {"head=learned", "head=random"} for r in test.values())
+    res = runner.invoke(app, [*args[:-2], "--out", str(tmp_path / "bad"),
+                              "--set", "eval.tune.momentum=[0.9]"])  # fmt: skip
+    assert res.exit_code == 2 and "eval.tune: unknown key 'momentum'" in res.output
+    assert not (tmp_path / "bad" / "last.pt").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -92,6 +130,8 @@ def test_eval_checkpoint_and_random(trained, tmp_path):
         (["eval", "--init", "missing.pt"], "neither"),
         (["eval", "--init", "random", "--shots", "a,b"], "--shots"),
         (["eval", "--init", "random", "--dataset", "synthetic", "--split", "dev"], "--split"),
+        (["eval", "--init", "random", "--tune", "head=learned", "--split", "val"], "drop --split"),
+        (["eval", "--init", "random", "--tune", "momentum=0.9"], "--tune 'momentum=0.9'"),
     ],
 )
 def test_bad_inputs_exit_2(args, message, tmp_path):

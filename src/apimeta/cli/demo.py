@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.progress import (
@@ -42,6 +43,29 @@ DEMO_ROWS: dict[str, dict[str, int]] = {
     "default": {"episodes": 1600},
     "bidf-mkd": {"episodes": 800, "query_budget": 1_000_000},
 }
+
+
+def protocol_text(e: dict[str, Any], inner_lr: float) -> str:
+    """A run config's ``eval`` section in words: ``"10 steps at lr 0.1, the init's own head"``;
+    ``eval.tune`` keys are named as chosen per shot on meta-val."""
+    tune = e.get("tune") or {}
+    lr = "lr " + (
+        "/".join(map(str, tune["lr"])) if "lr" in tune else str(e.get("test_lr") or inner_lr)
+    )
+    steps = "/".join(map(str, tune["steps"])) if "steps" in tune else str(e["test_steps"])
+    head = (
+        "the head (" + " or ".join(tune["head"]) + ")"
+        if "head" in tune
+        else ("the init's own head" if e["head"] == "learned" else f"a {e['head']} head")
+    )
+    text = f"{steps} steps at {lr}, {head}"
+    if "reinit" in tune:
+        text += ", the top " + "/".join(map(str, tune["reinit"])) + " feature stages re-drawn"
+    elif e.get("reinit"):
+        text += f", the top {e['reinit']} feature stages re-drawn"
+    if tune:
+        text += " (" + ", ".join(tune) + " chosen per shot on meta-val)"
+    return text
 
 
 @app.command("demo")
@@ -136,7 +160,7 @@ def demo_cmd(
         protocol = merge(base["eval"], split_variant(default)[1].get("eval", {}))
         same_protocol = [
             f"eval.{k}={'null' if protocol[k] is None else protocol[k]}"
-            for k in ("test_steps", "test_lr", "head", "reinit")
+            for k in ("test_steps", "test_lr", "head", "reinit", "tune")
         ]
         rows = {}
         for name in dict.fromkeys((default, *(["bidf-mkd"] if paper else []), "random")):
@@ -197,9 +221,7 @@ def demo_cmd(
                     "Result",
                     f"5-way meta-test accuracy (%) ± 95% CI on {tasks} tasks per shot, the same "
                     "tasks and the same fine-tuning protocol for every initialization: "
-                    f"{e['test_steps']} steps at lr {e.get('test_lr') or best['config']['inner_lr']}"
-                    + (", the init's own head" if e["head"] == "learned" else f", {e['head']} head")
-                    + (f", the top {e['reinit']} feature stages re-drawn" if e["reinit"] else "")
+                    + protocol_text(e, best["config"]["inner_lr"])
                     + f" (the protocol of `{default}`, the `cpu` preset's method). Trained "
                     "checkpoints were selected on meta-val. One seed and shorter runs than the "
                     "preset's: the 3-seed comparisons are in BENCHMARKS.md §6.\n\n" + table,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -38,14 +39,20 @@ def parse_shots(value: str) -> tuple[int, ...]:
 
 
 def eval_table(results: dict[str, dict[str, dict[str, Any]]], title: str) -> Table:
+    """One row per (dataset, shot); a "chosen on meta-val" column when results were tuned."""
+    from apimeta.evaluate import setting_label
+
+    tuned = any("setting" in r for res in results.values() for r in res.values())
+    cols = ["dataset", "shots", "accuracy %", "± 95% CI", "std", "tasks"]
     table = Table(title=title, box=box.SIMPLE_HEAD)
-    for col in ("dataset", "shots", "accuracy %", "± 95% CI", "std", "tasks"):
-        table.add_column(col, justify="left" if col in ("dataset", "shots") else "right")
+    for col in cols + (["chosen on meta-val"] if tuned else []):
+        table.add_column(col, justify="right" if col in cols[2:] else "left")
     for ds, res in results.items():
         for shot, r in res.items():
-            table.add_row(
-                ds, shot, f"{r['mean']:.2f}", f"{r['ci95']:.2f}", f"{r['std']:.2f}", str(r["n"])
-            )
+            row = [ds, shot, f"{r['mean']:.2f}", f"{r['ci95']:.2f}", f"{r['std']:.2f}", str(r["n"])]
+            if tuned:
+                row.append(setting_label(r.get("setting", {})))
+            table.add_row(*row)
     return table
 
 
@@ -79,6 +86,16 @@ def eval_cmd(
         "--reinit",
         help="Re-draw the last N feature stages of the init (a fixed seeded default init) "
         "before fine-tuning: keep only the low-level features (0: keep all).",
+    ),
+    tune: list[str] = typer.Option(
+        [],
+        "--tune",
+        help="Choose the protocol per shot on meta-val from a grid, then meta-test only the "
+        "winner, e.g. --tune head=learned,random --tune lr=0.01,0.1 (keys lr, steps, head, "
+        "reinit; the other protocol options are the base).",
+    ),
+    val_tasks: int = typer.Option(
+        100, "--val-tasks", help="Meta-val tasks per setting and shot with --tune."
     ),
     non_transductive: bool = typer.Option(
         False,
@@ -118,10 +135,10 @@ def eval_cmd(
     """Fine-tune an initialization on fixed seeded few-shot tasks; print mean ± 95% CI."""
     with friendly_errors():
         from apimeta.config import parse_overrides
-        from apimeta.evaluate import evaluate
+        from apimeta.evaluate import evaluate, parse_grid, tune_protocol
         from apimeta.io import atomic_write_json
         from apimeta.models.meta import load_init, load_meta_model, load_run_datasets
-        from apimeta.run_config import RunConfig
+        from apimeta.run_config import EvalConfig, RunConfig
 
         set_threads(threads)
         backend = make_backend(workers, ray=ray, ray_address=ray_address)
@@ -131,6 +148,13 @@ def eval_cmd(
             raise ConfigError(f"--split must be train, val or test; got {split!r}")
         if tasks < 1 or way < 2 or query < 1 or steps < 0:
             raise ConfigError("need --tasks >= 1, --way >= 2, --query >= 1 and --steps >= 0")
+        grid = parse_grid(tune)
+        if grid and split != "test":
+            raise ConfigError(
+                "--tune chooses on the val split and reports the test split; drop --split"
+            )
+        if grid and val_tasks < 1:
+            raise ConfigError(f"--val-tasks must be >= 1, got {val_tasks}")
         if init == "random":
             cfg = RunConfig(
                 dataset=dataset or "emoji",
@@ -192,6 +216,19 @@ def eval_cmd(
                         description=f"{_n} {info['shot']}-shot",
                     )
 
+                if grid:
+                    protocol = EvalConfig(
+                        tasks=val_tasks, test_steps=steps, test_lr=lr, head=head, reinit=reinit,
+                        transductive=not non_transductive,
+                    )  # fmt: skip
+                    tcfg = dataclasses.replace(
+                        cfg, way=way, query=query, device=device, eval=protocol
+                    )
+                    results[ds.name] = tune_protocol(
+                        model, ds, tcfg, grid, shots=shot_list, tasks=tasks, backend=backend,
+                        progress=cb, seed=seed,
+                    )  # fmt: skip
+                    continue
                 results[ds.name] = evaluate(
                     model,
                     ds,
@@ -235,6 +272,7 @@ def eval_cmd(
                         "head": head,
                         "reinit": reinit,
                         "seed": seed,
+                        **({"tune": grid, "val_tasks": val_tasks} if grid else {}),
                     },
                     "results": results,
                     "seconds": seconds,

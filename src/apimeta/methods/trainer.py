@@ -45,7 +45,14 @@ from apimeta.candidates import SOURCES
 from apimeta.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from apimeta.config import to_dict
 from apimeta.errors import APIUnavailableError, CheckpointError, ConfigError, TrainingInterrupted
-from apimeta.evaluate import HEADS, evaluate_with_config, format_result, summary_score
+from apimeta.evaluate import (
+    HEADS,
+    check_grid,
+    evaluate_with_config,
+    format_result,
+    meta_test,
+    summary_score,
+)
 from apimeta.events import TRIGGERS, APIEvent, EventHook, save_recovered_grid
 from apimeta.losses import KD_LOSSES
 from apimeta.maml import TRAIN_HEADS, named_params, start_inner_head
@@ -100,6 +107,12 @@ def check_run_config(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} must be one of {', '.join(names)}; got {value!r}")
     parse_output_mode(cfg.api_output)
     parse_augment(cfg.memory.augment)
+    if cfg.eval.tune is not None and not isinstance(cfg.eval.tune, dict):
+        raise ConfigError(
+            f"eval.tune must map keys to value lists, e.g. {{head: [learned, random]}}, or be "
+            f"null; got {cfg.eval.tune!r}"
+        )
+    check_grid(cfg.eval.tune or {})
     checks = [
         (cfg.way >= 2, f"way must be >= 2, got {cfg.way}"),
         (cfg.shot >= 1, f"shot must be >= 1, got {cfg.shot}"),
@@ -542,21 +555,28 @@ class MetaTrainer(Method):
             log.info("stopping early at meta-update %d (should_stop)", st.step)
         return stop
 
+    def _meta_test(self, model: nn.Module) -> dict[str, dict[str, Any]]:
+        """``model`` on ``eval.test_tasks`` meta-test tasks of every dataset at
+        ``eval.test_shots``, with the run's protocol (``eval.tune``: chosen per shot on
+        meta-val, :func:`~apimeta.evaluate.meta_test`); per-task accuracies kept."""
+        cfg = self.cfg
+        shots = tuple(dict.fromkeys(cfg.eval.test_shots))
+        out: dict[str, dict[str, Any]] = {}
+        for ds in self.datasets:
+            cb = _eval_progress(self._progress, "test", ds.name)
+            out[ds.name] = meta_test(
+                model, ds, cfg, shots=shots, tasks=cfg.eval.test_tasks, progress=cb
+            )
+        return out
+
     def _final_test(self) -> TrainResult:
         cfg, st = self.cfg, self.state
-        shots = tuple(cfg.eval.test_shots)
-        _, final = self.evaluate_split(
-            "test", cfg.eval.test_tasks, model=self.selected_model, phase="test", shots=shots,
-            keep_accs=True,
-        )  # fmt: skip
+        final = self._meta_test(self.selected_model)
         best: dict[str, Any] = final
         best_path = self.run.best_checkpoint if self.run.best_checkpoint.exists() else None
         if best_path is not None and st.best_step != st.step:
             model, _, _ = load_meta_model(best_path, device=self.device)
-            _, best = self.evaluate_split(
-                "test", cfg.eval.test_tasks, model=model, phase="test", shots=shots,
-                keep_accs=True,
-            )  # fmt: skip
+            best = self._meta_test(model)
         metrics = {
             "method": self.name,
             "steps": st.step,
