@@ -22,7 +22,11 @@ stages re-drawn); ``FREEZE_TOP=2`` trains with the last two stages frozen at the
 union head learns through them), the training-side match of ``eval.reinit``. ``SSL=W`` adds W x a
 SimCLR loss (NT-Xent, temperature 0.2, a 2-layer projection) between two strongly augmented
 views of the same candidates (no extra queries); ``KD=0`` drops the KD loss (SSL alone, a
-control). ``LRS=0.1`` / ``HEADS=random`` narrow the meta-val grid.
+control). ``LRS=0.1`` / ``HEADS=random`` narrow the meta-val grid. ``ALL_APIS=1``: one pool of
+``PER_API`` images, each labelled by every API (the same queries as ``PER_API`` per API, 20x
+fewer distinct images), KD to every API on each batch. ``KD_T=4``: the KD temperature (default
+the config's, 1). ``SSL_FRESH=1``: the contrastive views come from new unlabelled images of the
+source each batch (no queries), not from the KD batch.
 """
 
 from __future__ import annotations
@@ -88,9 +92,11 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     column = {k: i for i, k in enumerate(keys)}
     pool_x, pool_t, pool_c = [], [], []
     t0 = time.time()
+    all_apis = os.environ.get("ALL_APIS", "0") == "1"  # one pool, labelled by every API
+    name = {"noise": "smooth-noise", "random-teacher": "dead-leaves"}.get(source, source)
+    shared = draw_candidates(name, per_api, size, 3, g) if all_apis else None
     for a in apis:
-        name = {"noise": "smooth-noise", "random-teacher": "dead-leaves"}.get(source, source)
-        x = draw_candidates(name, per_api, size, 3, g)
+        x = shared if shared is not None else draw_candidates(name, per_api, size, 3, g)
         if source == "random-teacher":
             teacher = load_init(
                 None, dataclasses.replace(cfg, seed=seed + 1 + len(pool_x)), datasets
@@ -116,6 +122,8 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     union = nn.Linear(head.in_features, len(keys))
     ssl_w = float(os.environ.get("SSL", "0"))
     kd_w = float(os.environ.get("KD", "1"))
+    kd_t = float(os.environ.get("KD_T", str(cfg.kd.T)))  # KD temperature
+    ssl_fresh = os.environ.get("SSL_FRESH", "0") == "1"  # SSL on new unlabelled images
     proj = nn.Sequential(
         nn.Linear(head.in_features, 256), nn.ReLU(), nn.Linear(256, 128)
     )  # fmt: skip
@@ -143,10 +151,18 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
             idx = torch.randperm(per_api, generator=g)[:80]
             feats.clear()
             model(crop_flip(pool_x[i][idx], g))
-            logits = union(feats[-1])[:, pool_c[i]]
-            loss = loss + kd_w * kd_kl(logits, pool_t[i][idx], T=cfg.kd.T)
+            full = union(feats[-1])
+            logits = full[:, pool_c[i]]
+            if all_apis:  # the same images seen by every API: KD to each on its classes
+                kd = [
+                    kd_kl(full[:, c], t[idx], T=kd_t) for c, t in zip(pool_c, pool_t, strict=True)
+                ]
+                loss = loss + kd_w * torch.stack(kd).mean()
+            else:
+                loss = loss + kd_w * kd_kl(logits, pool_t[i][idx], T=kd_t)
             if ssl_w:
-                views = [color_jitter(resized_crop_flip(pool_x[i][idx], g), g) for _ in "ab"]
+                src = draw_candidates(name, len(idx), size, 3, g) if ssl_fresh else pool_x[i][idx]
+                views = [color_jitter(resized_crop_flip(src, g), g) for _ in "ab"]
                 feats.clear()
                 model(torch.cat(views))
                 f1, f2 = proj(feats[-1]).chunk(2)
