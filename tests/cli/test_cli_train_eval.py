@@ -109,6 +109,7 @@ def test_train_with_eval_tune_meta_tests_the_chosen_protocol(tmp_path):
     args = ["train", "--method", "maml-real", "--episodes", "2", "--out", str(out), *TINY]
     res = runner.invoke(app, [*args, "--set", "eval.tune.head=[learned,random]"])
     assert res.exit_code == 0, res.output
+    assert "chosen on" in res.output and "head=" in res.output  # the result table names it
     test = json.loads((out / "test.json").read_text())["test"]["best"]["synthetic"]
     assert {r["setting"]["head"] for r in test.values()} <= {"learned", "random"}
     assert all(set(r["val"]) == {"head=learned", "head=random"} for r in test.values())

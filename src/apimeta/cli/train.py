@@ -40,14 +40,24 @@ def _methods_help() -> str:
 
 
 def result_table(metrics: dict[str, Any], title: str) -> Table:
-    """Rows: checkpoint (best/final) x dataset x shot; mean ± 95% CI."""
+    """Rows: checkpoint (best/final) x dataset x shot; mean ± 95% CI, and the protocol meta-val
+    chose when the run tunes it (``eval.tune``)."""
+    from apimeta.evaluate import setting_label
+
+    rows = [
+        (which, ds, shot, r)
+        for which, per_ds in metrics.get("test", {}).items()
+        for ds, res in per_ds.items()
+        for shot, r in res.items()
+    ]
+    tuned = any("setting" in r for *_, r in rows)
+    cols = ["checkpoint", "dataset", "shots", "accuracy %", "± 95% CI", "tasks"]
     table = Table(title=title, box=box.SIMPLE_HEAD)
-    for col in ("checkpoint", "dataset", "shots", "accuracy %", "± 95% CI", "tasks"):
+    for col in cols + (["chosen on meta-val"] if tuned else []):
         table.add_column(col, justify="right" if col in ("accuracy %", "± 95% CI") else "left")
-    for which, per_ds in metrics.get("test", {}).items():
-        for ds, res in per_ds.items():
-            for shot, r in res.items():
-                table.add_row(which, ds, shot, f"{r['mean']:.2f}", f"{r['ci95']:.2f}", str(r["n"]))
+    for which, ds, shot, r in rows:
+        cells = [which, ds, shot, f"{r['mean']:.2f}", f"{r['ci95']:.2f}", str(r["n"])]
+        table.add_row(*cells, *([setting_label(r.get("setting", {}))] if tuned else []))
     return table
 
 
