@@ -49,6 +49,7 @@ from apimeta.methods.bbkd import classifier_of
 from apimeta.models.meta import load_init, load_run_datasets
 from apimeta.models.stages import feature_stages
 from apimeta.run_config import RunConfig, base_config
+from apimeta.seeding import derive_seed
 from apimeta.transforms import color_jitter, crop_flip, resized_crop_flip
 
 
@@ -119,14 +120,14 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         head.bias.zero_()
     feats: list[Tensor] = []
     head.register_forward_hook(lambda m, i, o: feats.append(i[0]))
-    union = nn.Linear(head.in_features, len(keys))
+    with torch.random.fork_rng(devices=[]):  # seeded: the global RNG differs per process
+        torch.manual_seed(derive_seed(seed, "surrogate-kd", "union-head"))
+        union = nn.Linear(head.in_features, len(keys))
+        proj = nn.Sequential(nn.Linear(head.in_features, 256), nn.ReLU(), nn.Linear(256, 128))
     ssl_w = float(os.environ.get("SSL", "0"))
     kd_w = float(os.environ.get("KD", "1"))
     kd_t = float(os.environ.get("KD_T", str(cfg.kd.T)))  # KD temperature
     ssl_fresh = os.environ.get("SSL_FRESH", "0") == "1"  # SSL on new unlabelled images
-    proj = nn.Sequential(
-        nn.Linear(head.in_features, 256), nn.ReLU(), nn.Linear(256, 128)
-    )  # fmt: skip
     stages = feature_stages(model)
     frozen = int(os.environ.get("FREEZE_TOP", "0"))  # keep the last N stages at their init
     for stage in stages[len(stages) - frozen :] if frozen else []:
