@@ -26,7 +26,9 @@ control). ``LRS=0.1`` / ``HEADS=random`` narrow the meta-val grid. ``ALL_APIS=1`
 ``PER_API`` images, each labelled by every API (the same queries as ``PER_API`` per API, 20x
 fewer distinct images), KD to every API on each batch. ``KD_T=4``: the KD temperature (default
 the config's, 1). ``SSL_FRESH=1``: the contrastive views come from new unlabelled images of the
-source each batch (no queries), not from the KD batch.
+source each batch (no queries), not from the KD batch. ``RESET_EVERY=N``: every N steps the
+last two stages and the union head are re-drawn (seeded; their Adam state dropped), so the low
+stages learn to serve a fresh top, the training-side match of ``reinit=2`` ("zapping").
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     kd_w = float(os.environ.get("KD", "1"))
     kd_t = float(os.environ.get("KD_T", str(cfg.kd.T)))  # KD temperature
     ssl_fresh = os.environ.get("SSL_FRESH", "0") == "1"  # SSL on new unlabelled images
+    reset_every = int(os.environ.get("RESET_EVERY", "0"))  # re-draw the top every N steps
     stages = feature_stages(model)
     frozen = int(os.environ.get("FREEZE_TOP", "0"))  # keep the last N stages at their init
     for stage in stages[len(stages) - frozen :] if frozen else []:
@@ -173,6 +176,18 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if reset_every and step % reset_every == 0 and step < steps:
+            # "zapping": re-draw the top two stages and the union head (fresh Adam state), so
+            # the low stages learn to serve a fresh top, as at meta-test with reinit=2
+            top = [m for st in stages[-2:] for m in st.modules() if m is not st] + [union]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(seed, "surrogate-kd", "reset", step))
+                for m in top:
+                    if hasattr(m, "reset_parameters"):
+                        m.reset_parameters()
+            for m in top:
+                for p in m.parameters(recurse=False):
+                    opt.state.pop(p, None)
         if step in points:
             if save:
                 torch.save(model.state_dict(), f"{save}-step{step}.pt")
