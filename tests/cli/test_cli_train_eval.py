@@ -116,6 +116,10 @@ def test_train_with_eval_tune_meta_tests_the_chosen_protocol(tmp_path):
     res = runner.invoke(app, [*args[:-2], "--out", str(tmp_path / "bad"),
                               "--set", "eval.tune.momentum=[0.9]"])  # fmt: skip
     assert res.exit_code == 2 and "eval.tune: unknown key 'momentum'" in res.output
+    res = runner.invoke(app, [*args[:-2], "--out", str(tmp_path / "bad2"),
+                              "--set", "eval.tune.reinit=[0,9]"])  # fmt: skip
+    assert res.exit_code == 2 and "eval.reinit must be in 0..4" in res.output
+    assert not (tmp_path / "bad2" / "last.pt").exists()  # refused before training
     assert not (tmp_path / "bad" / "last.pt").exists()
 
 

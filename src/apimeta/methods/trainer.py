@@ -463,8 +463,9 @@ class MetaTrainer(Method):
                 )
             self.datasets = load_run_datasets(cfg)
             self.model, self.spec = meta_model_for_datasets(cfg, self.datasets)
-            if cfg.eval.reinit:  # refused now, not at the first meta-val pass
-                check_reinit(self.model, cfg.eval.reinit)
+            for k in {cfg.eval.reinit, *(cfg.eval.tune or {}).get("reinit", [])}:
+                if k:  # refused now, not at the first meta-val pass or the final meta-test
+                    check_reinit(self.model, int(k))
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
             self.ema_model = None
             if cfg.ema > 0:
