@@ -377,22 +377,10 @@ def split_variant(
     return method, ABLATIONS[ablation]
 
 
-def resolve_config(
-    *,
-    preset: str | None = None,
-    config: Path | None = None,
-    direct: dict[str, Any] | None = None,
-    ablations: dict[str, Any] | None = None,
-    sets: list[str] | None = None,
-    resume_from: Path | None = None,
-    variants: Mapping[str, tuple[str, dict[str, Any]]] | None = None,
-    expand: bool = True,
-) -> RunConfig:
-    """The resolved config of :func:`resolve_named` (without the requested name)."""
-    return resolve_named(
-        preset=preset, config=config, direct=direct, ablations=ablations, sets=sets,
-        resume_from=resume_from, variants=variants, expand=expand,
-    )[1]  # fmt: skip
+def resolve_config(**options: Any) -> RunConfig:
+    """The resolved config of :func:`resolve_named` (same keyword options), without the
+    requested method name."""
+    return resolve_named(**options)[1]
 
 
 def resolve_named(
