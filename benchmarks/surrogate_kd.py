@@ -29,6 +29,13 @@ the config's, 1). ``SSL_FRESH=1``: the contrastive views come from new unlabelle
 source each batch (no queries), not from the KD batch. ``RESET_EVERY=N``: every N steps the
 last two stages and the union head are re-drawn (seeded; their Adam state dropped), so the low
 stages learn to serve a fresh top, the training-side match of ``reinit=2`` ("zapping").
+``REFINE=K``: surrogate-guided candidates. From step ``REFINE_FROM`` (default 100), every
+``REFINE_EVERY`` steps (default 100) each API gets ``REFINE_N`` (default 100) new candidates:
+fresh images of the source, each moved K Adam steps (lr 0.05, on an offset of
+``REFINE_RES`` x ``REFINE_RES`` (default 8) upsampled to the image, under crop + flip) to raise the *student's* log-probability of a random class of
+that API (white-box on the learner's own model, no queries), then labelled by the API with one
+query each and added to its pool. ``REFINE=0`` with the same schedule adds unrefined images
+(the control). Printed: how often the API's top class is the targeted one.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apimeta.apis.ledger import QueryLedger
@@ -78,6 +86,44 @@ def meta_val(
                 tag = f"{head} lr={lr:g}" + (f" reinit={reinit}" if reinit else "")
                 parts.append(f"{tag}: {res['1-shot']['mean']:.2f}/{res['5-shot']['mean']:.2f}")
     return "  ".join(parts)
+
+
+def refine(
+    model: nn.Module,
+    union: nn.Module,
+    feats: list,
+    x0: Tensor,
+    cols: Tensor,
+    steps: int,
+    g: torch.Generator,
+    res: int = 8,
+) -> tuple[Tensor, Tensor]:
+    """(images (n, 3, s, s) in [0, 1], target column index (n,)): ``x0`` moved ``steps`` Adam
+    steps so the student's softmax over ``cols`` (one API's classes) favours a random target."""
+    n, _, size, _ = x0.shape
+    target = torch.randint(len(cols), (n,), generator=g)
+    if steps == 0:
+        return x0, target
+    offset = torch.zeros(n, 3, res, res, requires_grad=True)
+    opt = torch.optim.Adam([offset], lr=0.05)
+    was = model.training
+    model.eval()
+    for _ in range(steps):
+        up = F.interpolate(offset, size=(size, size), mode="bilinear", align_corners=False)
+        x = (x0 + up).clamp(0, 1)
+        feats.clear()
+        model(crop_flip(x, g))
+        logits = union(feats[-1])[:, cols]
+        loss = F.cross_entropy(logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.train(was)
+    model.zero_grad(set_to_none=True)
+    union.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        up = F.interpolate(offset, size=(size, size), mode="bilinear", align_corners=False)
+        return (x0 + up).clamp(0, 1), target
 
 
 def main(source: str, per_api: int, steps: int, seed: int = 2022,
@@ -145,6 +191,13 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         "lrs": tuple(float(v) for v in os.environ.get("LRS", "0.01,0.1").split(",")),
         "heads": tuple(os.environ.get("HEADS", "zero,random").split(",")),
     }
+    refine_k = os.environ.get("REFINE")  # surrogate-guided candidates (None: off)
+    refine_from = int(os.environ.get("REFINE_FROM", "100"))
+    refine_every = int(os.environ.get("REFINE_EVERY", "100"))
+    refine_n = int(os.environ.get("REFINE_N", "100"))
+    refine_res = int(os.environ.get("REFINE_RES", "8"))  # the offset's resolution
+    if refine_k is not None and all_apis:
+        sys.exit("REFINE and ALL_APIS do not combine (the shared pool would split per API)")
     if 0 in points:
         print(f"step 0 (random init): {meta_val(model, ds, cfg, **grid)}", flush=True)
     t0, agree, seen = time.time(), 0, 0
@@ -152,7 +205,7 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         loss = torch.zeros(())
         for _ in range(cfg.meta_batch):  # one batch per API, meta_batch APIs per update
             i = int(torch.randint(len(pool_x), (1,), generator=g))
-            idx = torch.randperm(per_api, generator=g)[:80]
+            idx = torch.randperm(len(pool_x[i]), generator=g)[:80]
             feats.clear()
             model(crop_flip(pool_x[i][idx], g))
             full = union(feats[-1])
@@ -176,6 +229,23 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if (
+            refine_k is not None
+            and step >= refine_from
+            and step % refine_every == 0
+            and step < steps
+        ):
+            hit = 0
+            for i, a in enumerate(apis):
+                x0 = draw_candidates(name, refine_n, size, 3, g)
+                x, target = refine(model, union, feats, x0, pool_c[i], int(refine_k), g, refine_res)
+                t = a.query(x)
+                hit += int((t.argmax(1) == target).sum())
+                pool_x[i] = torch.cat([pool_x[i], x])
+                pool_t[i] = torch.cat([pool_t[i], t])
+            print(f"step {step}: refined {len(apis)} x {refine_n} (K={refine_k}), API top = "
+                  f"target {100 * hit / (len(apis) * refine_n):.1f}%, {ledger.used} queries",
+                  flush=True)  # fmt: skip
         if reset_every and step % reset_every == 0 and step < steps:
             # "zapping": re-draw the top two stages and the union head (fresh Adam state), so
             # the low stages learn to serve a fresh top, as at meta-test with reinit=2
