@@ -9,6 +9,9 @@ zero head like every other init. Random init is the first row (update 0). Source
   generic natural-image prior, no dataset);
 - ``noise``: :func:`apimeta.candidates.smooth_noise`;
 - any other name of :data:`apimeta.candidates.SOURCES` (e.g. ``icons``);
+- ``real-zoo``: a probe, NOT data-free: each API's own training data, i.e. the real meta-train
+  images of its classes (20 per class), labelled by the API; what KD and the contrastive loss
+  give with perfect recovery (``KD=0``: the domain's images alone, no labels);
 - ``random-teacher``: dead-leaves images labelled by *random-init* Conv4s instead of the APIs
   (a control: how much of any gain is the image prior, not the APIs' knowledge).
 
@@ -144,8 +147,13 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     all_apis = os.environ.get("ALL_APIS", "0") == "1"  # one pool, labelled by every API
     name = {"noise": "smooth-noise", "random-teacher": "dead-leaves"}.get(source, source)
     shared = draw_candidates(name, per_api, size, 3, g) if all_apis else None
+    train = ds.split("train")
     for a in apis:
-        x = shared if shared is not None else draw_candidates(name, per_api, size, 3, g)
+        if source == "real-zoo":  # the API's own classes' real training images (a probe)
+            mask = torch.isin(train.labels, torch.tensor([int(c) for c in a.info.classes]))
+            x = train.images[mask].float() / 255.0
+        else:
+            x = shared if shared is not None else draw_candidates(name, per_api, size, 3, g)
         if source == "random-teacher":
             teacher = load_init(
                 None, dataclasses.replace(cfg, seed=seed + 1 + len(pool_x)), datasets
