@@ -39,6 +39,10 @@ fresh images of the source, each moved K Adam steps (lr 0.05, on an offset of
 that API (white-box on the learner's own model, no queries), then labelled by the API with one
 query each and added to its pool. ``REFINE=0`` with the same schedule adds unrefined images
 (the control). Printed: how often the API's top class is the targeted one.
+``UNION_CE=W``: adds W x a cross-entropy over the *whole* union head (every API's classes)
+with the API's top class as a hard label, on the images where the API's top probability is
+above ``UNION_CE_P`` (default 0): the per-API KD only ever contrasts an API's own classes, this
+contrasts classes of different APIs too (what MAML on the owners' data does).
 """
 
 from __future__ import annotations
@@ -199,6 +203,8 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         "lrs": tuple(float(v) for v in os.environ.get("LRS", "0.01,0.1").split(",")),
         "heads": tuple(os.environ.get("HEADS", "zero,random").split(",")),
     }
+    union_ce = float(os.environ.get("UNION_CE", "0"))  # CE over the whole union head
+    union_ce_p = float(os.environ.get("UNION_CE_P", "0"))
     refine_k = os.environ.get("REFINE")  # surrogate-guided candidates (None: off)
     refine_from = int(os.environ.get("REFINE_FROM", "100"))
     refine_every = int(os.environ.get("REFINE_EVERY", "100"))
@@ -232,6 +238,12 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
                 model(torch.cat(views))
                 f1, f2 = proj(feats[-1]).chunk(2)
                 loss = loss + ssl_w * nt_xent(f1, f2)
+            if union_ce:
+                p_top, top = pool_t[i][idx].softmax(1).max(1)
+                keep = p_top > union_ce_p
+                if bool(keep.any()):
+                    ce = F.cross_entropy(full[keep], pool_c[i][top[keep]])
+                    loss = loss + union_ce * ce
             agree += int((logits.argmax(1) == pool_t[i][idx].argmax(1)).sum())
             seen += len(idx)
         opt.zero_grad()
