@@ -12,6 +12,9 @@ zero head like every other init. Random init is the first row (update 0). Source
 - ``real-zoo``: a probe, NOT data-free: each API's own training data, i.e. the real meta-train
   images of its classes (20 per class), labelled by the API; what KD and the contrastive loss
   give with perfect recovery (``KD=0``: the domain's images alone, no labels);
+- ``pool:CHECKPOINT``: the recovered pool a ``bbkd`` run kept in its checkpoint (its images,
+  the APIs' outputs on them and their columns, per API event; no new queries), e.g. the
+  white-box recovery probe's;
 - ``random-teacher``: dead-leaves images labelled by *random-init* Conv4s instead of the APIs
   (a control: how much of any gain is the image prior, not the APIs' knowledge).
 
@@ -152,7 +155,7 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     name = {"noise": "smooth-noise", "random-teacher": "dead-leaves"}.get(source, source)
     shared = draw_candidates(name, per_api, size, 3, g) if all_apis else None
     train = ds.split("train")
-    for a in apis:
+    for a in [] if source.startswith("pool:") else apis:
         if source == "real-zoo":  # the API's own classes' real training images (a probe)
             mask = torch.isin(train.labels, torch.tensor([int(c) for c in a.info.classes]))
             x = train.images[mask].float() / 255.0
@@ -171,6 +174,9 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         pool_x.append(x)
         pool_t.append(t)
         pool_c.append(torch.tensor([column[(a.info.dataset, int(c))] for c in a.info.classes]))
+    if source.startswith("pool:"):  # a bbkd run's recovered pool, one entry per API event
+        extra = torch.load(source[5:], weights_only=True, map_location="cpu")["extra"]
+        pool_x, pool_t, pool_c = extra["pool_x"], extra["pool_t"], extra["pool_cols"]
     print(f"{source}: {len(apis)} APIs x {per_api} images, {ledger.used} queries, "
           f"{time.time() - t0:.0f}s; union of {len(keys)} classes", flush=True)  # fmt: skip
 
