@@ -38,9 +38,9 @@ stages learn to serve a fresh top, the training-side match of ``reinit=2`` ("zap
 ``REFINE=K``: surrogate-guided candidates. From step ``REFINE_FROM`` (default 100), every
 ``REFINE_EVERY`` steps (default 100) each API gets ``REFINE_N`` (default 100) new candidates:
 fresh images of the source, each moved K Adam steps (lr 0.05, on an offset of
-``REFINE_RES`` x ``REFINE_RES`` (default 8) upsampled to the image, under crop + flip) to raise the *student's* log-probability of a random class of
-that API (white-box on the learner's own model, no queries), then labelled by the API with one
-query each and added to its pool. ``REFINE=0`` with the same schedule adds unrefined images
+``REFINE_RES`` x ``REFINE_RES`` (default 8) upsampled to the image, under crop + flip) to raise
+the *student's* log-probability of a random class of that API (white-box on the learner's own
+model, no queries), then labelled by the API with one query each and added to its pool. ``REFINE=0`` with the same schedule adds unrefined images
 (the control). Printed: how often the API's top class is the targeted one.
 ``UNION_CE=W``: adds W x a cross-entropy over the *whole* union head (every API's classes)
 with the API's top class as a hard label, on the images where the API's top probability is
