@@ -216,8 +216,8 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     refine_every = int(os.environ.get("REFINE_EVERY", "100"))
     refine_n = int(os.environ.get("REFINE_N", "100"))
     refine_res = int(os.environ.get("REFINE_RES", "8"))  # the offset's resolution
-    if refine_k is not None and all_apis:
-        sys.exit("REFINE and ALL_APIS do not combine (the shared pool would split per API)")
+    if refine_k is not None and (all_apis or source.startswith("pool:")):
+        sys.exit("REFINE needs one pool per API (not ALL_APIS, not a pool: source)")
     if 0 in points:
         print(f"step 0 (random init): {meta_val(model, ds, cfg, **grid)}", flush=True)
     t0, agree, seen = time.time(), 0, 0
