@@ -116,13 +116,16 @@ def refine(
         return x0, target
     offset = torch.zeros(n, 3, res, res, requires_grad=True)
     opt = torch.optim.Adam([offset], lr=0.05)
+
+    def moved() -> Tensor:
+        up = F.interpolate(offset, size=(size, size), mode="bilinear", align_corners=False)
+        return (x0 + up).clamp(0, 1)
+
     was = model.training
     model.eval()
     for _ in range(steps):
-        up = F.interpolate(offset, size=(size, size), mode="bilinear", align_corners=False)
-        x = (x0 + up).clamp(0, 1)
         feats.clear()
-        model(crop_flip(x, g))
+        model(crop_flip(moved(), g))
         logits = union(feats[-1])[:, cols]
         loss = F.cross_entropy(logits, target)
         opt.zero_grad()
@@ -132,8 +135,7 @@ def refine(
     model.zero_grad(set_to_none=True)
     union.zero_grad(set_to_none=True)
     with torch.no_grad():
-        up = F.interpolate(offset, size=(size, size), mode="bilinear", align_corners=False)
-        return (x0 + up).clamp(0, 1), target
+        return moved(), target
 
 
 def main(source: str, per_api: int, steps: int, seed: int = 2022,
