@@ -142,3 +142,28 @@ def test_nt_xent_hand_computed_and_prefers_matching_views():
     z1 = torch.randn(8, 5, requires_grad=True)
     nt_xent(z1, torch.randn(8, 5)).backward()
     assert z1.grad is not None and z1.grad.abs().sum() > 0
+
+
+def test_union_ce_labels_the_union_column_of_the_api_top_class_where_it_is_sure():
+    from apimeta.losses import union_ce
+
+    union = _logits(3, b=4, c=6).requires_grad_(True)  # 6 union classes
+    cols = torch.tensor([4, 1, 2])  # this API's 3 classes sit in union columns 4, 1, 2
+    teacher = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0.1, 0, 0], [0, 0, 5.0]])  # row 2: unsure
+    p_top = teacher.softmax(1).max(1).values
+    assert p_top[2] < 0.5 < p_top[[0, 1, 3]].min()
+    got = union_ce(union, teacher, cols, min_prob=0.5)
+    want = F.cross_entropy(union[[0, 1, 3]], torch.tensor([4, 1, 2]))
+    torch.testing.assert_close(got, want)
+    # min_prob 0: every row counts; probabilities give the same labels as logits
+    all_rows = F.cross_entropy(union, torch.tensor([4, 1, 4, 2]))
+    torch.testing.assert_close(union_ce(union, teacher, cols), all_rows)
+    torch.testing.assert_close(
+        union_ce(union, teacher.softmax(1), cols, teacher_is_probs=True), all_rows
+    )
+    # unlike per-API KD, other APIs' columns (0, 3, 5) get a gradient too
+    got.backward()
+    assert union.grad is not None and union.grad[:, [0, 3, 5]].abs().sum() > 0
+    # nothing sure enough: zero loss, zero gradient
+    none = union_ce(union, teacher, cols, min_prob=0.999999)
+    assert none.item() == 0.0

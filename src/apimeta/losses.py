@@ -7,6 +7,8 @@
   :func:`recovery_ce` and the boundary objective :func:`boundary_objective` with its mask and
   discrepancy helpers.
 * :func:`nt_xent`: SimCLR's contrastive loss between two augmented views (no API involved).
+* :func:`union_ce`: a cross-entropy over a head of *every* API's classes, the API's top class
+  as the label where the API is sure enough.
 
 Teacher scores come from an API in its output mode: ``logits`` are raw logits; ``probs`` and
 ``topk:K`` are probabilities (top-k: zeros outside the top K); ``label`` is a one-hot vector.
@@ -202,6 +204,27 @@ def nt_xent(z1: Tensor, z2: Tensor, tau: float = 0.2) -> Tensor:
     return F.cross_entropy(sim, target)
 
 
+def union_ce(
+    union_logits: Tensor,
+    teacher_scores: Tensor,
+    columns: Tensor,
+    min_prob: float = 0.0,
+    teacher_is_probs: bool = False,
+) -> Tensor:
+    """Cross-entropy over the whole union head with the API's top class as a hard label.
+
+    ``union_logits`` (B, U) are the student's logits over the union of all APIs' classes,
+    ``teacher_scores`` (B, C) one API's outputs, ``columns`` (C,) the union columns of its
+    classes. A row counts only where the API's top probability is above ``min_prob``; the mean
+    is over the rows that count (0 when none does; no host sync). Unlike per-API KD, which
+    only ever contrasts one API's own classes, this also pushes down every other API's classes.
+    """
+    p_top, top = teacher_probs(teacher_scores, 1.0, teacher_is_probs).max(1)
+    keep = (p_top > min_prob).to(union_logits.dtype)
+    ce = F.cross_entropy(union_logits, columns.to(union_logits.device)[top], reduction="none")
+    return (ce * keep).sum() / keep.sum().clamp_min(1.0)
+
+
 __all__ = [
     "KD_LOSSES",
     "PROB_EPS",
@@ -218,4 +241,5 @@ __all__ = [
     "student_reference",
     "target_prob",
     "teacher_probs",
+    "union_ce",
 ]

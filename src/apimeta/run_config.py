@@ -102,6 +102,12 @@ class KDConfig:
     # colour changes, and costs no queries
     contrastive: float = 0.0
     contrastive_tau: float = 0.2
+    # extension (0 = off; bbkd only): weight of a cross-entropy over the *whole* union head with
+    # the API's top class as the label, on the images where the API's top probability exceeds
+    # union_ce_min_prob; per-API KD only contrasts an API's own classes, this contrasts classes
+    # of different APIs too (what MAML on the owners' data does). No queries
+    union_ce: float = 0.0
+    union_ce_min_prob: float = 0.0
 
 
 @dataclass

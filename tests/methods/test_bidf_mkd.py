@@ -385,12 +385,12 @@ def test_a_procedural_source_is_refused_by_bidf_mkd_and_bad_values_by_the_config
         train(tiny_cfg(zoo, tmp_path / "c", recovery=RecoveryConfig(**rec, candidates=0)))
 
 
-def _leaves(zoo, tmp_path, contrastive: float, episodes: int = 4) -> RunConfig:
+def _leaves(zoo, tmp_path, contrastive: float, episodes: int = 4, **kd) -> RunConfig:
     return tiny_cfg(
         zoo, tmp_path, method="bbkd", episodes=episodes, events=EventConfig(patience=1),
         recovery=RecoveryConfig(per_class=B_PER_CLASS, iters=ITERS, source="dead-leaves",
                                 candidates=7),
-        kd=KDConfig(adv_start=1, contrastive=contrastive),
+        kd=KDConfig(adv_start=1, contrastive=contrastive, **kd),
     )  # fmt: skip
 
 
@@ -415,6 +415,33 @@ def test_bbkd_contrastive_term_costs_no_queries_changes_training_and_resumes_exa
         torch.testing.assert_close(v, c["extra"]["projection"][k], rtol=0, atol=0)
 
 
+def test_bbkd_union_ce_costs_no_queries_trains_other_apis_columns_and_resumes_exactly(
+    zoo, tmp_path
+):
+    off, _ = train(_leaves(zoo, tmp_path / "off", 0.0))
+    on, _ = train(_leaves(zoo, tmp_path / "on", 0.0, union_ce=1.0))
+    assert on.ledger.used == off.ledger.used == 2 * 7  # no image is queried twice
+    a, b = (load_checkpoint(r.run.last_checkpoint) for r in (off, on))
+    # the columns of classes no event has seen: per-API KD never touches them (they keep the
+    # seeded init both runs share); union CE only ever pushes them down (never a label)
+    seen = set(torch.cat(b["extra"]["pool_cols"]).tolist())
+    unseen = [c for c in range(len(on.column)) if c not in seen]
+    assert unseen, "the tiny zoo's events must leave some API's classes unseen"
+    ua, ub = a["extra"]["union_head"]["bias"], b["extra"]["union_head"]["bias"]
+    assert bool((ub[unseen] < ua[unseen]).all())
+    # a threshold no API output reaches: the term is zero and training is the plain one
+    never, _ = train(_leaves(zoo, tmp_path / "never", 0.0, union_ce=1.0, union_ce_min_prob=0.999))
+    c = load_checkpoint(never.run.last_checkpoint)
+    for k, v in a["model"].items():
+        torch.testing.assert_close(v, c["model"][k], rtol=0, atol=0)
+    # interrupted and resumed: the same weights
+    train(_leaves(zoo, tmp_path / "part", 0.0, episodes=2, union_ce=1.0))
+    resumed, _ = train(_leaves(zoo, tmp_path / "part", 0.0, union_ce=1.0), resume=True)
+    d = load_checkpoint(resumed.run.last_checkpoint)
+    for k, v in b["model"].items():
+        torch.testing.assert_close(v, d["model"][k], rtol=0, atol=0)
+
+
 def test_contrastive_is_refused_by_bidf_mkd_and_bad_values_by_the_config(zoo, tmp_path):
     with pytest.raises(ConfigError, match=r"kd\.contrastive .* is for bbkd"):
         train(tiny_cfg(zoo, tmp_path / "a", kd=KDConfig(adv_start=1, contrastive=1.0)))
@@ -424,6 +451,12 @@ def test_contrastive_is_refused_by_bidf_mkd_and_bad_values_by_the_config(zoo, tm
     cfg = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, contrastive_tau=0.0))
     with pytest.raises(ConfigError, match=r"kd\.contrastive_tau must be > 0"):
         train(cfg)
+    with pytest.raises(ConfigError, match=r"kd\.union_ce .* is for bbkd"):
+        train(tiny_cfg(zoo, tmp_path / "d", kd=KDConfig(adv_start=1, union_ce=1.0)))
+    with pytest.raises(ConfigError, match=r"kd\.union_ce must be >= 0"):
+        train(_leaves(zoo, tmp_path / "e", 0.0, union_ce=-1.0))
+    with pytest.raises(ConfigError, match=r"kd\.union_ce_min_prob must be in \[0, 1\)"):
+        train(_leaves(zoo, tmp_path / "f", 0.0, union_ce=1.0, union_ce_min_prob=1.0))
 
 
 def test_resuming_with_the_contrastive_term_switched_is_a_checkpoint_error(zoo, tmp_path):

@@ -17,6 +17,11 @@ API's outputs are the KD targets, and no generator is trained.
 (:func:`~apimeta.transforms.resized_crop_flip`, then colour jitter), and a SimCLR loss
 (:func:`~apimeta.losses.nt_xent`) through a 2-layer projection of the features is added with
 that weight. No extra queries; the projection is dropped with the union head.
+
+``kd.union_ce`` > 0 (an extension): adds that weight x :func:`~apimeta.losses.union_ce`, a
+cross-entropy over the *whole* union head with the API's top class as the label, on the images
+where the API's top probability exceeds ``kd.union_ce_min_prob``. Per-API KD only contrasts an
+API's own classes; this contrasts classes of different APIs as well. No extra queries.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from apimeta.episodes import APIEpisode
 from apimeta.errors import ConfigError, QueryBudgetExceeded
 from apimeta.evaluate import head_features
 from apimeta.events import APIEvent
-from apimeta.losses import nt_xent, output_kind, teacher_probs
+from apimeta.losses import nt_xent, output_kind, teacher_probs, union_ce
 from apimeta.maml import named_params
 from apimeta.methods.api_learner import APILearner
 from apimeta.methods.interface import METHODS
@@ -247,9 +252,15 @@ class BBKD(APILearner):
             xb = x[idx].float() / 255.0 if x.dtype == torch.uint8 else x[idx]
             xb = crop_flip(xb, g).to(self.device)
             feats = self._features(resize(xb, cfg.image_size))
-            logits = self.union_head(feats)[:, self.pool_cols[i].to(self.device)]
+            cols = self.pool_cols[i].to(self.device)
+            full = self.union_head(feats)  # (B, every API's classes)
+            logits = full[:, cols]
             teacher = t[idx].to(self.device)
             loss = self.kd(logits, teacher, T=cfg.kd.T, teacher_is_probs=self.pool_probs[i])
+            if cfg.kd.union_ce:
+                loss = loss + cfg.kd.union_ce * union_ce(
+                    full, teacher, cols, cfg.kd.union_ce_min_prob, self.pool_probs[i]
+                )
             if self.projection is not None:
                 loss = loss + cfg.kd.contrastive * self._contrastive(x[idx], g)
             total = loss if total is None else total + loss

@@ -77,10 +77,11 @@ class BiDfMKD(APILearner):
                 "class-conditional support and query sets with the generator (recovery.source: "
                 "generator)"
             )
-        if cfg.kd.contrastive:
-            raise ConfigError(
-                f"kd.contrastive ({cfg.kd.contrastive}) is for bbkd; set it to 0 for bidf-mkd"
-            )
+        for key in ("contrastive", "union_ce"):
+            if getattr(cfg.kd, key):
+                raise ConfigError(
+                    f"kd.{key} ({getattr(cfg.kd, key)}) is for bbkd; set it to 0 for bidf-mkd"
+                )
         self.setup_apis()
         self.memory = TaskMemory(
             cfg.memory.mem_batches, cfg.memory.quantize_uint8, device=self.device

@@ -134,6 +134,11 @@ def check_run_config(cfg: RunConfig) -> None:
             cfg.kd.contrastive_tau > 0,
             f"kd.contrastive_tau must be > 0, got {cfg.kd.contrastive_tau}",
         ),
+        (cfg.kd.union_ce >= 0, f"kd.union_ce must be >= 0 (0 = off), got {cfg.kd.union_ce}"),
+        (
+            0 <= cfg.kd.union_ce_min_prob < 1,
+            f"kd.union_ce_min_prob must be in [0, 1), got {cfg.kd.union_ce_min_prob}",
+        ),
         (0.0 <= cfg.ema < 1.0, f"ema must be in [0, 1) (0 = off), got {cfg.ema}"),
         (cfg.episodes >= 0, f"episodes must be >= 0, got {cfg.episodes}"),
         (cfg.inner_steps >= 0, f"inner_steps must be >= 0, got {cfg.inner_steps}"),
