@@ -63,6 +63,13 @@ def test_ablations_change_exactly_one_component():
         "tune",
     }
     assert resolved.eval.tune == {"head": ["learned", "random"]}  # chosen per shot on meta-val
+    union = to_dict(_resolved("bbkd:union-leaves"))  # contrastive-leaves + the union CE
+    assert {k for k in contrastive if contrastive[k] != union[k]} == {"kd"}
+    assert {k for k in union["kd"] if union["kd"][k] != contrastive["kd"][k]} == {
+        "union_ce",
+        "union_ce_min_prob",
+    }
+    assert (union["kd"]["union_ce"], union["kd"]["union_ce_min_prob"]) == (1.0, 0.8)
     kd, kd0 = to_dict(_resolved("bidf-mkd:no-boundary"))["kd"], base["kd"]
     assert {k for k in kd if kd[k] != kd0[k]} == {"adv"}
     mem = _resolved("bidf-mkd:diverse-memory").memory

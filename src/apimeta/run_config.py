@@ -503,6 +503,11 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         },
     },
 }
+# extension: contrastive-leaves + a cross-entropy over the whole union head on the candidates an
+# API is sure of (top probability > 0.8): classes of different APIs are told apart too
+ABLATIONS["union-leaves"] = merge(
+    ABLATIONS["contrastive-leaves"], {"kd": {"union_ce": 1.0, "union_ce_min_prob": 0.8}}
+)
 
 
 __all__ = [

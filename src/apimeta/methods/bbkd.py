@@ -68,7 +68,7 @@ class BBKD(APILearner):
     """Black-box KD of all APIs into one union-head model (see the module docstring)."""
 
     name = "bbkd"
-    ablations = ("dead-leaves", "contrastive-leaves")
+    ablations = ("dead-leaves", "contrastive-leaves", "union-leaves")
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
 
     def setup(self) -> None:
