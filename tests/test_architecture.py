@@ -40,6 +40,7 @@ LAYERS = {
     "apimeta.candidates": 2,
     "apimeta.bilevel": 2,
     "apimeta.memory": 2,
+    "apimeta.interpolation": 2,
     "apimeta.events": 2,
     "apimeta.evaluate": 2,
     "apimeta.methods": 3,

@@ -136,6 +136,10 @@ class MemoryConfig:
     # augment replayed memory tasks: comma-separated names from transforms.AUGMENTATIONS applied
     # in order to support and query images (crop, flip, jitter, cutout); "" = off (the paper)
     augment: str = ""
+    # task interpolation (MLTI): the share of replayed memory tasks that are the mix of two memory
+    # tasks (class k with class k, at a random depth, weight ~ Beta(alpha, alpha)); 0 = off
+    interpolate: float = 0.0
+    interpolate_alpha: float = 2.0
 
 
 @dataclass
@@ -465,6 +469,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "scheduled": {"events": {"trigger": "every"}},
     # extension: replayed memory tasks are augmented (crop, flip, colour jitter, cutout)
     "augmented-memory": {"memory": {"augment": "crop,flip,jitter,cutout"}},
+    # extension: half of the replayed memory tasks are interpolations of two (MLTI)
+    "interpolated-memory": {"memory": {"interpolate": 0.5}},
     # extension: meta-val, best.pt and meta-test use a weight average (horizon ~20 updates)
     "ema": {"ema": 0.95},
     # extension: the outer lr decays from outer_lr to 0 over the run (cosine)

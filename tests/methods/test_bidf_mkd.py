@@ -280,11 +280,12 @@ def test_memory_augment_changes_replayed_images_only(zoo, tmp_path):
     cfg = tiny_cfg(zoo, tmp_path, episodes=2, meta_batch=2, api_patience=100)
     m, _ = train(cfg)
     state = m.rng("memory-tasks").get_state()
-    plain = m.memory_episode()
+    plain, no_mix = m.memory_episode()
+    assert no_mix is None  # memory.interpolate 0: a plain task
     stored = {k: m.memory.n_images(k) for k in m.memory.classes()}
     m.rng("memory-tasks").set_state(state)
     m.cfg = dataclasses.replace(m.cfg, memory=MemoryConfig(augment="crop,flip,jitter,cutout"))
-    aug = m.memory_episode()
+    aug, _ = m.memory_episode()
     assert aug.class_ids == plain.class_ids
     assert torch.equal(aug.support_y, plain.support_y) and torch.equal(aug.query_y, plain.query_y)
     assert aug.support_x.shape == plain.support_x.shape
@@ -294,6 +295,34 @@ def test_memory_augment_changes_replayed_images_only(zoo, tmp_path):
     bad = dataclasses.replace(cfg, memory=MemoryConfig(augment="rotate"), out=str(tmp_path / "b"))
     with pytest.raises(ConfigError, match="unknown augmentation"):
         train(bad)
+
+
+def test_memory_interpolate_mixes_two_memory_tasks_costs_no_queries_and_resumes(zoo, tmp_path):
+    """memory.interpolate: that share of the replayed tasks pairs two memory tasks with a drawn
+    mix (MLTI); no query more, other weights, an exact resume; bad values are refused."""
+    kw = dict(episodes=6, meta_batch=2, api_patience=100)
+    off, _ = train(tiny_cfg(zoo, tmp_path / "off", **kw))
+    on, _ = train(tiny_cfg(zoo, tmp_path / "on", memory=MemoryConfig(interpolate=1.0), **kw))
+    assert on.ledger.used == off.ledger.used  # one API event each, the mixes cost nothing
+    ep, mix = on.memory_episode()
+    assert mix is not None and -1 <= mix.stage < 3 and 0 < mix.lam < 1
+    n = WAY * 1  # way x shot of one task
+    assert ep.support_x.shape[0] == (n if mix.stage == -1 else 2 * n)
+    a, b = (load_checkpoint(r.run.last_checkpoint) for r in (off, on))
+    w = "net.features.0.weight"
+    assert not torch.equal(a["model"][w], b["model"][w])
+    part = tiny_cfg(zoo, tmp_path / "part", memory=MemoryConfig(interpolate=1.0), **kw)
+    train(dataclasses.replace(part, episodes=2))
+    resumed, _ = train(part, resume=True)
+    c = load_checkpoint(resumed.run.last_checkpoint)
+    for k, v in b["model"].items():
+        torch.testing.assert_close(v, c["model"][k], rtol=0, atol=0)
+    for bad, msg in [
+        (MemoryConfig(interpolate=1.5), r"memory\.interpolate must be in \[0, 1\]"),
+        (MemoryConfig(interpolate=0.5, interpolate_alpha=0.0), r"interpolate_alpha must be > 0"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            train(tiny_cfg(zoo, tmp_path / "bad", memory=bad, **kw))
 
 
 def test_diverse_recovery_passes_the_learners_feature_diversity_to_recovery(zoo, tmp_path):

@@ -13,7 +13,8 @@ One meta-update sums ``cfg.meta_batch`` episode losses (docs/design.md 4.8). An 
   steps) -- :mod:`apimeta.bilevel`. S and Q go into the task memory under the API's global
   class ids; or
 * a **memory episode**: an interpolated N-way task composed across APIs from the task memory,
-  trained with MAML + CE.
+  trained with MAML + CE (``memory.interpolate`` > 0, an extension: that share of them is the
+  mix of two memory tasks, MLTI, :mod:`apimeta.interpolation`).
 
 Ablations (:data:`~apimeta.run_config.ABLATIONS`): ``kd.adv=0`` (no boundary term),
 ``memory.enabled=false`` (no replay: every episode is an API episode until the budget runs
@@ -23,6 +24,7 @@ bound, NOT black-box).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, ClassVar
 
@@ -35,11 +37,13 @@ from apimeta.episodes import Episode
 from apimeta.errors import ConfigError, EpisodeError, QueryBudgetExceeded
 from apimeta.evaluate import head_features
 from apimeta.events import APIEvent, EventSchedule
+from apimeta.interpolation import Mix, draw_mix, mixing, pair_tasks
 from apimeta.losses import output_kind
 from apimeta.maml import maml_outer_loss, named_params
 from apimeta.memory import TaskMemory, within_class_diversity
 from apimeta.methods.api_learner import APILearner
 from apimeta.methods.interface import METHODS
+from apimeta.models.stages import feature_stages
 from apimeta.recovery import Boundary, Objective, SupportCE
 from apimeta.run_config import schedule_point
 from apimeta.transforms import augment, crop_flip, parse_augment
@@ -60,6 +64,7 @@ class BiDfMKD(APILearner):
         "diverse-memory",
         "scheduled",
         "augmented-memory",
+        "interpolated-memory",
         "ema",
         "cosine-lr",
         "diverse-recovery",
@@ -239,28 +244,43 @@ class BiDfMKD(APILearner):
         log.debug("API event %s", record)
         return loss, acc
 
-    def memory_episode(self) -> Episode | None:
+    def _memory_task(self) -> Episode:
+        """One replayed memory task (augmented if ``memory.augment``); EpisodeError if the
+        memory cannot build one yet."""
         cfg = self.cfg
-        if not cfg.memory.enabled:
-            return None
-        try:
-            ep = self.memory.sample_task(
-                cfg.way,
-                cfg.shot,
-                cfg.query,
-                self.rng("memory-tasks"),
-                image_size=cfg.image_size,
-                channels=self.in_channels,
-            )
-        except EpisodeError:
-            return None
-        ep = ep.to(self.device)
+        ep = self.memory.sample_task(
+            cfg.way,
+            cfg.shot,
+            cfg.query,
+            self.rng("memory-tasks"),
+            image_size=cfg.image_size,
+            channels=self.in_channels,
+        ).to(self.device)
         names = parse_augment(cfg.memory.augment)
         if names:  # same shapes and labels: assigned in place, no re-validation (no host sync)
             g = self.rng("memory-augment")
             ep.support_x = augment(ep.support_x, names, g)
             ep.query_x = augment(ep.query_x, names, g)
         return ep
+
+    def memory_episode(self) -> tuple[Episode, Mix | None] | None:
+        """A task to replay and, with probability ``memory.interpolate``, the mix that makes it
+        the interpolation of two memory tasks (MLTI; :mod:`apimeta.interpolation`); None when
+        the memory is off or cannot build a task yet."""
+        cfg = self.cfg
+        if not cfg.memory.enabled:
+            return None
+        try:
+            ep = self._memory_task()
+            if not cfg.memory.interpolate:
+                return ep, None
+            g = self.rng("memory-interpolate")
+            if float(torch.rand(1, generator=g)) >= cfg.memory.interpolate:
+                return ep, None
+            mix = draw_mix(len(feature_stages(self.model)), cfg.memory.interpolate_alpha, g)
+            return pair_tasks(ep, self._memory_task(), mix), mix
+        except EpisodeError:
+            return None
 
     # ------------------------------------------------------------------ one meta-update
     def meta_batch_loss(self, step: int) -> tuple[Tensor, dict[str, Any]]:
@@ -281,19 +301,21 @@ class BiDfMKD(APILearner):
                     self.schedule.event_done()
                     n_api += 1
             if res is None:
-                ep = self.memory_episode()
-                if ep is None and not self.budget_exhausted:
+                task = self.memory_episode()
+                if task is None and not self.budget_exhausted:
                     res = self.api_episode(step)  # memory too small yet: learn from an API
                     n_api += res is not None
-                elif ep is not None:
-                    out = maml_outer_loss(
-                        self.model,
-                        self.inner_start(),
-                        ep,
-                        steps=cfg.inner_steps,
-                        lr=cfg.inner_lr,
-                        first_order=cfg.first_order,
-                    )
+                elif task is not None:
+                    ep, mix = task
+                    with mixing(self.model, mix) if mix else contextlib.nullcontext():
+                        out = maml_outer_loss(
+                            self.model,
+                            self.inner_start(),
+                            ep,
+                            steps=cfg.inner_steps,
+                            lr=cfg.inner_lr,
+                            first_order=cfg.first_order,
+                        )
                     res = (out.loss, out.acc)
                     n_mem += 1
             if res is None:

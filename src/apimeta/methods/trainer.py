@@ -134,6 +134,14 @@ def check_run_config(cfg: RunConfig) -> None:
             cfg.kd.contrastive_tau > 0,
             f"kd.contrastive_tau must be > 0, got {cfg.kd.contrastive_tau}",
         ),
+        (
+            0 <= cfg.memory.interpolate <= 1,
+            f"memory.interpolate must be in [0, 1] (0 = off), got {cfg.memory.interpolate}",
+        ),
+        (
+            cfg.memory.interpolate_alpha > 0,
+            f"memory.interpolate_alpha must be > 0, got {cfg.memory.interpolate_alpha}",
+        ),
         (cfg.kd.union_ce >= 0, f"kd.union_ce must be >= 0 (0 = off), got {cfg.kd.union_ce}"),
         (
             0 <= cfg.kd.union_ce_min_prob < 1,
