@@ -61,6 +61,11 @@ class RecoveryConfig:
     # images per API event and queries each once, with no generator (bbkd only)
     source: str = "generator"
     candidates: int = 1000
+    # extension (0 = off, the paper: a fresh generator per recovery): a generator shared across
+    # APIs (one per input spec; FREE, CVPR 2024, driven by the ZO estimator): each recovery
+    # starts from it and, after recovery.iters steps, moves it by this Reptile step toward the
+    # adapted weights, so a few iterations per API suffice
+    meta_step: float = 0.0
 
 
 @dataclass
@@ -469,6 +474,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "scheduled": {"events": {"trigger": "every"}},
     # extension: replayed memory tasks are augmented (crop, flip, colour jitter, cutout)
     "augmented-memory": {"memory": {"augment": "crop,flip,jitter,cutout"}},
+    # extension (FREE-style): one generator shared across APIs, 10 recovery iterations per API
+    # from it (a fifth of the cpu preset's 50) and a Reptile step of 0.25 after each recovery
+    "shared-generator": {"recovery": {"meta_step": 0.25, "iters": 10}},
     # extension: half of the replayed memory tasks are interpolations of two (MLTI)
     "interpolated-memory": {"memory": {"interpolate": 0.5}},
     # extension: meta-val, best.pt and meta-test use a weight average (horizon ~20 updates)

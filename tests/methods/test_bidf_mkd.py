@@ -325,6 +325,56 @@ def test_memory_interpolate_mixes_two_memory_tasks_costs_no_queries_and_resumes(
             train(tiny_cfg(zoo, tmp_path / "bad", memory=bad, **kw))
 
 
+def _shared(meta_step: float, **kw) -> RecoveryConfig:
+    return RecoveryConfig(per_class=B_PER_CLASS, iters=ITERS, meta_step=meta_step, **kw)
+
+
+def test_shared_generator_takes_a_reptile_step_per_recovery_and_resumes_exactly(zoo, tmp_path):
+    """recovery.meta_step: one generator shared across APIs starts every recovery and moves that
+    share of the way to the adapted weights; it costs the same queries and resumes exactly."""
+    one = tiny_cfg(zoo, tmp_path / "one", episodes=1, meta_batch=1)
+    plain, _ = train(one)
+    m, _ = train(dataclasses.replace(one, recovery=_shared(0.5), out=str(tmp_path / "shared")))
+    assert m.ledger.used == plain.ledger.used  # same iterations, same images per recovery
+    assert plain.shared_generators == {} and set(m.shared_generators) == {"32x3"}
+    shared, adapted = m.shared_generators["32x3"], m._adapted["32x3"]
+    before = {k: v.clone() for k, v in shared.state_dict().items()}
+    rec = m.recover_from(m.apis[0])
+    assert not rec.budget_exhausted
+    after = {k: v.clone() for k, v in shared.state_dict().items()}
+    work = adapted.state_dict()
+    assert any(not torch.equal(work[k], before[k]) for k in work)  # the copy was trained
+    for k, v in after.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, before[k] + 0.5 * (work[k] - before[k]))
+        else:
+            assert torch.equal(v, work[k])
+    # the next recovery starts from the moved generator, not a fresh one: the same draws
+    # (recovery RNG), other images
+    state = m.rng("recovery").get_state()
+    from_shared = m.recover_from(m.apis[0]).images
+    m.rng("recovery").set_state(state)
+    m.cfg = dataclasses.replace(m.cfg, recovery=_shared(0.0))
+    assert not torch.equal(from_shared, m.recover_from(m.apis[0]).images)
+    m.rng("recovery").set_state(state)
+    m.cfg = dataclasses.replace(m.cfg, recovery=_shared(0.5))
+    m.shared_generators["32x3"].load_state_dict(after)
+    torch.testing.assert_close(m.recover_from(m.apis[0]).images, from_shared, rtol=0, atol=0)
+    # interrupted and resumed: the same shared generator and model
+    kw = dict(episodes=8, recovery=_shared(0.5))
+    full, _ = train(tiny_cfg(zoo, tmp_path / "a", **kw))
+    train(tiny_cfg(zoo, tmp_path / "b", **{**kw, "episodes": 4}))
+    resumed, _ = train(tiny_cfg(zoo, tmp_path / "b", **kw), resume=True)
+    a = load_checkpoint(full.run.last_checkpoint)
+    b = load_checkpoint(resumed.run.last_checkpoint)
+    for k, v in a["extra"]["shared_generators"]["32x3"].items():
+        torch.testing.assert_close(v, b["extra"]["shared_generators"]["32x3"][k], rtol=0, atol=0)
+    for k, v in a["model"].items():
+        torch.testing.assert_close(v, b["model"][k], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=r"recovery\.meta_step must be in \[0, 1\]"):
+        train(tiny_cfg(zoo, tmp_path / "bad", recovery=_shared(1.5)))
+
+
 def test_diverse_recovery_passes_the_learners_feature_diversity_to_recovery(zoo, tmp_path):
     """recovery.diversity: every recovery gets -w * (within-class diversity of the meta-model's
     features of the generator's images), differentiable in the images, weights held fixed;

@@ -3,7 +3,9 @@
 ``setup_apis`` builds the ledger (``cfg.query_budget``), the APIs of ``cfg.zoo`` (with the
 optional query cache, :mod:`apimeta.apis.runtime`), the scenario's :class:`APIPool`, the
 recovery's gradient source (ZO estimator, or white-box with ``zo.enabled=false``) and the KD
-loss; :meth:`APILearner.recover_from` runs one recovery with the run's settings. A failed API
+loss; :meth:`APILearner.recover_from` runs one recovery with the run's settings
+(``recovery.meta_step`` > 0: from a generator shared across APIs, moved toward each recovery's
+adapted weights by a Reptile step, as in FREE; saved with the ledger for resume). A failed API
 call inside a meta-update rolls the update back, keeping the ledger (its images were sent and
 paid), and raises :class:`~apimeta.errors.APIUnavailableError` (``resumable_errors``).
 """
@@ -27,8 +29,10 @@ from apimeta.losses import kd_loss
 from apimeta.maml import named_params
 from apimeta.memory import within_class_diversity
 from apimeta.methods.trainer import MetaTrainer
+from apimeta.models.generator import Generator, reset_parameters
 from apimeta.recovery import Objective, Recovered, SupportCE, gradient_source, recover
 from apimeta.scenarios import APIPool
+from apimeta.seeding import make_generator
 from apimeta.transforms import resize
 from apimeta.zo import ZOEstimator, build_estimator
 
@@ -54,6 +58,9 @@ class APILearner(MetaTrainer):
         self.pool = APIPool(self.apis, cfg.scenario, self.rng("api-draws"))
         self.estimator: ZOEstimator | None = build_estimator(cfg.zo) if cfg.zo.enabled else None
         self.kd = kd_loss(cfg.kd.loss)
+        # recovery.meta_step: the shared generators by input spec ("32x3") and working copies
+        self.shared_generators: dict[str, Generator] = {}
+        self._adapted: dict[str, Generator] = {}
         if not cfg.zo.enabled:
             log.warning("zo.enabled=false: WHITE-BOX recovery (true gradients); not black-box")
             for api in self.apis:  # fail now, not at the first event
@@ -74,11 +81,64 @@ class APILearner(MetaTrainer):
             )
 
     def api_state(self) -> dict[str, Any]:
-        return {"ledger": self.ledger.state_dict(), "cache_mark": cache_mark(self.query_cache)}
+        return {
+            "ledger": self.ledger.state_dict(),
+            "cache_mark": cache_mark(self.query_cache),
+            "shared_generators": {
+                k: {n: v.detach().cpu().clone() for n, v in g.state_dict().items()}
+                for k, g in self.shared_generators.items()
+            },
+        }
 
     def load_api_state(self, state: dict[str, Any]) -> None:
         self.ledger.load_state_dict(state["ledger"])
         resume_cache_billing(self.query_cache, state.get("cache_mark"))
+        saved = state.get("shared_generators", {})
+        for key in {*saved, *self.shared_generators}:
+            size, channels = (int(v) for v in key.split("x"))
+            gen = self._shared_generator(size, channels)
+            if key in saved:
+                gen.load_state_dict(saved[key])
+            else:  # built after the state was saved (a rolled-back update): back to its init
+                reset_parameters(gen, self._shared_init(key))
+
+    def _shared_init(self, key: str) -> torch.Generator:
+        return make_generator(self.cfg.seed, self.name, "shared-generator", key)
+
+    def _shared_generator(self, size: int, channels: int) -> Generator:
+        """The generator shared by every API whose input is ``channels`` x ``size`` px
+        (``recovery.meta_step``), built on first use with the recovery init from a seed of its
+        own, and its working copy (``_adapted``)."""
+        key = f"{size}x{channels}"
+        if key not in self.shared_generators:
+            rc = self.cfg.recovery
+            with torch.random.fork_rng(devices=[]):  # construction must not move the global RNG
+                gen = Generator(nz=rc.nz, ngf=rc.ngf, image_size=size, channels=channels)
+                work = Generator(nz=rc.nz, ngf=rc.ngf, image_size=size, channels=channels)
+            reset_parameters(gen, self._shared_init(key))
+            self.shared_generators[key] = gen.to(self.device)
+            self._adapted[key] = work.to(self.device)
+        return self.shared_generators[key]
+
+    def _recover_shared(self, api: BlackBoxAPI, run: Callable[[Generator], Recovered]) -> Recovered:
+        """``run`` on a working copy of the shared generator of the API's input spec, then the
+        Reptile step: every float entry of the shared state moves ``recovery.meta_step`` of the
+        way to the adapted one (integer counters are copied). No step when the recovery ran out
+        of budget (its images are kept; the half-trained weights are not learned from)."""
+        size, channels = int(api.info.image_size), int(api.info.channels)
+        shared = self._shared_generator(size, channels)
+        work = self._adapted[f"{size}x{channels}"]  # one object: a compiled generator compiles once
+        work.load_state_dict(shared.state_dict())
+        rec = run(work)
+        if not rec.budget_exhausted:
+            adapted = work.state_dict()
+            with torch.no_grad():
+                for name, v in shared.state_dict().items():
+                    if v.is_floating_point():
+                        v.lerp_(adapted[name], self.cfg.recovery.meta_step)
+                    else:
+                        v.copy_(adapted[name])
+        return rec
 
     def rollback_update(self, extra: dict[str, Any]) -> None:
         """Undo a failed meta-update but keep the ledger: its images were sent (and paid).
@@ -98,16 +158,23 @@ class APILearner(MetaTrainer):
         """One recovery from ``api`` with the run's settings (``cfg.recovery``, the gradient
         source, RNG ``recovery``). ``objective``: default :class:`SupportCE`.
         ``final_query=False``: callers query the augmented view themselves (4.4, 4.6)."""
-        return recover(
-            api,
-            self.cfg.recovery,
-            rng=self.rng("recovery"),
-            gradient=gradient_source(self.estimator, api, white_box=not self.cfg.zo.enabled),
-            objective=objective if objective is not None else SupportCE(),
-            final_query=final_query,
-            device=self.device,
-            regularizer=self.diversity_term() if self.cfg.recovery.diversity > 0 else None,
-        )
+
+        def run(generator: Generator | None = None) -> Recovered:
+            return recover(
+                api,
+                self.cfg.recovery,
+                rng=self.rng("recovery"),
+                gradient=gradient_source(self.estimator, api, white_box=not self.cfg.zo.enabled),
+                objective=objective if objective is not None else SupportCE(),
+                generator=generator,
+                final_query=final_query,
+                device=self.device,
+                regularizer=self.diversity_term() if self.cfg.recovery.diversity > 0 else None,
+            )
+
+        if self.cfg.recovery.meta_step > 0:
+            return self._recover_shared(api, run)
+        return run()
 
     def _to_model(self, x: Tensor) -> Tensor:
         """API-spec images -> the meta-model's input size (channels adapt inside the model)."""

@@ -65,6 +65,7 @@ class BiDfMKD(APILearner):
         "scheduled",
         "augmented-memory",
         "interpolated-memory",
+        "shared-generator",
         "ema",
         "cosine-lr",
         "diverse-recovery",

@@ -135,6 +135,10 @@ def check_run_config(cfg: RunConfig) -> None:
             f"kd.contrastive_tau must be > 0, got {cfg.kd.contrastive_tau}",
         ),
         (
+            0 <= cfg.recovery.meta_step <= 1,
+            f"recovery.meta_step must be in [0, 1] (0 = off), got {cfg.recovery.meta_step}",
+        ),
+        (
             0 <= cfg.memory.interpolate <= 1,
             f"memory.interpolate must be in [0, 1] (0 = off), got {cfg.memory.interpolate}",
         ),
