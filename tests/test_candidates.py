@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apimeta.candidates import SOURCES, dead_leaves, draw_candidates, icons
+from apimeta.candidates import SOURCES, dead_leaves, draw_candidates, icons, mixups
 from apimeta.errors import ConfigError
 
 
@@ -49,3 +49,20 @@ def test_icons_put_one_outlined_object_on_a_plain_ground():
 def test_unknown_source_lists_the_choices():
     with pytest.raises(ConfigError, match="dead-leaves"):
         draw_candidates("fractals", 2, 8, 3, torch.Generator())
+
+
+def test_mixups_are_convex_combinations_of_two_different_images():
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    xm, i, j, lam = mixups(x, 50, torch.Generator().manual_seed(1))
+    assert xm.shape == (50, 3, 8, 8) and bool((i != j).all())
+    assert set(i.tolist()) == set(range(5))  # every image is drawn over 50 pairs
+    w = lam.view(-1, 1, 1, 1)
+    torch.testing.assert_close(xm, w * x[i] + (1 - w) * x[j])
+    again, *_ = mixups(x, 50, torch.Generator().manual_seed(1))
+    assert torch.equal(again, xm)
+    x8 = (x * 255).round().to(torch.uint8)  # uint8 pools are read as /255
+    xm8, i8, j8, lam8 = mixups(x8, 50, torch.Generator().manual_seed(1))
+    w8 = lam8.view(-1, 1, 1, 1)
+    torch.testing.assert_close(xm8, w8 * x8[i8] / 255.0 + (1 - w8) * x8[j8] / 255.0)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        mixups(x[:1], 3, torch.Generator())

@@ -14,6 +14,9 @@ generator) -> (n, channels, size, size)`` float in [0, 1], on the generator's de
 - ``smooth-noise``: uniform colour noise at a random resolution (4..16 px), upsampled bilinearly;
 - ``icons``: one large outlined object with small outlined details on a plain ground (a prior on
   pictogram-style inputs such as emoji).
+
+:func:`mixups` makes candidates from images an API has already seen (e.g. recovered ones):
+convex combinations of random pairs, again labelled with one query each.
 """
 
 from __future__ import annotations
@@ -137,4 +140,29 @@ def draw_candidates(
     return SOURCES.get(source)(n, size, channels, generator)
 
 
-__all__ = ["SOURCES", "CandidateSource", "dead_leaves", "draw_candidates", "icons", "smooth_noise"]
+def mixups(x: Tensor, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``n`` convex combinations ``lam * x[i] + (1 - lam) * x[j]`` of random pairs i != j of the
+    (B, C, H, W) images ``x`` (B >= 2; float in [0, 1], or uint8 read as /255), ``lam`` uniform
+    in [0, 1]. Returns (the (n, C, H, W) float images on ``x``'s device, i, j, lam); the draws
+    are made on ``generator`` (CPU)."""
+    b = int(x.shape[0])
+    if b < 2:
+        raise ValueError(f"mixups need at least 2 images, got {b}")
+    i = torch.randint(b, (n,), generator=generator)
+    j = (i + torch.randint(1, b, (n,), generator=generator)) % b  # never i itself
+    lam = torch.rand(n, generator=generator)
+    xf = x.float() / 255.0 if x.dtype == torch.uint8 else x
+    dev = xf.device
+    w = lam.to(dev).view(-1, 1, 1, 1)
+    return w * xf[i.to(dev)] + (1 - w) * xf[j.to(dev)], i, j, lam
+
+
+__all__ = [
+    "SOURCES",
+    "CandidateSource",
+    "dead_leaves",
+    "draw_candidates",
+    "icons",
+    "mixups",
+    "smooth_noise",
+]

@@ -66,6 +66,10 @@ class RecoveryConfig:
     # starts from it and, after recovery.iters steps, moves it by this Reptile step toward the
     # adapted weights, so a few iterations per API suffice
     meta_step: float = 0.0
+    # extension (0 = off; bbkd only): after an event's two recoveries, this many mixups of random
+    # pairs of its recovered images (candidates.mixups), each labelled by the API with one query
+    # and added to the event's pool entry: cheap, more varied candidates near the recovered ones
+    mixups: int = 0
 
 
 @dataclass
@@ -474,6 +478,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "scheduled": {"events": {"trigger": "every"}},
     # extension: replayed memory tasks are augmented (crop, flip, colour jitter, cutout)
     "augmented-memory": {"memory": {"augment": "crop,flip,jitter,cutout"}},
+    # extension: a fifth of the cpu preset's recovery iterations (10 instead of 50), the control
+    # of shared-generator (below) and the "fewer iterations" trade of queries for events
+    "fast-recovery": {"recovery": {"iters": 10}},
     # extension (FREE-style): one generator shared across APIs, 10 recovery iterations per API
     # from it (a fifth of the cpu preset's 50) and a Reptile step of 0.25 after each recovery
     "shared-generator": {"recovery": {"meta_step": 0.25, "iters": 10}},
@@ -517,6 +524,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         },
     },
 }
+# extension: bbkd's generator recovery + 500 mixups of each event's recovered images, labelled
+# with one query each (about 1 % more queries per event at the cpu preset)
+ABLATIONS["mixup-recovery"] = {"recovery": {"mixups": 500}}
 # extension: contrastive-leaves + a cross-entropy over the whole union head on the candidates an
 # API is sure of (top probability > 0.8): classes of different APIs are told apart too
 ABLATIONS["union-leaves"] = merge(

@@ -158,6 +158,26 @@ def test_bbkd_spends_queries_and_keeps_a_zero_head(zoo, tmp_path):
     assert result.metrics["test"]["final"]["synthetic"]
 
 
+def test_bbkd_mixups_label_mixed_recovered_images_with_one_query_each(zoo, tmp_path):
+    """recovery.mixups: M mixups of an event's recovered images join its pool entry, one query
+    each; the recovered images themselves are unchanged; bidf-mkd refuses the setting."""
+    kw = dict(method="bbkd", episodes=4, events=EventConfig(patience=1))
+    plain, _ = train(tiny_cfg(zoo, tmp_path / "p", **kw))
+    rec = RecoveryConfig(per_class=B_PER_CLASS, iters=ITERS, mixups=7)
+    m, _ = train(tiny_cfg(zoo, tmp_path / "m", recovery=rec, **kw))
+    assert m.n_events == plain.n_events == 2
+    assert m.ledger.used == plain.ledger.used + 2 * 7
+    for a, b, t in zip(plain.pool_x, m.pool_x, m.pool_t, strict=True):
+        assert b.shape[0] == a.shape[0] + 7 == t.shape[0]
+        assert torch.equal(b[: a.shape[0]], a)  # the recovered images, as without mixups
+        assert float(b[a.shape[0] :].min()) >= 0 and float(b[a.shape[0] :].max()) <= 1
+    with pytest.raises(ConfigError, match=r"recovery\.mixups .* is for bbkd"):
+        train(tiny_cfg(zoo, tmp_path / "b", recovery=rec))
+    bad = RecoveryConfig(per_class=B_PER_CLASS, iters=ITERS, mixups=-1)
+    with pytest.raises(ConfigError, match=r"recovery\.mixups must be >= 0"):
+        train(tiny_cfg(zoo, tmp_path / "c", recovery=bad, **kw))
+
+
 def test_min_classes_triggers_events_until_memory_is_diverse(zoo, tmp_path):
     plain, _ = train(tiny_cfg(zoo, tmp_path / "p", episodes=2, api_patience=100))
     cfg = tiny_cfg(zoo, tmp_path / "m", episodes=2, api_patience=100)

@@ -13,6 +13,10 @@ budget lasts; each meta-update trains on ``meta_batch`` batches drawn from the r
 draws ``recovery.candidates`` procedural images (e.g. dead leaves) and queries each once; the
 API's outputs are the KD targets, and no generator is trained.
 
+``recovery.mixups`` > 0 (an extension, generator source): after an event's two recoveries, that
+many mixups of random pairs of its recovered images (:func:`~apimeta.candidates.mixups`) are
+labelled by the API with one query each and join the event's pool entry.
+
 ``kd.contrastive`` > 0 (an extension): each KD batch's images also give two strong views
 (:func:`~apimeta.transforms.resized_crop_flip`, then colour jitter), and a SimCLR loss
 (:func:`~apimeta.losses.nt_xent`) through a 2-layer projection of the features is added with
@@ -33,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from apimeta.apis.base import BlackBoxAPI
-from apimeta.candidates import draw_candidates
+from apimeta.candidates import draw_candidates, mixups
 from apimeta.episodes import APIEpisode
 from apimeta.errors import ConfigError, QueryBudgetExceeded
 from apimeta.evaluate import head_features
@@ -68,7 +72,7 @@ class BBKD(APILearner):
     """Black-box KD of all APIs into one union-head model (see the module docstring)."""
 
     name = "bbkd"
-    ablations = ("dead-leaves", "contrastive-leaves", "union-leaves")
+    ablations = ("dead-leaves", "contrastive-leaves", "union-leaves", "mixup-recovery")
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
 
     def setup(self) -> None:
@@ -134,11 +138,12 @@ class BBKD(APILearner):
         return self.budget_exhausted and self.cfg.on_budget_exhausted == "stop"
 
     def event_cost(self, api: BlackBoxAPI) -> int:
-        """Worst-case queries of one event: two recoveries, each with its final query (a
-        procedural source: one query per candidate)."""
-        if self.cfg.recovery.source != "generator":
-            return self.cfg.recovery.candidates
-        return 2 * (self.recovery_cost(api) + self.cfg.recovery.per_class * api.info.n_classes)
+        """Worst-case queries of one event: two recoveries, each with its final query, and the
+        mixups (a procedural source: one query per candidate)."""
+        rc = self.cfg.recovery
+        if rc.source != "generator":
+            return rc.candidates
+        return 2 * (self.recovery_cost(api) + rc.per_class * api.info.n_classes) + rc.mixups
 
     def _add_to_pool(self, api: BlackBoxAPI, x: Tensor, t: Tensor) -> None:
         cols = torch.tensor([self.column[(api.info.dataset, int(c))] for c in api.info.classes])
@@ -204,8 +209,17 @@ class BBKD(APILearner):
         except QueryBudgetExceeded:
             self.budget_exhausted = True
             return
+        images = torch.cat([r.images for r in recs])
         outputs = torch.cat([r.api_outputs for r in recs])  # type: ignore[misc]
-        self._add_to_pool(api, torch.cat([r.images for r in recs]), outputs)
+        if self.cfg.recovery.mixups:
+            xm, *_ = mixups(images, self.cfg.recovery.mixups, self.rng("mixups"))
+            try:
+                tm = api.query(xm)
+            except QueryBudgetExceeded:  # the recovered images are paid for: keep them
+                self.budget_exhausted = True
+            else:
+                images, outputs = torch.cat([images, xm]), torch.cat([outputs, tm])
+        self._add_to_pool(api, images, outputs)
         first, second = recs
         episode = self.episode_of(api, first, second)
         record = {

@@ -65,6 +65,7 @@ class BiDfMKD(APILearner):
         "scheduled",
         "augmented-memory",
         "interpolated-memory",
+        "fast-recovery",
         "shared-generator",
         "ema",
         "cosine-lr",
@@ -82,6 +83,10 @@ class BiDfMKD(APILearner):
                 f"recovery.source {cfg.recovery.source!r} is for bbkd; bidf-mkd recovers "
                 "class-conditional support and query sets with the generator (recovery.source: "
                 "generator)"
+            )
+        if cfg.recovery.mixups:
+            raise ConfigError(
+                f"recovery.mixups ({cfg.recovery.mixups}) is for bbkd; set it to 0 for bidf-mkd"
             )
         for key in ("contrastive", "union_ce"):
             if getattr(cfg.kd, key):

@@ -134,6 +134,7 @@ def check_run_config(cfg: RunConfig) -> None:
             cfg.kd.contrastive_tau > 0,
             f"kd.contrastive_tau must be > 0, got {cfg.kd.contrastive_tau}",
         ),
+        (cfg.recovery.mixups >= 0, f"recovery.mixups must be >= 0, got {cfg.recovery.mixups}"),
         (
             0 <= cfg.recovery.meta_step <= 1,
             f"recovery.meta_step must be in [0, 1] (0 = off), got {cfg.recovery.meta_step}",
