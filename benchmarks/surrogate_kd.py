@@ -12,6 +12,9 @@ zero head like every other init. Random init is the first row (update 0). Source
 - ``real-zoo``: a probe, NOT data-free: each API's own training data, i.e. the real meta-train
   images of its classes (20 per class), labelled by the API; what KD and the contrastive loss
   give with perfect recovery (``KD=0``: the domain's images alone, no labels);
+- ``real-other``: a probe, NOT data-free: ``PER_API`` real meta-train images per API drawn
+  from the classes *outside* the zoo (no API was trained on them), labelled by the API: what
+  in-domain images without a class prior give (against ``real-zoo``: the APIs' own classes);
 - ``pool:CHECKPOINT``: the recovered pool a ``bbkd`` run kept in its checkpoint (its images,
   the APIs' outputs on them and their columns, per API event; no new queries), e.g. the
   white-box recovery probe's;
@@ -161,6 +164,11 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         if source == "real-zoo":  # the API's own classes' real training images (a probe)
             mask = torch.isin(train.labels, torch.tensor([int(c) for c in a.info.classes]))
             x = train.images[mask].float() / 255.0
+        elif source == "real-other":  # real images of classes no API has (a probe)
+            zoo_classes = torch.tensor([k[1] for k in keys])
+            other = torch.nonzero(~torch.isin(train.labels, zoo_classes)).flatten()
+            pick = other[torch.randperm(len(other), generator=g)[:per_api]]
+            x = train.images[pick].float() / 255.0
         else:
             x = shared if shared is not None else draw_candidates(name, per_api, size, 3, g)
         if source == "random-teacher":
