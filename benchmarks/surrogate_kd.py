@@ -67,7 +67,7 @@ from apimeta.apis.runtime import load_run_apis
 from apimeta.candidates import draw_candidates
 from apimeta.config import from_dict
 from apimeta.evaluate import evaluate_with_config, with_protocol
-from apimeta.losses import kd_kl, nt_xent
+from apimeta.losses import kd_kl, nt_xent, union_ce
 from apimeta.methods.bbkd import classifier_of
 from apimeta.models.meta import load_init, load_run_datasets
 from apimeta.models.stages import feature_stages
@@ -219,7 +219,7 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         "lrs": tuple(float(v) for v in os.environ.get("LRS", "0.01,0.1").split(",")),
         "heads": tuple(os.environ.get("HEADS", "zero,random").split(",")),
     }
-    union_ce = float(os.environ.get("UNION_CE", "0"))  # CE over the whole union head
+    union_w = float(os.environ.get("UNION_CE", "0"))  # CE over the whole union head
     union_ce_p = float(os.environ.get("UNION_CE_P", "0"))
     refine_k = os.environ.get("REFINE")  # surrogate-guided candidates (None: off)
     refine_from = int(os.environ.get("REFINE_FROM", "100"))
@@ -254,12 +254,8 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
                 model(torch.cat(views))
                 f1, f2 = proj(feats[-1]).chunk(2)
                 loss = loss + ssl_w * nt_xent(f1, f2)
-            if union_ce:
-                p_top, top = pool_t[i][idx].softmax(1).max(1)
-                keep = p_top > union_ce_p
-                if bool(keep.any()):
-                    ce = F.cross_entropy(full[keep], pool_c[i][top[keep]])
-                    loss = loss + union_ce * ce
+            if union_w:
+                loss = loss + union_w * union_ce(full, pool_t[i][idx], pool_c[i], union_ce_p)
             agree += int((logits.argmax(1) == pool_t[i][idx].argmax(1)).sum())
             seen += len(idx)
         opt.zero_grad()

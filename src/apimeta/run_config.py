@@ -503,6 +503,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # extension: bbkd on procedural dead-leaves images the APIs label with one query each (no
     # generator); an event every update while the budget lasts
     "dead-leaves": {"recovery": {"source": "dead-leaves"}, "events": {"patience": 1}},
+    # extension: bbkd's generator recovery + 500 mixups of each event's recovered images, labelled
+    # with one query each (about 1 % more queries per event at the cpu preset)
+    "mixup-recovery": {"recovery": {"mixups": 500}},
     # extension, the `cpu` preset's method: dead-leaves + a contrastive loss on two views of
     # the same candidates; meta-val selects and meta-test adapts with the top two stages
     # re-drawn at lr 0.1, the protocol the screens chose in every seed and shot, with the head
@@ -524,9 +527,6 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         },
     },
 }
-# extension: bbkd's generator recovery + 500 mixups of each event's recovered images, labelled
-# with one query each (about 1 % more queries per event at the cpu preset)
-ABLATIONS["mixup-recovery"] = {"recovery": {"mixups": 500}}
 # extension: contrastive-leaves + a cross-entropy over the whole union head on the candidates an
 # API is sure of (top probability > 0.8): classes of different APIs are told apart too
 ABLATIONS["union-leaves"] = merge(

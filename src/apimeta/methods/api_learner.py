@@ -95,8 +95,7 @@ class APILearner(MetaTrainer):
         resume_cache_billing(self.query_cache, state.get("cache_mark"))
         saved = state.get("shared_generators", {})
         for key in {*saved, *self.shared_generators}:
-            size, channels = (int(v) for v in key.split("x"))
-            gen = self._shared_generator(size, channels)
+            gen = self._shared_generator(key)
             if key in saved:
                 gen.load_state_dict(saved[key])
             else:  # built after the state was saved (a rolled-back update): back to its init
@@ -105,13 +104,13 @@ class APILearner(MetaTrainer):
     def _shared_init(self, key: str) -> torch.Generator:
         return make_generator(self.cfg.seed, self.name, "shared-generator", key)
 
-    def _shared_generator(self, size: int, channels: int) -> Generator:
-        """The generator shared by every API whose input is ``channels`` x ``size`` px
-        (``recovery.meta_step``), built on first use with the recovery init from a seed of its
-        own, and its working copy (``_adapted``)."""
-        key = f"{size}x{channels}"
+    def _shared_generator(self, key: str) -> Generator:
+        """The generator shared by every API whose input spec is ``key`` (``"SIZExCHANNELS"``,
+        ``recovery.meta_step``), built on first use with the recovery init from a seed of its
+        own, and its working copy (``_adapted[key]``)."""
         if key not in self.shared_generators:
             rc = self.cfg.recovery
+            size, channels = (int(v) for v in key.split("x"))
             with torch.random.fork_rng(devices=[]):  # construction must not move the global RNG
                 gen = Generator(nz=rc.nz, ngf=rc.ngf, image_size=size, channels=channels)
                 work = Generator(nz=rc.nz, ngf=rc.ngf, image_size=size, channels=channels)
@@ -125,9 +124,9 @@ class APILearner(MetaTrainer):
         Reptile step: every float entry of the shared state moves ``recovery.meta_step`` of the
         way to the adapted one (integer counters are copied). No step when the recovery ran out
         of budget (its images are kept; the half-trained weights are not learned from)."""
-        size, channels = int(api.info.image_size), int(api.info.channels)
-        shared = self._shared_generator(size, channels)
-        work = self._adapted[f"{size}x{channels}"]  # one object: a compiled generator compiles once
+        key = f"{int(api.info.image_size)}x{int(api.info.channels)}"
+        shared = self._shared_generator(key)
+        work = self._adapted[key]  # one object: a compiled generator compiles once
         work.load_state_dict(shared.state_dict())
         rec = run(work)
         if not rec.budget_exhausted:

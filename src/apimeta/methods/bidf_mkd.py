@@ -84,14 +84,11 @@ class BiDfMKD(APILearner):
                 "class-conditional support and query sets with the generator (recovery.source: "
                 "generator)"
             )
-        if cfg.recovery.mixups:
-            raise ConfigError(
-                f"recovery.mixups ({cfg.recovery.mixups}) is for bbkd; set it to 0 for bidf-mkd"
-            )
-        for key in ("contrastive", "union_ce"):
-            if getattr(cfg.kd, key):
+        for section, key in (("kd", "contrastive"), ("kd", "union_ce"), ("recovery", "mixups")):
+            value = getattr(getattr(cfg, section), key)
+            if value:
                 raise ConfigError(
-                    f"kd.{key} ({getattr(cfg.kd, key)}) is for bbkd; set it to 0 for bidf-mkd"
+                    f"{section}.{key} ({value}) is for bbkd; set it to 0 for bidf-mkd"
                 )
         self.setup_apis()
         self.memory = TaskMemory(
