@@ -15,19 +15,30 @@ generator) -> (n, channels, size, size)`` float in [0, 1], on the generator's de
 - ``icons``: one large outlined object with small outlined details on a plain ground (a prior on
   pictogram-style inputs such as emoji).
 
+``folder`` (:func:`from_folder`, not a procedural source and NOT data-free): images drawn from a
+user-supplied folder of unlabelled images (public images of the APIs' domain, or of any other),
+again labelled with one query each. A domain prior the user brings; report it as its own
+setting.
+
 :func:`mixups` makes candidates from images an API has already seen (e.g. recovered ones):
 convex combinations of random pairs, again labelled with one query each.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from apimeta.errors import ConfigError
 from apimeta.registry import Registry
+
+log = logging.getLogger(__name__)
 
 CandidateSource = Callable[[int, int, int, torch.Generator], Tensor]
 
@@ -133,10 +144,67 @@ def smooth_noise(n: int, size: int, channels: int, generator: torch.Generator) -
     return torch.cat(out) if out else torch.zeros(0, channels, size, size, device=dev)
 
 
-def draw_candidates(
-    source: str, n: int, size: int, channels: int, generator: torch.Generator
+#: ``recovery.source`` of :func:`from_folder` (``recovery.folder`` names the folder)
+FOLDER = "folder"
+FOLDER_EXTS = (".png", ".jpg", ".jpeg")
+
+
+@functools.lru_cache(maxsize=4)
+def folder_images(root: str, size: int, channels: int) -> Tensor:
+    """Every image under ``root`` (any depth; *.png, *.jpg, *.jpeg, sorted by path), resized to
+    (size, size) without cropping and converted to ``channels`` (1 = grey, 3 = RGB):
+    (N, channels, size, size) uint8 on the CPU, decoded once per process. ConfigError if the
+    folder is missing or holds no image."""
+    from apimeta.data.real import decode_files  # Pillow only when a folder is used
+
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"recovery.folder {root!r} is not a folder; give a folder of unlabelled images "
+            "(*.png, *.jpg, *.jpeg) with --set recovery.folder=PATH"
+        )
+    files = sorted(
+        str(p) for p in path.rglob("*") if p.suffix.lower() in FOLDER_EXTS and p.is_file()
+    )
+    if not files:
+        raise ConfigError(f"recovery.folder {root!r} holds no *.png, *.jpg or *.jpeg images")
+    log.info("reading %d candidate images from %s at %d px", len(files), path, size)
+    mode = "L" if channels == 1 else "RGB"
+    return torch.from_numpy(decode_files(files, size, mode))
+
+
+def from_folder(
+    root: str | None, n: int, size: int, channels: int, generator: torch.Generator
 ) -> Tensor:
-    """``n`` images of the registered ``source`` (ConfigError listing the choices if unknown)."""
+    """(n, channels, size, size) float in [0, 1] on the generator's device: images of
+    :func:`folder_images` drawn without replacement (with replacement when ``n`` exceeds the
+    folder), in a random order from ``generator``."""
+    if not root:
+        raise ConfigError(
+            "recovery.source folder needs a folder of unlabelled images: --set recovery.folder=PATH"
+        )
+    pool = folder_images(str(root), size, channels)
+    g, dev = generator, generator.device
+    m = pool.shape[0]
+    if n <= m:
+        idx = torch.randperm(m, generator=g, device=dev)[:n]
+    else:
+        idx = torch.randint(m, (n,), generator=g, device=dev)
+    return pool[idx.cpu()].to(dev).float() / 255.0
+
+
+def draw_candidates(
+    source: str,
+    n: int,
+    size: int,
+    channels: int,
+    generator: torch.Generator,
+    folder: str | None = None,
+) -> Tensor:
+    """``n`` images of the registered ``source``, or of ``folder`` when ``source`` is
+    :data:`FOLDER` (ConfigError listing the choices if unknown)."""
+    if source == FOLDER:
+        return from_folder(folder, n, size, channels, generator)
     return SOURCES.get(source)(n, size, channels, generator)
 
 
@@ -158,10 +226,13 @@ def mixups(x: Tensor, n: int, generator: torch.Generator) -> tuple[Tensor, Tenso
 
 
 __all__ = [
+    "FOLDER",
     "SOURCES",
     "CandidateSource",
     "dead_leaves",
     "draw_candidates",
+    "folder_images",
+    "from_folder",
     "icons",
     "mixups",
     "smooth_noise",

@@ -61,6 +61,9 @@ class RecoveryConfig:
     # images per API event and queries each once, with no generator (bbkd only)
     source: str = "generator"
     candidates: int = 1000
+    # the folder of unlabelled images that ``source: folder`` draws candidates from (any depth;
+    # png/jpg). NOT data-free: a domain prior the user brings (public images), its own setting
+    folder: str | None = None
     # extension (0 = off, the paper: a fresh generator per recovery): a generator shared across
     # APIs (one per input spec; FREE, CVPR 2024, driven by the ZO estimator): each recovery
     # starts from it and, after recovery.iters steps, moves it by this Reptile step toward the
@@ -532,6 +535,13 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 ABLATIONS["union-leaves"] = merge(
     ABLATIONS["contrastive-leaves"], {"kd": {"union_ce": 1.0, "union_ce_min_prob": 0.8}}
 )
+
+# extensions, NOT data-free: contrastive-leaves / union-leaves with the candidates drawn from a
+# folder of unlabelled images the user brings (--set recovery.folder=PATH), a domain prior
+ABLATIONS["public-contrastive"] = merge(
+    ABLATIONS["contrastive-leaves"], {"recovery": {"source": "folder"}}
+)
+ABLATIONS["public-union"] = merge(ABLATIONS["union-leaves"], {"recovery": {"source": "folder"}})
 
 
 __all__ = [

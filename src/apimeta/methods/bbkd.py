@@ -11,7 +11,9 @@ budget lasts; each meta-update trains on ``meta_batch`` batches drawn from the r
 
 ``recovery.source`` other than ``generator`` (an extension, :mod:`apimeta.candidates`): an event
 draws ``recovery.candidates`` procedural images (e.g. dead leaves) and queries each once; the
-API's outputs are the KD targets, and no generator is trained.
+API's outputs are the KD targets, and no generator is trained. ``recovery.source: folder``
+draws them from the user's folder of unlabelled images ``recovery.folder`` instead (NOT
+data-free: a domain prior, reported as its own setting).
 
 ``recovery.mixups`` > 0 (an extension, generator source): after an event's two recoveries, that
 many mixups of random pairs of its recovered images (:func:`~apimeta.candidates.mixups`) are
@@ -37,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from apimeta.apis.base import BlackBoxAPI
-from apimeta.candidates import draw_candidates, mixups
+from apimeta.candidates import FOLDER, draw_candidates, folder_images, mixups
 from apimeta.episodes import APIEpisode
 from apimeta.errors import ConfigError, QueryBudgetExceeded
 from apimeta.evaluate import head_features
@@ -72,12 +74,18 @@ class BBKD(APILearner):
     """Black-box KD of all APIs into one union-head model (see the module docstring)."""
 
     name = "bbkd"
-    ablations = ("dead-leaves", "contrastive-leaves", "union-leaves", "mixup-recovery")
+    ablations = (
+        "dead-leaves", "contrastive-leaves", "union-leaves", "mixup-recovery",
+        "public-contrastive", "public-union",
+    )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
 
     def setup(self) -> None:
         self.setup_apis()
         self.refuse_unaffordable(self.event_cost)
+        if self.cfg.recovery.source == FOLDER:  # a bad folder fails now, not at the first event
+            for spec in sorted({(a.info.image_size, a.info.channels) for a in self.apis}):
+                folder_images(str(self.cfg.recovery.folder), *spec)
         keys = sorted({(a.info.dataset, int(c)) for a in self.apis for c in a.info.classes})
         self.column = {k: i for i, k in enumerate(keys)}
         head = classifier_of(self.model)
@@ -160,7 +168,7 @@ class BBKD(APILearner):
         x8 = to_uint8(
             draw_candidates(
                 cfg.recovery.source, cfg.recovery.candidates, api.info.image_size,
-                api.info.channels, self.rng("candidates"),
+                api.info.channels, self.rng("candidates"), folder=cfg.recovery.folder,
             )
         )  # fmt: skip
         # the API sees exactly what the pool keeps: uint8 images (a quarter of float32's memory)

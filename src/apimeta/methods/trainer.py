@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from apimeta.apis.base import parse_output_mode
-from apimeta.candidates import SOURCES
+from apimeta.candidates import FOLDER, SOURCES
 from apimeta.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from apimeta.config import to_dict
 from apimeta.errors import APIUnavailableError, CheckpointError, ConfigError, TrainingInterrupted
@@ -94,7 +94,7 @@ CHOICES: dict[str, Callable[[RunConfig], tuple[str, Any]]] = {
     "outer_lr_schedule": lambda c: (c.outer_lr_schedule, OUTER_LR_SCHEDULES),
     "recovery.diversity_space": lambda c: (c.recovery.diversity_space, ("features", "pixels")),
     "train_head": lambda c: (c.train_head, TRAIN_HEADS),
-    "recovery.source": lambda c: (c.recovery.source, ("generator", *SOURCES.names())),
+    "recovery.source": lambda c: (c.recovery.source, ("generator", FOLDER, *SOURCES.names())),
 }
 
 
@@ -133,6 +133,16 @@ def check_run_config(cfg: RunConfig) -> None:
         (
             cfg.kd.contrastive_tau > 0,
             f"kd.contrastive_tau must be > 0, got {cfg.kd.contrastive_tau}",
+        ),
+        (
+            cfg.recovery.folder is None or cfg.recovery.source == FOLDER,
+            f"recovery.folder is read only with recovery.source {FOLDER} (got source "
+            f"{cfg.recovery.source!r}); add --set recovery.source={FOLDER} or drop the folder",
+        ),
+        (
+            cfg.recovery.source != FOLDER or bool(cfg.recovery.folder),
+            f"recovery.source {FOLDER} needs a folder of unlabelled images: "
+            "--set recovery.folder=PATH",
         ),
         (cfg.recovery.mixups >= 0, f"recovery.mixups must be >= 0, got {cfg.recovery.mixups}"),
         (
