@@ -62,7 +62,8 @@ class RecoveryConfig:
     source: str = "generator"
     candidates: int = 1000
     # the folder of unlabelled images that ``source: folder`` draws candidates from (any depth;
-    # png/jpg). NOT data-free: a domain prior the user brings (public images), its own setting
+    # png/jpg; other sources ignore it, so one bench --set serves every row). NOT data-free: a
+    # domain prior the user brings (public images), reported as its own setting
     folder: str | None = None
     # extension (0 = off, the paper: a fresh generator per recovery): a generator shared across
     # APIs (one per input spec; FREE, CVPR 2024, driven by the ZO estimator): each recovery

@@ -135,11 +135,6 @@ def check_run_config(cfg: RunConfig) -> None:
             f"kd.contrastive_tau must be > 0, got {cfg.kd.contrastive_tau}",
         ),
         (
-            cfg.recovery.folder is None or cfg.recovery.source == FOLDER,
-            f"recovery.folder is read only with recovery.source {FOLDER} (got source "
-            f"{cfg.recovery.source!r}); add --set recovery.source={FOLDER} or drop the folder",
-        ),
-        (
             cfg.recovery.source != FOLDER or bool(cfg.recovery.folder),
             f"recovery.source {FOLDER} needs a folder of unlabelled images: "
             "--set recovery.folder=PATH",
