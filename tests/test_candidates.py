@@ -66,3 +66,42 @@ def test_mixups_are_convex_combinations_of_two_different_images():
     torch.testing.assert_close(xm8, w8 * x8[i8] / 255.0 + (1 - w8) * x8[j8] / 255.0)
     with pytest.raises(ValueError, match="at least 2 images"):
         mixups(x[:1], 3, torch.Generator())
+
+
+def _write_pngs(root, colours):
+    from PIL import Image
+
+    for i, c in enumerate(colours):
+        d = root / ("deep" if i % 2 else "") / ("er" if i % 4 == 3 else "")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (10, 14), tuple(c)).save(d / f"{i}.png")
+    (root / "notes.txt").write_text("not an image")
+
+
+def test_folder_source_draws_the_folders_images_seeded_resized_and_converted(tmp_path):
+    colours = [(10 * i, 255 - 20 * i, 7 * i) for i in range(8)]
+    _write_pngs(tmp_path, colours)
+    root = str(tmp_path)
+    x = draw_candidates("folder", 5, 6, 3, torch.Generator().manual_seed(0), folder=root)
+    assert x.shape == (5, 3, 6, 6) and x.dtype == torch.float32  # resized, no crop
+    seen = {tuple(round(float(v) * 255) for v in img[:, 0, 0]) for img in x}
+    assert len(seen) == 5 and seen <= {tuple(c) for c in colours}  # distinct folder images
+    assert float(x.flatten(2).std(2).max()) == 0  # plain images stay plain
+    again = draw_candidates("folder", 5, 6, 3, torch.Generator().manual_seed(0), folder=root)
+    other = draw_candidates("folder", 5, 6, 3, torch.Generator().manual_seed(1), folder=root)
+    assert torch.equal(x, again) and not torch.equal(x, other)
+    every = draw_candidates("folder", 8, 6, 3, torch.Generator().manual_seed(0), folder=root)
+    got = {tuple(round(float(v) * 255) for v in img[:, 0, 0]) for img in every}
+    assert got == {tuple(c) for c in colours}  # all depths read, the text file skipped
+    grey = draw_candidates("folder", 20, 4, 1, torch.Generator().manual_seed(0), folder=root)
+    assert grey.shape == (20, 1, 4, 4)  # more than the folder holds: repeats
+
+
+def test_folder_source_refuses_a_missing_or_empty_folder(tmp_path):
+    g = torch.Generator()
+    with pytest.raises(ConfigError, match="needs a folder"):
+        draw_candidates("folder", 2, 8, 3, g)
+    with pytest.raises(ConfigError, match="is not a folder"):
+        draw_candidates("folder", 2, 8, 3, g, folder=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="holds no"):
+        draw_candidates("folder", 2, 8, 3, g, folder=str(tmp_path))

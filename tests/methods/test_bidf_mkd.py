@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from apimeta.apis.base import QueryLedger
 from apimeta.apis.zoo import build_zoo
 from apimeta.checkpoint import load_checkpoint
 from apimeta.errors import CheckpointError, ConfigError
@@ -482,6 +483,69 @@ def test_a_procedural_source_is_refused_by_bidf_mkd_and_bad_values_by_the_config
         train(tiny_cfg(zoo, tmp_path / "b", recovery=RecoveryConfig(**rec, source="fractals")))
     with pytest.raises(ConfigError, match=r"recovery\.candidates must be >= 1"):
         train(tiny_cfg(zoo, tmp_path / "c", recovery=RecoveryConfig(**rec, candidates=0)))
+
+
+def _image_folder(path, n: int, side: int):
+    """``n`` distinct RGB PNGs at ``side`` px under ``path`` (one in a sub-folder): (n, 3, s, s)
+    uint8, in the folder's sorted order."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 256, (n, 3, side, side), generator=g, dtype=torch.uint8)
+    (path / "sub").mkdir(parents=True)
+    for i in range(n):
+        where = path / "sub" if i == n - 1 else path
+        Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(where / f"{i:02d}.png")
+    return x
+
+
+def test_bbkd_on_a_folder_queries_its_images_once_each_and_resumes_exactly(zoo, tmp_path):
+    """recovery.source folder: an event's candidates are images of the user's folder (without
+    repeats while the folder has enough), one query each; exact resume; bad folders refused
+    before anything is written."""
+    from apimeta.apis.sources import load_zoo
+
+    side = load_zoo(zoo, ledger=QueryLedger(budget=0))[0].info.image_size
+    images = _image_folder(tmp_path / "public", 6, side)
+
+    def cfg(out, episodes=6, candidates=4, folder=str(tmp_path / "public")):
+        return tiny_cfg(
+            zoo, tmp_path / out, method="bbkd", episodes=episodes, events=EventConfig(patience=1),
+            recovery=RecoveryConfig(per_class=B_PER_CLASS, iters=ITERS, source="folder",
+                                    candidates=candidates, folder=folder),
+        )  # fmt: skip
+
+    m, result = train(cfg("a"))
+    assert m.n_events == 3 and m.ledger.used == 3 * 4  # one query per candidate, nothing else
+    flat = images.flatten(1)
+    for x in m.pool_x:
+        assert x.dtype == torch.uint8 and x.shape == (4, 3, side, side)
+        hit = (x.flatten(1)[:, None] == flat[None]).all(-1)  # (candidates, folder images)
+        assert bool(hit.any(1).all())  # every candidate is a folder image, exactly
+        assert int(hit.any(0).sum()) == 4  # no repeats within an event
+    assert result.metrics["test"]["final"]["synthetic"]
+    events = [r for r in m.run.read_metrics() if r.get("phase") == "event"]
+    assert [e["source"] for e in events] == ["folder"] * 3
+    more, _ = train(cfg("b", episodes=2, candidates=9))  # more than the folder: with repeats
+    assert more.pool_x[0].shape[0] == 9 and more.ledger.used == 9
+    train(cfg("part", episodes=4))
+    resumed, _ = train(cfg("part"), resume=True)
+    for a, b in zip(m.pool_x, resumed.pool_x, strict=True):
+        assert torch.equal(a, b)
+    a = load_checkpoint(m.run.last_checkpoint)["model"]
+    for k, v in load_checkpoint(resumed.run.last_checkpoint)["model"].items():
+        torch.testing.assert_close(v, a[k], rtol=0, atol=0)
+    (tmp_path / "empty").mkdir()
+    for folder, match in (
+        (None, r"needs a folder of unlabelled images"),
+        (str(tmp_path / "nowhere"), r"is not a folder"),
+        (str(tmp_path / "empty"), r"holds no \*\.png"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            train(cfg("bad", folder=folder))
+        assert not (tmp_path / "bad" / "last.pt").exists()
+    with pytest.raises(ConfigError, match=r"recovery\.source .folder. is for bbkd"):
+        train(tiny_cfg(zoo, tmp_path / "c", recovery=RecoveryConfig(source="folder", folder="x")))
 
 
 def _leaves(zoo, tmp_path, contrastive: float, episodes: int = 4, **kd) -> RunConfig:
