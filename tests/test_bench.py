@@ -151,3 +151,20 @@ def test_a_bench_row_is_base_then_variant_then_sets_then_scenario(tmp_path):
     paper = row_config(CPU, scen, "bidf-mkd", tmp_path, **kw)
     assert paper.method == "bidf-mkd" and paper.kd.contrastive == 0.0
     assert paper.recovery.source == "generator" and paper.query_budget == 5_000_000
+
+
+def test_a_row_that_cannot_start_is_refused_before_any_row_trains(tmp_path):
+    """bbkd:public-union without --set recovery.folder: the bench stops at once (nothing is
+    written), not after training the rows before it; with the folder set every row accepts it."""
+    from apimeta.bench import Cell, ZooScenario, row_config, run_cells
+
+    scen = ZooScenario("SS", str(tmp_path / "no-zoo"), "emoji")
+    cells = [Cell(scen, "random", None), Cell(scen, "bbkd:public-union", None)]
+    with pytest.raises(ConfigError, match=r"recovery\.folder=PATH"):
+        run_cells(CPU, cells, tmp_path / "out", shots=(1,), tasks=2)
+    assert not (tmp_path / "out").exists()
+    sets = [f"recovery.folder={tmp_path}"]
+    public = row_config(CPU, scen, "bbkd:public-union", tmp_path, shots=(1,), tasks=2, sets=sets)
+    assert (public.recovery.source, public.kd.union_ce) == ("folder", 1.0)
+    random = row_config(CPU, scen, "random", tmp_path, shots=(1,), tasks=2, sets=sets)
+    assert random.recovery.source == "generator"  # the folder is read only by its source

@@ -31,6 +31,7 @@ from apimeta.errors import ConfigError
 from apimeta.evaluate import meta_test, setting_label, tune_protocol
 from apimeta.io import atomic_write_json
 from apimeta.methods import METHODS
+from apimeta.methods.trainer import check_run_config
 from apimeta.models.meta import load_init, load_run_datasets
 from apimeta.parallel import Backend, run_jobs
 from apimeta.report import fmt_acc, markdown_table
@@ -351,6 +352,12 @@ def run_cells(
     bench continues where it stopped. The numbers do not depend on the backend (every run is
     seeded by its config alone). On Ray every node must see ``out`` and the zoos at the same
     paths (a shared filesystem)."""
+    for c in cells:  # a row that cannot start is refused before any row trains
+        path = cell_dir(out, c.scenario, c.name, c.seed)
+        check_run_config(
+            row_config(base, c.scenario, c.name, path, shots=shots, tasks=tasks, seed=c.seed,
+                       sets=sets)
+        )  # fmt: skip
     backend = backend or Backend()
     if backend.parallel and len(cells) > 1:
         unique: dict[Path, Cell] = {}
