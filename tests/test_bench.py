@@ -168,3 +168,25 @@ def test_a_row_that_cannot_start_is_refused_before_any_row_trains(tmp_path):
     assert (public.recovery.source, public.kd.union_ce) == ("folder", 1.0)
     random = row_config(CPU, scen, "random", tmp_path, shots=(1,), tasks=2, sets=sets)
     assert random.recovery.source == "generator"  # the folder is read only by its source
+
+
+def test_a_reused_run_differs_only_in_what_its_method_reads(tmp_path):
+    from apimeta.bench import ZooScenario, reuse_diff, row_config
+
+    scen = ZooScenario("SS", "zoos/z", "emoji")
+    kw = {"shots": (1,), "tasks": 2}
+    folder = [f"recovery.folder={tmp_path}"]
+    for name in ("bbkd:contrastive-leaves", "bbkd:public-union"):
+        trained = to_dict(row_config(CPU, scen, name, tmp_path, sets=folder, **kw))
+        assert (
+            reuse_diff(trained, row_config(CPU, scen, name, tmp_path, sets=folder, **kw), name)
+            == {}
+        )
+        other = row_config(CPU, scen, name, tmp_path, sets=[f"recovery.folder={tmp_path}/b"], **kw)
+        diff = reuse_diff(trained, other, name)
+        # dead leaves never read the folder; the public row does
+        assert diff == (
+            {} if name.endswith("leaves") else {"recovery.folder": [str(tmp_path), f"{tmp_path}/b"]}
+        )
+        changed = row_config(CPU, scen, name, tmp_path, sets=[*folder, "kd.contrastive=2"], **kw)
+        assert reuse_diff(trained, changed, name) == {"kd.contrastive": [1.0, 2.0]}

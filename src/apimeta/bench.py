@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from apimeta.candidates import FOLDER
 from apimeta.config import from_dict, merge, to_dict
 from apimeta.errors import ConfigError
 from apimeta.evaluate import meta_test, setting_label, tune_protocol
@@ -215,6 +216,19 @@ def row_config(
     return from_dict(RunConfig, data)
 
 
+def reuse_diff(trained: dict[str, Any], cfg: RunConfig, name: str) -> dict[str, Any]:
+    """The keys in which the stored config ``trained`` of a finished run differs from the row's
+    ``cfg`` (:func:`config_diff`), leaving out what the row's method never reads: the zoo of a
+    zoo-free row, the sections its method does not read, and ``recovery.folder`` unless the
+    row's candidates come from a folder."""
+    ignore = ("zoo", "scenario") if zoo_free(name) else ()
+    unread = tuple(s for s in SECTIONS if s not in METHODS.get(variant(name)[0]).reads)
+    diff = config_diff(with_defaults(trained), to_dict(cfg), ignore=ignore + unread)
+    if cfg.recovery.source != FOLDER:
+        diff.pop("recovery.folder", None)
+    return diff
+
+
 def run_one(
     base: dict[str, Any],
     scenario: ZooScenario,
@@ -244,10 +258,7 @@ def run_one(
         accs = all("accs" in r for res in row.get("results", {}).values() for r in res.values())
         if row.get("tasks") == tasks and row.get("shots") == list(shots) and accs:
             row["scenario"] = scenario.name  # zoo-free rows are shared by scenarios
-            ignore = ("zoo", "scenario") if zoo_free(name) else ()
-            unread = tuple(s for s in SECTIONS if s not in METHODS.get(method).reads)
-            trained = with_defaults(row.get("config", {}))
-            row["config_diff"] = config_diff(trained, to_dict(cfg), ignore=ignore + unread)
+            row["config_diff"] = reuse_diff(row.get("config", {}), cfg, name)
             if row["config_diff"]:
                 log.warning(
                     "reusing %s, trained with a different config: %s", done, row["config_diff"]
@@ -676,6 +687,7 @@ __all__ = [
     "paired_table",
     "per_dataset_table",
     "protocol_table",
+    "reuse_diff",
     "row_config",
     "run_cells",
     "run_dir_for",
