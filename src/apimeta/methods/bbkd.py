@@ -85,7 +85,13 @@ class BBKD(APILearner):
         self.refuse_unaffordable(self.event_cost)
         if self.cfg.recovery.source == FOLDER:  # a bad folder fails now, not at the first event
             for spec in sorted({(a.info.image_size, a.info.channels) for a in self.apis}):
-                folder_images(str(self.cfg.recovery.folder), *spec)
+                n = len(folder_images(str(self.cfg.recovery.folder), *spec))
+            log.warning(
+                "recovery.source=folder: the APIs label %d images of %s; NOT data-free (a "
+                "domain prior), report it as its own setting",
+                n,
+                self.cfg.recovery.folder,
+            )
         keys = sorted({(a.info.dataset, int(c)) for a in self.apis for c in a.info.classes})
         self.column = {k: i for i, k in enumerate(keys)}
         head = classifier_of(self.model)
