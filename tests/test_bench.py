@@ -70,6 +70,12 @@ def test_ablations_change_exactly_one_component():
         "union_ce_min_prob",
     }
     assert (union["kd"]["union_ce"], union["kd"]["union_ce_min_prob"]) == (1.0, 0.8)
+    strokes = to_dict(_resolved("bbkd:union-strokes"))  # union-leaves on strokes
+    assert {k for k in union if union[k] != strokes[k]} == {"recovery"}
+    assert {k for k in union["recovery"] if union["recovery"][k] != strokes["recovery"][k]} == {
+        "source"
+    }
+    assert strokes["recovery"]["source"] == "strokes"
     kd, kd0 = to_dict(_resolved("bidf-mkd:no-boundary"))["kd"], base["kd"]
     assert {k for k in kd if kd[k] != kd0[k]} == {"adv"}
     mem = _resolved("bidf-mkd:diverse-memory").memory

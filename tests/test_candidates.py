@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apimeta.candidates import SOURCES, dead_leaves, draw_candidates, icons, mixups
+from apimeta.candidates import (
+    SOURCES,
+    dead_leaves,
+    draw_candidates,
+    icons,
+    leaves_strokes,
+    mixups,
+    strokes,
+)
 from apimeta.errors import ConfigError
 
 
@@ -44,6 +52,37 @@ def test_icons_put_one_outlined_object_on_a_plain_ground():
     row = x[:, :, 16, :].sum(1)  # brightness along the middle row (n, 32)
     darkest = row.min(1).values
     assert bool((darkest < background.sum(1)).all())  # the outline is darker than the ground
+
+
+def test_strokes_are_thin_curves_on_a_plain_ground():
+    """No stroke: one plain colour. One stroke: a thin connected line of one other colour
+    (at most 3 px wide along a curve no longer than twice the image's diagonal)."""
+    g = torch.Generator().manual_seed(0)
+    plain = strokes(4, 32, 3, g, count=0)
+    assert torch.equal(plain, plain[:, :, :1, :1].expand_as(plain))
+    x = strokes(64, 32, 3, g, count=1)
+    painted = []
+    for img in x:  # the ground is the commonest colour (a corner may lie on the stroke)
+        colours, inverse, counts = torch.unique(
+            img.flatten(1).T, dim=0, return_inverse=True, return_counts=True
+        )
+        assert len(colours) <= 2
+        painted.append((inverse != counts.argmax()).view(32, 32))
+    painted = torch.stack(painted)  # (n, 32, 32)
+    area = painted.flatten(1).sum(1)
+    assert int(area.min()) >= 1 and int(area.max()) <= 3 * 2 * 46 + 9  # diagonal 45.3 px
+    assert float(area.float().mean()) < 0.25 * 32 * 32  # lines, not regions
+    # a max-pool widens each line: some image has a 3-px-thick run somewhere
+    runs = painted[:, :, :-2] & painted[:, :, 1:-1] & painted[:, :, 2:]
+    assert bool(runs.any())
+
+
+def test_leaves_strokes_are_dead_leaves_with_strokes_over_them():
+    """Same generator state: the dead-leaves image underneath, changed only along strokes."""
+    x = leaves_strokes(8, 32, 3, torch.Generator().manual_seed(3))
+    base = dead_leaves(8, 32, 3, torch.Generator().manual_seed(3))
+    changed = (x != base).any(1).float().mean()
+    assert 0.02 < float(changed) < 0.6
 
 
 def test_unknown_source_lists_the_choices():

@@ -131,6 +131,53 @@ def icons(n: int, size: int, channels: int, generator: torch.Generator, details:
     return x
 
 
+def _draw_strokes(x: Tensor, strokes: int, generator: torch.Generator) -> Tensor:
+    """``x`` (n, c, s, s) with ``strokes`` quadratic Bezier curves painted over it, one after
+    another: control points uniform over the image, a width of 1, 2 or 3 px at 32 px (scaled
+    with s), one random colour each. A curve is rasterized by marking the pixels of 4 s points
+    along it, then widened by a max-pool."""
+    g, dev = generator, generator.device
+    n, c, size, _ = x.shape
+    t = torch.linspace(0.0, 1.0, 4 * size, device=dev).view(1, -1, 1)  # (1, T, 1)
+    rows = torch.arange(n, device=dev).view(n, 1)
+    scale = max(1, round(size / 32))
+    widths = [k * scale for k in (1, 2, 3)]
+    for _ in range(strokes):
+        p = torch.rand(n, 3, 1, 2, generator=g, device=dev) * size  # (n, 3 control points, 1, 2)
+        curve = (1 - t) ** 2 * p[:, 0] + 2 * (1 - t) * t * p[:, 1] + t**2 * p[:, 2]  # (n, T, 2)
+        pix = curve.long().clamp_(0, size - 1)
+        line = torch.zeros(n, size * size, device=dev)
+        line[rows, pix[..., 0] * size + pix[..., 1]] = 1.0
+        line = line.view(n, 1, size, size)
+        pick = torch.randint(len(widths), (n, 1, 1, 1), generator=g, device=dev)
+        mask = torch.zeros_like(line, dtype=torch.bool)
+        for i, k in enumerate(widths):
+            lo, hi = (k - 1) // 2, k // 2
+            wide = F.max_pool2d(F.pad(line, (lo, hi, lo, hi)), k, stride=1) > 0
+            mask |= wide & (pick == i)
+        colour = torch.rand(n, c, 1, 1, generator=g, device=dev)
+        x = _paint(x, mask, colour)
+    return x
+
+
+@SOURCES.register("strokes")
+def strokes(n: int, size: int, channels: int, generator: torch.Generator, count: int = 8) -> Tensor:
+    """(n, channels, size, size) in [0, 1]: glyph-like images, ``count`` curved strokes
+    (quadratic Bezier curves of random width and colour) on a plain background of random
+    colour. A prior on line structure (edges with two sides, bends, crossings) that dead
+    leaves lack; no dataset."""
+    g, dev = generator, generator.device
+    x = torch.rand(n, channels, 1, 1, generator=g, device=dev).expand(n, channels, size, size)
+    return _draw_strokes(x.contiguous(), count, g)
+
+
+@SOURCES.register("leaves-strokes")
+def leaves_strokes(n: int, size: int, channels: int, generator: torch.Generator) -> Tensor:
+    """(n, channels, size, size) in [0, 1]: :func:`dead_leaves` with 6 :func:`strokes`-style
+    curves painted over it (flat regions and line structure in one image)."""
+    return _draw_strokes(dead_leaves(n, size, channels, generator), 6, generator)
+
+
 @SOURCES.register("smooth-noise")
 def smooth_noise(n: int, size: int, channels: int, generator: torch.Generator) -> Tensor:
     """(n, channels, size, size) in [0, 1]: uniform noise at r x r (r in 4..16, per image),

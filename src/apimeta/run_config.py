@@ -536,6 +536,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 ABLATIONS["union-leaves"] = merge(
     ABLATIONS["contrastive-leaves"], {"kd": {"union_ce": 1.0, "union_ce_min_prob": 0.8}}
 )
+# extension: union-leaves with glyph-like curved strokes as candidates instead of dead leaves
+ABLATIONS["union-strokes"] = merge(ABLATIONS["union-leaves"], {"recovery": {"source": "strokes"}})
 
 # extensions, NOT data-free: contrastive-leaves / union-leaves with the candidates drawn from a
 # folder of unlabelled images the user brings (--set recovery.folder=PATH), a domain prior
