@@ -165,7 +165,8 @@ def strokes(n: int, size: int, channels: int, generator: torch.Generator, count:
     """(n, channels, size, size) in [0, 1]: glyph-like images, ``count`` curved strokes
     (quadratic Bezier curves of random width and colour) on a plain background of random
     colour. A prior on line structure (edges with two sides, bends, crossings) that dead
-    leaves lack; no dataset."""
+    leaves lack; no dataset. Benched as bbkd's candidates on emoji APIs with the union CE (row
+    ``bbkd:union-strokes``, 3 seeds, BENCHMARKS.md §6): level with dead leaves and the default."""
     g, dev = generator, generator.device
     x = torch.rand(n, channels, 1, 1, generator=g, device=dev).expand(n, channels, size, size)
     return _draw_strokes(x.contiguous(), count, g)
