@@ -10,6 +10,7 @@ from apimeta.candidates import (
     dead_leaves,
     draw_candidates,
     icons,
+    ink_strokes,
     leaves_strokes,
     mixups,
     strokes,
@@ -83,6 +84,23 @@ def test_leaves_strokes_are_dead_leaves_with_strokes_over_them():
     base = dead_leaves(8, 32, 3, torch.Generator().manual_seed(3))
     changed = (x != base).any(1).float().mean()
     assert 0.02 < float(changed) < 0.6
+
+
+def test_ink_strokes_are_dark_grey_lines_inside_a_light_grey_ground():
+    """Grey (every channel equal); the ground light and the strokes dark; strokes stay
+    inside the image's central part."""
+    x = ink_strokes(32, 32, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x[:, :1].expand_as(x))
+    ground = x[:, 0, 0, 0]  # a corner is never inked
+    assert float(ground.min()) >= 0.75
+    inked = x[:, 0] < ground.view(-1, 1, 1)
+    assert float(x[:, 0][inked].max()) <= 0.35
+    frac = inked.flatten(1).float().mean(1)
+    assert float(frac.min()) > 0.03 and float(frac.max()) < 0.6
+    # end points lie in [4.8, 27.2] px; a bend of 0.3 moves a curve at most 2.4 px outside,
+    # the 2-px width one more: the outer ring of pixels is never inked, the inner area is
+    assert not bool(inked[:, [0, -1]].any() or inked[:, :, [0, -1]].any())
+    assert bool(inked[:, 8:24, 8:24].any((1, 2)).all())
 
 
 def test_unknown_source_lists_the_choices():

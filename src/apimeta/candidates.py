@@ -131,19 +131,34 @@ def icons(n: int, size: int, channels: int, generator: torch.Generator, details:
     return x
 
 
-def _draw_strokes(x: Tensor, strokes: int, generator: torch.Generator) -> Tensor:
+def _draw_strokes(
+    x: Tensor,
+    strokes: int,
+    generator: torch.Generator,
+    widths: tuple[int, ...] = (1, 2, 3),
+    margin: float = 0.0,
+    bend: float | None = None,
+    ink: tuple[float, float] | None = None,
+) -> Tensor:
     """``x`` (n, c, s, s) with ``strokes`` quadratic Bezier curves painted over it, one after
-    another: control points uniform over the image, a width of 1, 2 or 3 px at 32 px (scaled
-    with s), one random colour each. A curve is rasterized by marking the pixels of 4 s points
-    along it, then widened by a max-pool."""
+    another, each ``widths`` px wide at 32 px (one of them per curve, scaled with s). End
+    points uniform in the image less a ``margin`` (a fraction of s) on every side; the middle
+    control point uniform there too, or, with ``bend``, the end points' midpoint moved by up to
+    ``bend`` x s / 2 (near-straight strokes). Colour: random per curve, or with ``ink`` one
+    grey level in [ink[0], ink[1]] on every channel. A curve is rasterized by marking the
+    pixels of 4 s points along it, then widened by a max-pool."""
     g, dev = generator, generator.device
     n, c, size, _ = x.shape
     t = torch.linspace(0.0, 1.0, 4 * size, device=dev).view(1, -1, 1)  # (1, T, 1)
     rows = torch.arange(n, device=dev).view(n, 1)
     scale = max(1, round(size / 32))
-    widths = [k * scale for k in (1, 2, 3)]
+    widths = tuple(k * scale for k in widths)
+    lo_px, span = margin * size, (1 - 2 * margin) * size
     for _ in range(strokes):
-        p = torch.rand(n, 3, 1, 2, generator=g, device=dev) * size  # (n, 3 control points, 1, 2)
+        p = lo_px + torch.rand(n, 3, 1, 2, generator=g, device=dev) * span  # (n, 3, 1, 2)
+        if bend is not None:
+            off = (torch.rand(n, 1, 2, generator=g, device=dev) - 0.5) * bend * size
+            p = torch.stack([p[:, 0], (p[:, 0] + p[:, 2]) / 2 + off, p[:, 2]], 1)
         curve = (1 - t) ** 2 * p[:, 0] + 2 * (1 - t) * t * p[:, 1] + t**2 * p[:, 2]  # (n, T, 2)
         pix = curve.long().clamp_(0, size - 1)
         line = torch.zeros(n, size * size, device=dev)
@@ -155,7 +170,11 @@ def _draw_strokes(x: Tensor, strokes: int, generator: torch.Generator) -> Tensor
             lo, hi = (k - 1) // 2, k // 2
             wide = F.max_pool2d(F.pad(line, (lo, hi, lo, hi)), k, stride=1) > 0
             mask |= wide & (pick == i)
-        colour = torch.rand(n, c, 1, 1, generator=g, device=dev)
+        if ink is None:
+            colour = torch.rand(n, c, 1, 1, generator=g, device=dev)
+        else:
+            grey = ink[0] + (ink[1] - ink[0]) * torch.rand(n, 1, 1, 1, generator=g, device=dev)
+            colour = grey.expand(n, c, 1, 1)
         x = _paint(x, mask, colour)
     return x
 
@@ -177,6 +196,21 @@ def leaves_strokes(n: int, size: int, channels: int, generator: torch.Generator)
     """(n, channels, size, size) in [0, 1]: :func:`dead_leaves` with 6 :func:`strokes`-style
     curves painted over it (flat regions and line structure in one image)."""
     return _draw_strokes(dead_leaves(n, size, channels, generator), 6, generator)
+
+
+@SOURCES.register("ink-strokes")
+def ink_strokes(n: int, size: int, channels: int, generator: torch.Generator) -> Tensor:
+    """(n, channels, size, size) in [0, 1]: glyph-like images closer to handwritten
+    characters: 6-12 near-straight strokes (2 px at 32 px) of dark grey ink (0..0.35) inside
+    the central 70 % of a light grey ground (0.75..1), the same on every channel."""
+    g, dev = generator, generator.device
+    ground = 0.75 + 0.25 * torch.rand(n, 1, 1, 1, generator=g, device=dev)
+    x = ground.expand(n, channels, size, size).contiguous()
+    count = torch.randint(6, 13, (n,), generator=g, device=dev)
+    for k in range(12):  # stroke k is kept where the image has more than k strokes
+        drawn = _draw_strokes(x, 1, g, widths=(2,), margin=0.15, bend=0.3, ink=(0.0, 0.35))
+        x = torch.where((count > k).view(n, 1, 1, 1), drawn, x)
+    return x
 
 
 @SOURCES.register("smooth-noise")
