@@ -538,6 +538,8 @@ ABLATIONS["union-leaves"] = merge(
 )
 # extension: union-leaves with glyph-like curved strokes as candidates instead of dead leaves
 ABLATIONS["union-strokes"] = merge(ABLATIONS["union-leaves"], {"recovery": {"source": "strokes"}})
+# extension: the same with grey, near-straight, handwriting-like strokes (`ink-strokes`)
+ABLATIONS["union-ink"] = merge(ABLATIONS["union-leaves"], {"recovery": {"source": "ink-strokes"}})
 
 # extensions, NOT data-free: contrastive-leaves / union-leaves with the candidates drawn from a
 # folder of unlabelled images the user brings (--set recovery.folder=PATH), a domain prior
