@@ -11,6 +11,7 @@ from apimeta.candidates import (
     draw_candidates,
     icons,
     ink_strokes,
+    leaves_ink,
     leaves_strokes,
     mixups,
     strokes,
@@ -101,6 +102,16 @@ def test_ink_strokes_are_dark_grey_lines_inside_a_light_grey_ground():
     # the 2-px width one more: the outer ring of pixels is never inked, the inner area is
     assert not bool(inked[:, [0, -1]].any() or inked[:, :, [0, -1]].any())
     assert bool(inked[:, 8:24, 8:24].any((1, 2)).all())
+
+
+def test_leaves_ink_mixes_the_two_sources_image_by_image():
+    """Grey images with a light ground are the ink strokes, colourful ones dead leaves; about
+    half of each."""
+    x = leaves_ink(200, 32, 3, torch.Generator().manual_seed(0))
+    grey = (x == x[:, :1]).flatten(1).all(1)
+    assert 60 < int(grey.sum()) < 140
+    assert float(x[grey][:, :, 0, 0].min()) >= 0.75  # the ink's light ground in a corner
+    assert float(x[~grey].flatten(1).std(1).min()) > 0.05
 
 
 def test_unknown_source_lists_the_choices():

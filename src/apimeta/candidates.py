@@ -213,6 +213,15 @@ def ink_strokes(n: int, size: int, channels: int, generator: torch.Generator) ->
     return x
 
 
+@SOURCES.register("leaves-ink")
+def leaves_ink(n: int, size: int, channels: int, generator: torch.Generator) -> Tensor:
+    """(n, channels, size, size) in [0, 1]: each image :func:`dead_leaves` or
+    :func:`ink_strokes`, with probability 1/2 each (two priors in one pool)."""
+    pick = torch.rand(n, 1, 1, 1, generator=generator, device=generator.device) < 0.5
+    leaves = dead_leaves(n, size, channels, generator)
+    return torch.where(pick, ink_strokes(n, size, channels, generator), leaves)
+
+
 @SOURCES.register("smooth-noise")
 def smooth_noise(n: int, size: int, channels: int, generator: torch.Generator) -> Tensor:
     """(n, channels, size, size) in [0, 1]: uniform noise at r x r (r in 4..16, per image),
