@@ -79,6 +79,9 @@ def test_ablations_change_exactly_one_component():
     ink = to_dict(_resolved("bbkd:union-ink"))
     assert {k for k in union if union[k] != ink[k]} == {"recovery"}
     assert ink["recovery"]["source"] == "ink-strokes"
+    mixed = to_dict(_resolved("bbkd:union-leaves-ink"))
+    assert {k for k in union if union[k] != mixed[k]} == {"recovery"}
+    assert mixed["recovery"]["source"] == "leaves-ink"
     kd, kd0 = to_dict(_resolved("bidf-mkd:no-boundary"))["kd"], base["kd"]
     assert {k for k in kd if kd[k] != kd0[k]} == {"adv"}
     mem = _resolved("bidf-mkd:diverse-memory").memory

@@ -540,6 +540,10 @@ ABLATIONS["union-leaves"] = merge(
 ABLATIONS["union-strokes"] = merge(ABLATIONS["union-leaves"], {"recovery": {"source": "strokes"}})
 # extension: the same with grey, near-straight, handwriting-like strokes (`ink-strokes`)
 ABLATIONS["union-ink"] = merge(ABLATIONS["union-leaves"], {"recovery": {"source": "ink-strokes"}})
+# extension: the same with each candidate dead leaves or ink strokes, half each (`leaves-ink`)
+ABLATIONS["union-leaves-ink"] = merge(
+    ABLATIONS["union-leaves"], {"recovery": {"source": "leaves-ink"}}
+)
 
 # extensions, NOT data-free: contrastive-leaves / union-leaves with the candidates drawn from a
 # folder of unlabelled images the user brings (--set recovery.folder=PATH), a domain prior

@@ -76,7 +76,7 @@ class BBKD(APILearner):
     name = "bbkd"
     ablations = (
         "dead-leaves", "contrastive-leaves", "union-leaves", "mixup-recovery",
-        "union-strokes", "union-ink", "public-contrastive", "public-union",
+        "union-strokes", "union-ink", "union-leaves-ink", "public-contrastive", "public-union",
     )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
 
