@@ -202,7 +202,9 @@ def leaves_strokes(n: int, size: int, channels: int, generator: torch.Generator)
 def ink_strokes(n: int, size: int, channels: int, generator: torch.Generator) -> Tensor:
     """(n, channels, size, size) in [0, 1]: glyph-like images closer to handwritten
     characters: 6-12 near-straight strokes (2 px at 32 px) of dark grey ink (0..0.35) inside
-    the central 70 % of a light grey ground (0.75..1), the same on every channel."""
+    the central 70 % of a light grey ground (0.75..1), the same on every channel. Benched as
+    bbkd's candidates on emoji APIs with the union CE (row ``bbkd:union-ink``, 3 seeds,
+    BENCHMARKS.md §6): +1.5 over the default at 5-shot, beyond the paired CI; level at 1-shot."""
     g, dev = generator, generator.device
     ground = 0.75 + 0.25 * torch.rand(n, 1, 1, 1, generator=g, device=dev)
     x = ground.expand(n, channels, size, size).contiguous()
