@@ -536,14 +536,15 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 ABLATIONS["union-leaves"] = merge(
     ABLATIONS["contrastive-leaves"], {"kd": {"union_ce": 1.0, "union_ce_min_prob": 0.8}}
 )
-# extension: union-leaves with glyph-like curved strokes as candidates instead of dead leaves
-ABLATIONS["union-strokes"] = merge(ABLATIONS["union-leaves"], {"recovery": {"source": "strokes"}})
-# extension: the same with grey, near-straight, handwriting-like strokes (`ink-strokes`)
-ABLATIONS["union-ink"] = merge(ABLATIONS["union-leaves"], {"recovery": {"source": "ink-strokes"}})
-# extension: the same with each candidate dead leaves or ink strokes, half each (`leaves-ink`)
-ABLATIONS["union-leaves-ink"] = merge(
-    ABLATIONS["union-leaves"], {"recovery": {"source": "leaves-ink"}}
-)
+# extensions: union-leaves with other procedural candidates instead of dead leaves: glyph-like
+# curved strokes, grey handwriting-like ink strokes, each candidate dead leaves or ink strokes
+for _name, _source in {
+    "union-strokes": "strokes",
+    "union-ink": "ink-strokes",
+    "union-leaves-ink": "leaves-ink",
+}.items():
+    ABLATIONS[_name] = merge(ABLATIONS["union-leaves"], {"recovery": {"source": _source}})
+del _name, _source
 
 # extensions, NOT data-free: contrastive-leaves / union-leaves with the candidates drawn from a
 # folder of unlabelled images the user brings (--set recovery.folder=PATH), a domain prior
