@@ -149,14 +149,14 @@ def test_a_bench_row_is_base_then_variant_then_sets_then_scenario(tmp_path):
     the datasets and the method whatever the preset or --set say."""
     from apimeta.bench import ZooScenario, row_config
 
-    assert CPU["method"] == "bbkd:contrastive-leaves"  # the preset's variant, not expanded
+    assert CPU["method"] == "bbkd:union-leaves-ink"  # the preset's variant, not expanded
     scen = ZooScenario("SS", "zoos/z", "emoji")
     kw = {"shots": (1, 5), "tasks": 7}
-    own = row_config(CPU, scen, "bbkd:contrastive-leaves", tmp_path, **kw)
+    own = row_config(CPU, scen, "bbkd:union-leaves-ink", tmp_path, **kw)
     assert (own.method, own.episodes, own.query_budget) == ("bbkd", 4000, 50_000)
     assert own.eval.test_tasks == 7 and own.zoo == "zoos/z" and own.out == str(tmp_path)
     sets = ["episodes=12", "query_budget=900", "zoo=elsewhere", "method=maml-real"]
-    cfg = row_config(CPU, scen, "bbkd:contrastive-leaves", tmp_path, sets=sets, seed=5, **kw)
+    cfg = row_config(CPU, scen, "bbkd:union-leaves-ink", tmp_path, sets=sets, seed=5, **kw)
     assert (cfg.method, cfg.episodes, cfg.query_budget, cfg.zoo) == ("bbkd", 12, 900, "zoos/z")
     assert cfg.seed == 5 and cfg.kd.contrastive == 1.0
     # another row of the same base gets none of the preset's variant
