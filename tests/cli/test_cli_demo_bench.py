@@ -48,6 +48,10 @@ def test_demo_writes_report_curve_grids_and_table(tmp_path):
         assert (row["config"]["eval"]["test_lr"], row["config"]["eval"]["reinit"]) == (0.1, 2)
     leaves = json.loads((out / "SS" / "bbkd-union-leaves-ink" / "eval.json").read_text())
     assert leaves["config"]["query_budget"] == 50_000  # its own budget; bidf-mkd's is 1 M
+    assert (leaves["config"]["recovery"]["source"], leaves["config"]["kd"]["union_ce"]) == (
+        "leaves-ink",
+        1.0,
+    )  # the preset's method, resolved
     assert "the APIs' mean top probability" in report and "mean recovery fidelity" in report
 
 
