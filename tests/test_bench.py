@@ -70,18 +70,14 @@ def test_ablations_change_exactly_one_component():
         "union_ce_min_prob",
     }
     assert (union["kd"]["union_ce"], union["kd"]["union_ce_min_prob"]) == (1.0, 0.8)
-    strokes = to_dict(_resolved("bbkd:union-strokes"))  # union-leaves on strokes
-    assert {k for k in union if union[k] != strokes[k]} == {"recovery"}
-    assert {k for k in union["recovery"] if union["recovery"][k] != strokes["recovery"][k]} == {
-        "source"
-    }
-    assert strokes["recovery"]["source"] == "strokes"
-    ink = to_dict(_resolved("bbkd:union-ink"))
-    assert {k for k in union if union[k] != ink[k]} == {"recovery"}
-    assert ink["recovery"]["source"] == "ink-strokes"
-    mixed = to_dict(_resolved("bbkd:union-leaves-ink"))
-    assert {k for k in union if union[k] != mixed[k]} == {"recovery"}
-    assert mixed["recovery"]["source"] == "leaves-ink"
+    # union-leaves on other procedural candidates: only recovery.source differs
+    for row, source in (("union-strokes", "strokes"), ("union-ink", "ink-strokes"),
+                        ("union-leaves-ink", "leaves-ink")):  # fmt: skip
+        other = to_dict(_resolved(f"bbkd:{row}"))
+        assert {k for k in union if union[k] != other[k]} == {"recovery"}, row
+        rec, rec0 = other["recovery"], union["recovery"]
+        assert {k for k in rec0 if rec0[k] != rec[k]} == {"source"}, row
+        assert rec["source"] == source
     kd, kd0 = to_dict(_resolved("bidf-mkd:no-boundary"))["kd"], base["kd"]
     assert {k for k in kd if kd[k] != kd0[k]} == {"adv"}
     mem = _resolved("bidf-mkd:diverse-memory").memory

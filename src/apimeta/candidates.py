@@ -204,7 +204,8 @@ def ink_strokes(n: int, size: int, channels: int, generator: torch.Generator) ->
     characters: 6-12 near-straight strokes (2 px at 32 px) of dark grey ink (0..0.35) inside
     the central 70 % of a light grey ground (0.75..1), the same on every channel. Benched as
     bbkd's candidates on emoji APIs with the union CE (row ``bbkd:union-ink``, 3 seeds,
-    BENCHMARKS.md §6): +1.5 over the default at 5-shot, beyond the paired CI; level at 1-shot."""
+    BENCHMARKS.md §6): +1.5 over ``bbkd:contrastive-leaves`` at 5-shot, beyond the paired CI;
+    level at 1-shot. Mixed with dead leaves in :func:`leaves_ink` (the ``cpu`` preset's)."""
     g, dev = generator, generator.device
     ground = 0.75 + 0.25 * torch.rand(n, 1, 1, 1, generator=g, device=dev)
     x = ground.expand(n, channels, size, size).contiguous()
@@ -220,6 +221,8 @@ def leaves_ink(n: int, size: int, channels: int, generator: torch.Generator) -> 
     """(n, channels, size, size) in [0, 1]: each image :func:`dead_leaves` or
     :func:`ink_strokes`, with probability 1/2 each (two priors in one pool)."""
     pick = torch.rand(n, 1, 1, 1, generator=generator, device=generator.device) < 0.5
+    # both pools are drawn in full (2n images, ~0.2 s per 1,000 on CPU, once per API event): a
+    # fixed random stream whatever the pick, and no host sync to count the picks
     leaves = dead_leaves(n, size, channels, generator)
     return torch.where(pick, ink_strokes(n, size, channels, generator), leaves)
 
