@@ -551,22 +551,24 @@ class MetaTrainer(Method):
         factor = OUTER_LR_SCHEDULES[cfg.outer_lr_schedule](st.step, total)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.outer_lr * factor
-        self.optimizer.step()
-        self._update_ema()
-        st.step += 1
-        self._partial = None
         dt = time.perf_counter() - t0
-        st.elapsed += dt
+        # the record is written while the update can still be rolled back (an interrupt drops
+        # it with the update), so a checkpoint at step N never lacks record N
         record = {
-            "step": st.step,
-            "episode": st.step * cfg.meta_batch,
+            "step": st.step + 1,
+            "episode": (st.step + 1) * cfg.meta_batch,
             "phase": "train",
             "loss": loss_value,
             **({"outer_lr": cfg.outer_lr * factor} if cfg.outer_lr_schedule != "constant" else {}),
             **metrics,
-            "step_time": dt,
+            "step_time": dt,  # up to the optimizer step
         }
         self.run.log(record)
+        self.optimizer.step()
+        self._update_ema()
+        st.step += 1
+        self._partial = None
+        st.elapsed += dt
         stop = self.should_stop()
         last = st.step == total or stop
         if st.step % eval_every == 0 or last:
