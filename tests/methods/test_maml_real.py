@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
+import time
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from apimeta.checkpoint import load_checkpoint, save_checkpoint
-from apimeta.errors import CheckpointError, ConfigError
+from apimeta.errors import CheckpointError, ConfigError, TrainingInterrupted
 from apimeta.evaluate import evaluate_with_config
 from apimeta.methods import METHODS
+from apimeta.methods.trainer import held_interrupts
 from apimeta.models.meta import (
     build_meta_model,
     load_meta_model,
@@ -187,3 +192,54 @@ def test_cosine_outer_lr_decays_over_the_run(tmp_path):
     assert any(not torch.equal(v, b["model"][k]) for k, v in a["model"].items())
     with pytest.raises(ConfigError, match="outer_lr_schedule"):
         _train(_cfg(tmp_path, "bad", episodes=2, outer_lr_schedule="step"))
+
+
+def test_held_interrupts_delivers_a_signal_after_the_block():
+    reached, calls = [], []
+    with pytest.raises(KeyboardInterrupt), held_interrupts():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # a Python handler would run here, between bytecodes
+        reached.append(True)
+    assert reached == [True]
+    old = signal.signal(signal.SIGTERM, lambda s, f: calls.append(s))
+    try:
+        with held_interrupts():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            assert calls == []
+        assert calls == [signal.SIGTERM]  # the handler it had, once, after the block
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_an_interrupt_during_the_optimizer_step_checkpoints_that_step(tmp_path):
+    """Ctrl-C landing inside ``optimizer.step()`` of meta-update 2: the step completes and is
+    counted, ``last.pt`` holds step 2 with its 2 records, and resuming gives the uninterrupted
+    run's weights (were the interrupt raised inside the step, the checkpoint would say step 1
+    with step 2's weights, and the resumed run would have one update too many)."""
+    full, _ = _train(_cfg(tmp_path, "full", episodes=8))
+    steps = []
+
+    def interrupt_on_second(opt, args, kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+
+    cut = _cfg(tmp_path, "cut", episodes=8)
+    handle = register_optimizer_step_post_hook(interrupt_on_second)
+    try:
+        with pytest.raises(TrainingInterrupted) as err:
+            _train(cut)
+    finally:
+        handle.remove()
+    assert err.value.step == 2
+    ckpt = load_checkpoint(tmp_path / "cut" / "last.pt")
+    run = RunDir(tmp_path / "cut")
+    assert ckpt["step"] == 2
+    assert len([r for r in run.read_metrics() if r["phase"] == "train"]) == 2
+    resumed, _ = _train(cut, resume=True)
+    a, b = load_checkpoint(full.final_checkpoint), load_checkpoint(resumed.final_checkpoint)
+    assert a["step"] == b["step"] == 4
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k

@@ -27,13 +27,16 @@ best-checkpoint selection on ``cfg.eval.select_split``, ``last.pt`` every
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import math
+import signal
+import threading
 import time
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -531,7 +534,10 @@ class MetaTrainer(Method):
         """One meta-update with its record, validation and checkpoint; True: stop early.
 
         ``self._partial`` holds the snapshot from the start of the update until its optimizer
-        step is done, so an interrupt in between rolls the partial update back."""
+        step is done, so an interrupt in between rolls the partial update back; one that
+        arrives during the step itself is held until the step is counted
+        (:func:`held_interrupts`), so ``last.pt`` never has the weights of one step and the
+        count of another."""
         cfg, st = self.cfg, self.state
         t0 = time.perf_counter()
         self.model.train()
@@ -564,10 +570,11 @@ class MetaTrainer(Method):
             "step_time": dt,  # up to the optimizer step
         }
         self.run.log(record)
-        self.optimizer.step()
-        self._update_ema()
-        st.step += 1
-        self._partial = None
+        with held_interrupts():  # the commit: an interrupt is raised after it, never inside
+            self.optimizer.step()
+            self._update_ema()
+            st.step += 1
+            self._partial = None
         st.elapsed += dt
         stop = self.should_stop()
         last = st.step == total or stop
@@ -624,6 +631,41 @@ class MetaTrainer(Method):
         )
 
 
+@contextlib.contextmanager
+def held_interrupts() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM are held, then delivered to the handlers they had
+    when it ends (the first one that arrived), so a block that must run whole (a meta-update's
+    optimizer step and step count) is never cut in two. A no-op outside the main thread, or
+    where a handler was not installed from Python."""
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.getsignal(s) for s in sigs}
+    if any(h is None for h in old.values()):
+        yield
+        return
+    held: list[tuple[int, Any]] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        held.append((signum, frame))
+
+    for s in sigs:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if held:
+            signum, frame = held[0]
+            handler = old[signum]
+            if callable(handler):
+                handler(signum, frame)  # e.g. KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)  # what the signal would have done
+
+
 def _eval_progress(
     progress: ProgressFn | None, phase: str, dataset: str
 ) -> Callable[[int, int, dict[str, Any]], None] | None:
@@ -636,4 +678,4 @@ def _eval_progress(
     return cb
 
 
-__all__ = ["CHOICES", "MetaTrainer", "TrainerState", "check_run_config"]
+__all__ = ["CHOICES", "MetaTrainer", "TrainerState", "check_run_config", "held_interrupts"]
