@@ -29,7 +29,7 @@ each point (``SAVE-step1000.pt``). EVAL_AT may include 0 (the random init itself
 Environment: ``REINIT=0,2`` also scores each point with ``eval.reinit`` 2 (the last two feature
 stages re-drawn); ``FREEZE_TOP=2`` trains with the last two stages frozen at their init (the
 union head learns through them), the training-side match of ``eval.reinit``. ``SSL=W`` adds W x a
-SimCLR loss (NT-Xent, temperature 0.2, a 2-layer projection) between two strongly augmented
+SimCLR loss (NT-Xent, temperature ``SSL_T``, default 0.2, a 2-layer projection) between two strongly augmented
 views of the same candidates (no extra queries); ``KD=0`` drops the KD loss (SSL alone, a
 control). ``LRS=0.1`` / ``HEADS=random`` narrow the meta-val grid. ``ALL_APIS=1``: one pool of
 ``PER_API`` images, each labelled by every API (the same queries as ``PER_API`` per API, 20x
@@ -204,6 +204,7 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     kd_w = float(os.environ.get("KD", "1"))
     kd_t = float(os.environ.get("KD_T", str(cfg.kd.T)))  # KD temperature
     ssl_fresh = os.environ.get("SSL_FRESH", "0") == "1"  # SSL on new unlabelled images
+    ssl_t = float(os.environ.get("SSL_T", "0.2"))  # the contrastive loss's temperature
     reset_every = int(os.environ.get("RESET_EVERY", "0"))  # re-draw the top every N steps
     stages = feature_stages(model)
     frozen = int(os.environ.get("FREEZE_TOP", "0"))  # keep the last N stages at their init
@@ -253,7 +254,7 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
                 feats.clear()
                 model(torch.cat(views))
                 f1, f2 = proj(feats[-1]).chunk(2)
-                loss = loss + ssl_w * nt_xent(f1, f2)
+                loss = loss + ssl_w * nt_xent(f1, f2, tau=ssl_t)
             if union_w:
                 loss = loss + union_w * union_ce(full, pool_t[i][idx], pool_c[i], union_ce_p)
             agree += int((logits.argmax(1) == pool_t[i][idx].argmax(1)).sum())
