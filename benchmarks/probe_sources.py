@@ -92,10 +92,16 @@ def fractals(
     return img.view(n, size, size, channels).permute(0, 3, 1, 2).contiguous()
 
 
-def textured_leaves(
-    n: int, size: int, channels: int, generator: torch.Generator, shapes: int = 24
+Rand = Callable[..., Tensor]
+Paint = Callable[[Tensor, Callable[[Tensor], Tensor], Tensor, Rand], Tensor]
+
+
+def _leaves(
+    n: int, size: int, channels: int, generator: torch.Generator, shapes: int, paint: Paint
 ) -> Tensor:
-    """(n, channels, size, size) in [0, 1]: dead leaves, half of the shapes with a grating."""
+    """The dead-leaves model with a custom painter: a ground of random colour, then ``shapes``
+    disks or rectangles (radius density ~ r^-3, aspect 0.5..1.5), each handed to
+    ``paint(x, mask, r, rand)``, where ``mask(rr)`` (n, 1, s, s) is the shape at radius rr."""
     g, dev = generator, generator.device
 
     def rand(*s: int) -> Tensor:
@@ -109,9 +115,26 @@ def textured_leaves(
         cy, cx = rand(n, 1, 1) * size, rand(n, 1, 1) * size
         r = (lo**-2 - rand(n, 1, 1) * (lo**-2 - hi**-2)) ** -0.5
         aspect = 0.5 + rand(n, 1, 1)
-        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
-        rect = ((yy - cy).abs() <= r * aspect) & ((xx - cx).abs() <= r / aspect)
-        mask = torch.where(rand(n, 1, 1) < 0.5, rect, disk).unsqueeze(1)
+        use_rect = rand(n, 1, 1) < 0.5
+
+        def mask(rr: Tensor, cy: Tensor = cy, cx: Tensor = cx, aspect: Tensor = aspect,
+                 use_rect: Tensor = use_rect) -> Tensor:  # fmt: skip
+            disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= rr**2
+            rect = ((yy - cy).abs() <= rr * aspect) & ((xx - cx).abs() <= rr / aspect)
+            return torch.where(use_rect, rect, disk).unsqueeze(1)
+
+        x = paint(x, mask, r, rand)
+    return x
+
+
+def textured_leaves(
+    n: int, size: int, channels: int, generator: torch.Generator, shapes: int = 24
+) -> Tensor:
+    """(n, channels, size, size) in [0, 1]: dead leaves, half of the shapes with a grating."""
+    coords = torch.arange(size, device=generator.device, dtype=torch.float32)
+    yy, xx = coords.view(1, size, 1), coords.view(1, 1, size)
+
+    def paint(x: Tensor, mask: Callable[[Tensor], Tensor], r: Tensor, rand: Rand) -> Tensor:
         c1, c2 = rand(n, channels, 1, 1), rand(n, channels, 1, 1)
         th = rand(n, 1, 1) * torch.pi
         f = (0.08 + 0.3 * rand(n, 1, 1)) * 2 * torch.pi * 32 / size
@@ -121,8 +144,9 @@ def textured_leaves(
         w = torch.where(rand(n, 1, 1) < 0.5, (w > 0.5).float(), w).unsqueeze(1)
         flat = rand(n, 1, 1, 1) < 0.5
         fill = torch.where(flat, c1.expand(-1, -1, size, size), c1 * (1 - w) + c2 * w)
-        x = torch.where(mask, fill, x)
-    return x
+        return torch.where(mask(r), fill, x)
+
+    return _leaves(n, size, channels, generator, shapes, paint)
 
 
 def ink_var(n: int, size: int, channels: int, generator: torch.Generator) -> Tensor:
@@ -143,32 +167,14 @@ def outlined_leaves(
     n: int, size: int, channels: int, generator: torch.Generator, shapes: int = 24
 ) -> Tensor:
     """(n, channels, size, size) in [0, 1]: dead leaves with a dark outline on every shape."""
-    g, dev = generator, generator.device
-
-    def rand(*s: int) -> Tensor:
-        return torch.rand(*s, generator=g, device=dev)
-
-    x = rand(n, channels, 1, 1).expand(n, channels, size, size).contiguous()
-    coords = torch.arange(size, device=dev, dtype=torch.float32)
-    yy, xx = coords.view(1, size, 1), coords.view(1, 1, size)
-    lo, hi = 1.5, size / 2
     line = max(1.0, size / 32)
-    for _ in range(shapes):
-        cy, cx = rand(n, 1, 1) * size, rand(n, 1, 1) * size
-        r = (lo**-2 - rand(n, 1, 1) * (lo**-2 - hi**-2)) ** -0.5
-        aspect = 0.5 + rand(n, 1, 1)
-        use_rect = rand(n, 1, 1) < 0.5
 
-        def mask(rr: Tensor, cy: Tensor = cy, cx: Tensor = cx, aspect: Tensor = aspect,
-                 use_rect: Tensor = use_rect) -> Tensor:  # fmt: skip
-            disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= rr**2
-            rect = ((yy - cy).abs() <= rr * aspect) & ((xx - cx).abs() <= rr / aspect)
-            return torch.where(use_rect, rect, disk).unsqueeze(1)
-
+    def paint(x: Tensor, mask: Callable[[Tensor], Tensor], r: Tensor, rand: Rand) -> Tensor:
         dark = (0.25 * rand(n, 1, 1, 1)).expand(n, channels, 1, 1)
         x = torch.where(mask(r + line), dark, x)
-        x = torch.where(mask(r), rand(n, channels, 1, 1), x)
-    return x
+        return torch.where(mask(r), rand(n, channels, 1, 1), x)
+
+    return _leaves(n, size, channels, generator, shapes, paint)
 
 
 def mixture(*parts: tuple[Source, float]) -> Source:
