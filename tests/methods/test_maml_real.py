@@ -194,7 +194,16 @@ def test_cosine_outer_lr_decays_over_the_run(tmp_path):
         _train(_cfg(tmp_path, "bad", episodes=2, outer_lr_schedule="step"))
 
 
-def test_held_interrupts_delivers_a_signal_after_the_block():
+@pytest.fixture
+def ctrl_c():
+    """SIGINT raises KeyboardInterrupt in this process, as in a terminal: a test run started
+    with SIGINT ignored (``nohup``, a background job of a script) would otherwise ignore it."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_held_interrupts_delivers_a_signal_after_the_block(ctrl_c):
     reached, calls = [], []
     with pytest.raises(KeyboardInterrupt), held_interrupts():
         os.kill(os.getpid(), signal.SIGINT)
@@ -212,7 +221,7 @@ def test_held_interrupts_delivers_a_signal_after_the_block():
         signal.signal(signal.SIGTERM, old)
 
 
-def test_an_interrupt_during_the_optimizer_step_checkpoints_that_step(tmp_path):
+def test_an_interrupt_during_the_optimizer_step_checkpoints_that_step(tmp_path, ctrl_c):
     """Ctrl-C landing inside ``optimizer.step()`` of meta-update 2: the step completes and is
     counted, ``last.pt`` holds step 2 with its 2 records, and resuming gives the uninterrupted
     run's weights (were the interrupt raised inside the step, the checkpoint would say step 1
