@@ -30,7 +30,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from apimeta.candidates import SOURCES, _draw_strokes, dead_leaves, ink_strokes, smooth_noise
+from apimeta.candidates import (
+    SOURCES,
+    _draw_strokes,
+    dead_leaves,
+    ink_strokes,
+    paint_leaves,
+    smooth_noise,
+)
 
 Source = Callable[[int, int, int, torch.Generator], Tensor]
 
@@ -93,38 +100,6 @@ def fractals(
 
 
 Rand = Callable[..., Tensor]
-Paint = Callable[[Tensor, Callable[[Tensor], Tensor], Tensor, Rand], Tensor]
-
-
-def _leaves(
-    n: int, size: int, channels: int, generator: torch.Generator, shapes: int, paint: Paint
-) -> Tensor:
-    """The dead-leaves model with a custom painter: a ground of random colour, then ``shapes``
-    disks or rectangles (radius density ~ r^-3, aspect 0.5..1.5), each handed to
-    ``paint(x, mask, r, rand)``, where ``mask(rr)`` (n, 1, s, s) is the shape at radius rr."""
-    g, dev = generator, generator.device
-
-    def rand(*s: int) -> Tensor:
-        return torch.rand(*s, generator=g, device=dev)
-
-    x = rand(n, channels, 1, 1).expand(n, channels, size, size).contiguous()
-    coords = torch.arange(size, device=dev, dtype=torch.float32)
-    yy, xx = coords.view(1, size, 1), coords.view(1, 1, size)
-    lo, hi = 1.5, size / 2
-    for _ in range(shapes):
-        cy, cx = rand(n, 1, 1) * size, rand(n, 1, 1) * size
-        r = (lo**-2 - rand(n, 1, 1) * (lo**-2 - hi**-2)) ** -0.5
-        aspect = 0.5 + rand(n, 1, 1)
-        use_rect = rand(n, 1, 1) < 0.5
-
-        def mask(rr: Tensor, cy: Tensor = cy, cx: Tensor = cx, aspect: Tensor = aspect,
-                 use_rect: Tensor = use_rect) -> Tensor:  # fmt: skip
-            disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= rr**2
-            rect = ((yy - cy).abs() <= rr * aspect) & ((xx - cx).abs() <= rr / aspect)
-            return torch.where(use_rect, rect, disk).unsqueeze(1)
-
-        x = paint(x, mask, r, rand)
-    return x
 
 
 def textured_leaves(
@@ -146,7 +121,7 @@ def textured_leaves(
         fill = torch.where(flat, c1.expand(-1, -1, size, size), c1 * (1 - w) + c2 * w)
         return torch.where(mask(r), fill, x)
 
-    return _leaves(n, size, channels, generator, shapes, paint)
+    return paint_leaves(n, size, channels, generator, shapes, paint)
 
 
 def ink_var(n: int, size: int, channels: int, generator: torch.Generator) -> Tensor:
@@ -174,7 +149,7 @@ def outlined_leaves(
         x = torch.where(mask(r + line), dark, x)
         return torch.where(mask(r), rand(n, channels, 1, 1), x)
 
-    return _leaves(n, size, channels, generator, shapes, paint)
+    return paint_leaves(n, size, channels, generator, shapes, paint)
 
 
 def mixture(*parts: tuple[Source, float]) -> Source:

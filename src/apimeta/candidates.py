@@ -46,6 +46,42 @@ CandidateSource = Callable[[int, int, int, torch.Generator], Tensor]
 SOURCES: Registry[CandidateSource] = Registry("candidate source")
 
 
+LeafPainter = Callable[[Tensor, Callable[[Tensor], Tensor], Tensor, Callable[..., Tensor]], Tensor]
+
+
+def paint_leaves(
+    n: int, size: int, channels: int, generator: torch.Generator, shapes: int, paint: LeafPainter
+) -> Tensor:
+    """The dead-leaves model with a custom painter: a ground of random colour (n, channels,
+    size, size), then ``shapes`` disks or rectangles (half each, aspect 0.5..1.5; radii with
+    density ~ r^-3 between 1.5 px and size / 2), each handed to ``paint(x, mask, r, rand)``:
+    ``mask(rr)`` (n, 1, s, s) is the shape at radius ``rr``, ``rand(*shape)`` the seeded
+    uniform draw; it returns the new ``x``."""
+    g, dev = generator, generator.device
+
+    def rand(*shape: int) -> Tensor:
+        return torch.rand(*shape, generator=g, device=dev)
+
+    x = rand(n, channels, 1, 1).expand(n, channels, size, size).contiguous()
+    coords = torch.arange(size, device=dev, dtype=torch.float32)
+    yy, xx = coords.view(1, size, 1), coords.view(1, 1, size)
+    lo, hi = 1.5, size / 2
+    for _ in range(shapes):
+        cy, cx = rand(n, 1, 1) * size, rand(n, 1, 1) * size
+        r = (lo**-2 - rand(n, 1, 1) * (lo**-2 - hi**-2)) ** -0.5  # inverse CDF of r^-3
+        aspect = 0.5 + rand(n, 1, 1)
+        use_rect = rand(n, 1, 1) < 0.5
+
+        def mask(rr: Tensor, cy: Tensor = cy, cx: Tensor = cx, aspect: Tensor = aspect,
+                 use_rect: Tensor = use_rect) -> Tensor:  # fmt: skip
+            disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= rr**2
+            rect = ((yy - cy).abs() <= rr * aspect) & ((xx - cx).abs() <= rr / aspect)
+            return torch.where(use_rect, rect, disk).unsqueeze(1)
+
+        x = paint(x, mask, r, rand)
+    return x
+
+
 @SOURCES.register("dead-leaves")
 def dead_leaves(
     n: int, size: int, channels: int, generator: torch.Generator, shapes: int = 24
@@ -53,25 +89,11 @@ def dead_leaves(
     """(n, channels, size, size) in [0, 1]: a random background, then ``shapes`` disks or
     rectangles (half each, aspect 0.5..1.5) of random colour painted over each other; radii
     have density ~ r^-3 between 1.5 px and size / 2 (many small shapes, few large)."""
-    g, dev = generator, generator.device
-    x = torch.rand(n, channels, 1, 1, generator=g, device=dev).expand(n, channels, size, size)
-    x = x.contiguous()
-    coords = torch.arange(size, device=dev, dtype=torch.float32)
-    yy, xx = coords.view(1, size, 1), coords.view(1, 1, size)
-    lo, hi = 1.5, size / 2
-    for _ in range(shapes):
-        cy = torch.rand(n, 1, 1, generator=g, device=dev) * size
-        cx = torch.rand(n, 1, 1, generator=g, device=dev) * size
-        u = torch.rand(n, 1, 1, generator=g, device=dev)
-        r = (lo**-2 - u * (lo**-2 - hi**-2)) ** -0.5  # inverse CDF of the r^-3 density
-        aspect = 0.5 + torch.rand(n, 1, 1, generator=g, device=dev)
-        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
-        rect = ((yy - cy).abs() <= r * aspect) & ((xx - cx).abs() <= r / aspect)
-        use_rect = torch.rand(n, 1, 1, generator=g, device=dev) < 0.5
-        mask = torch.where(use_rect, rect, disk).unsqueeze(1)
-        colour = torch.rand(n, channels, 1, 1, generator=g, device=dev)
-        x = torch.where(mask, colour, x)
-    return x
+
+    def paint(x: Tensor, mask: Callable[[Tensor], Tensor], r: Tensor, rand: Callable) -> Tensor:
+        return torch.where(mask(r), rand(n, channels, 1, 1), x)
+
+    return paint_leaves(n, size, channels, generator, shapes, paint)
 
 
 def _paint(x: Tensor, mask: Tensor, colour: Tensor) -> Tensor:
