@@ -78,6 +78,13 @@ def test_ablations_change_exactly_one_component():
         rec, rec0 = other["recovery"], union["recovery"]
         assert {k for k in rec0 if rec0[k] != rec[k]} == {"source"}, row
         assert rec["source"] == source
+    # the control without the APIs' answers: union-leaves-ink with the per-API KD and union CE off
+    li, ssl = to_dict(_resolved("bbkd:union-leaves-ink")), to_dict(_resolved("bbkd:ssl-leaves-ink"))
+    assert {k for k in li if li[k] != ssl[k]} == {"kd"}
+    assert {k: ssl["kd"][k] for k in li["kd"] if li["kd"][k] != ssl["kd"][k]} == {
+        "distill": 0.0,
+        "union_ce": 0.0,
+    }
     kd, kd0 = to_dict(_resolved("bidf-mkd:no-boundary"))["kd"], base["kd"]
     assert {k for k in kd if kd[k] != kd0[k]} == {"adv"}
     mem = _resolved("bidf-mkd:diverse-memory").memory

@@ -121,6 +121,10 @@ class KDConfig:
     # of different APIs too (what MAML on the owners' data does). No queries
     union_ce: float = 0.0
     union_ce_min_prob: float = 0.0
+    # bbkd only: weight of the per-API KD (each API distilled into its own union-head columns).
+    # 0 with union_ce 0 uses none of the APIs' answers: the candidates are drawn as usual (as
+    # many as query_budget would label) but never queried, a control for what the APIs add
+    distill: float = 1.0
 
 
 @dataclass
@@ -545,6 +549,12 @@ for _name, _source in {
 }.items():
     ABLATIONS[_name] = merge(ABLATIONS["union-leaves"], {"recovery": {"source": _source}})
 del _name, _source
+# control for union-leaves-ink (not a learner from APIs): the same candidates and contrastive
+# loss, no per-API KD and no union CE, so the APIs are never queried; the default minus this
+# row is what the APIs' answers add (BENCHMARKS.md §6)
+ABLATIONS["ssl-leaves-ink"] = merge(
+    ABLATIONS["union-leaves-ink"], {"kd": {"distill": 0.0, "union_ce": 0.0}}
+)
 
 # extensions, NOT data-free: contrastive-leaves / union-leaves with the candidates drawn from a
 # folder of unlabelled images the user brings (--set recovery.folder=PATH), a domain prior

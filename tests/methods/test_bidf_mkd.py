@@ -626,3 +626,66 @@ def test_resuming_with_the_contrastive_term_switched_is_a_checkpoint_error(zoo, 
     train(_leaves(zoo, tmp_path, 0.0, episodes=2))
     with pytest.raises(CheckpointError, match="trained with other parameters"):
         train(_leaves(zoo, tmp_path, 1.0), resume=True)
+
+
+def test_bbkd_without_the_apis_answers_queries_nothing_and_draws_the_labelled_runs_images(
+    zoo, tmp_path
+):
+    """kd.distill=0 with kd.union_ce=0 (the control row ssl-leaves-ink): no query at all, the
+    same candidates a labelled run draws (as many as its budget pays for), the contrastive loss
+    alone trains, and it resumes exactly; settings that leave nothing to learn are refused."""
+    budget = 3 * 7  # three events' worth of candidates; the 4th update finds the budget spent
+    labelled, _ = train(
+        dataclasses.replace(_leaves(zoo, tmp_path / "a", 1.0, episodes=8), query_budget=budget)
+    )
+    control, result = train(
+        dataclasses.replace(
+            _leaves(zoo, tmp_path / "b", 1.0, episodes=8, distill=0.0), query_budget=budget
+        )
+    )
+    assert labelled.ledger.used == budget and control.ledger.used == 0
+    assert control.n_events == labelled.n_events == 3
+    for a, b in zip(labelled.pool_x, control.pool_x, strict=True):
+        assert torch.equal(a, b)  # the same images, unlabelled
+    events = [r for r in control.run.read_metrics() if r.get("phase") == "event"]
+    assert [e["labelled"] for e in events] == [False] * 3 and "confidence" not in events[0]
+    train_rows = [r for r in control.run.read_metrics() if r.get("phase") == "train"]
+    assert train_rows and all("train_acc" not in r for r in train_rows)
+    assert result.metrics["test"]["final"]["synthetic"]
+    a, b = (load_checkpoint(r.run.last_checkpoint) for r in (labelled, control))
+    w = "net.features.0.weight"
+    assert not torch.equal(a["model"][w], b["model"][w])  # the KD term was on in one of them
+    # the union head gets no gradient without answers: it keeps its seeded init
+    fresh, _ = train(
+        dataclasses.replace(
+            _leaves(zoo, tmp_path / "c", 1.0, distill=0.0, episodes=0), query_budget=budget
+        )
+    )
+    c = load_checkpoint(fresh.run.last_checkpoint)
+    for k, v in c["extra"]["union_head"].items():
+        torch.testing.assert_close(b["extra"]["union_head"][k], v, rtol=0, atol=0)
+    # interrupted and resumed: the same weights
+    part = dataclasses.replace(
+        _leaves(zoo, tmp_path / "p", 1.0, episodes=8, distill=0.0), query_budget=budget
+    )
+    train(dataclasses.replace(part, episodes=4))
+    resumed, _ = train(part, resume=True)
+    for k, v in b["model"].items():
+        got = load_checkpoint(resumed.run.last_checkpoint)["model"][k]
+        torch.testing.assert_close(got, v, rtol=0, atol=0)
+    # the KD weight scales the per-API KD: 0 with the union CE on still queries, and differs
+    half, _ = train(_leaves(zoo, tmp_path / "h", 0.0, distill=0.5))
+    one, _ = train(_leaves(zoo, tmp_path / "o", 0.0))
+    assert half.ledger.used == one.ledger.used == 2 * 7
+    h, o = (load_checkpoint(r.run.last_checkpoint)["model"][w] for r in (half, one))
+    assert not torch.equal(h, o)
+    with pytest.raises(ConfigError, match=r"leave nothing to learn"):
+        train(_leaves(zoo, tmp_path / "n", 0.0, distill=0.0))
+    with pytest.raises(ConfigError, match=r"needs them; set a procedural recovery\.source"):
+        train(tiny_cfg(zoo, tmp_path / "g", method="bbkd", kd=KDConfig(contrastive=1.0, distill=0)))
+    with pytest.raises(ConfigError, match=r"kd\.distill must be >= 0"):
+        train(_leaves(zoo, tmp_path / "m", 1.0, distill=-1.0))
+    with pytest.raises(ConfigError, match=r"kd\.distill \(0\.0\) is for bbkd"):
+        train(tiny_cfg(zoo, tmp_path / "d", kd=KDConfig(adv_start=1, distill=0.0)))
+    for out in "nmgd":
+        assert not (tmp_path / out / "last.pt").exists()

@@ -28,6 +28,11 @@ that weight. No extra queries; the projection is dropped with the union head.
 cross-entropy over the *whole* union head with the API's top class as the label, on the images
 where the API's top probability exceeds ``kd.union_ce_min_prob``. Per-API KD only contrasts an
 API's own classes; this contrasts classes of different APIs as well. No extra queries.
+
+``kd.distill`` weighs the per-API KD (default 1). ``kd.distill: 0`` with ``kd.union_ce: 0`` uses
+none of the APIs' answers: a procedural source's candidates are drawn exactly as a labelled run
+draws them (as many as ``query_budget`` would label, the same images) but never queried, and the
+model learns from ``kd.contrastive`` alone — the control that says what the APIs' answers add.
 """
 
 from __future__ import annotations
@@ -76,7 +81,8 @@ class BBKD(APILearner):
     name = "bbkd"
     ablations = (
         "dead-leaves", "contrastive-leaves", "union-leaves", "mixup-recovery",
-        "union-strokes", "union-ink", "union-leaves-ink", "public-contrastive", "public-union",
+        "union-strokes", "union-ink", "union-leaves-ink", "ssl-leaves-ink", "public-contrastive",
+        "public-union",
     )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
 
@@ -91,6 +97,24 @@ class BBKD(APILearner):
                 "domain prior), report it as its own setting",
                 n,
                 self.cfg.recovery.folder,
+            )
+        kd = self.cfg.kd
+        # the control without the APIs' answers: candidates drawn, never labelled
+        self.uses_answers = bool(kd.distill or kd.union_ce)
+        if not self.uses_answers:
+            if self.cfg.recovery.source == "generator":
+                raise ConfigError(
+                    "kd.distill=0 with kd.union_ce=0 uses no API answers, and recovery.source "
+                    "generator needs them; set a procedural recovery.source (e.g. leaves-ink)"
+                )
+            if not kd.contrastive:
+                raise ConfigError(
+                    "kd.distill=0, kd.union_ce=0 and kd.contrastive=0 leave nothing to learn; "
+                    "turn one of them on"
+                )
+            log.warning(
+                "kd.distill=0 and kd.union_ce=0: the APIs are never queried; the model learns "
+                "from kd.contrastive on the candidates alone (a control, not a learner from APIs)"
             )
         keys = sorted({(a.info.dataset, int(c)) for a in self.apis for c in a.info.classes})
         self.column = {k: i for i, k in enumerate(keys)}
@@ -179,32 +203,45 @@ class BBKD(APILearner):
         )  # fmt: skip
         # the API sees exactly what the pool keeps: uint8 images (a quarter of float32's memory)
         x = x8.to(self.device).float() / 255.0
-        try:
-            t = api.query(x)
-        except QueryBudgetExceeded:
-            self.budget_exhausted = True
-            return
+        n_cls = api.info.n_classes
+        if self.uses_answers:
+            try:
+                t = api.query(x)
+            except QueryBudgetExceeded:
+                self.budget_exhausted = True
+                return
+            y = t.argmax(1)  # the grid of the event shows the candidates by the API's verdict
+        else:  # the control: never queried; placeholder targets no loss reads, rows in turn
+            t = torch.zeros(x.shape[0], n_cls, device=self.device)
+            y = torch.arange(x.shape[0], device=self.device) % n_cls
         self._add_to_pool(api, x8, t)
-        y = t.argmax(1)  # the grid of the event shows the candidates by the API's verdict
         episode = APIEpisode(
             api=api.info.name, dataset=api.info.dataset, classes=api.info.classes,
             support_x=x, support_y=y, query_x=x, query_y=y,
             query_keep=torch.ones_like(y, dtype=torch.bool),
         )  # fmt: skip
-        record = {
+        record: dict[str, Any] = {
             "step": self.step + 1,
             "event": self.n_events - 1,
             "api": api.info.name,
             "source": cfg.recovery.source,
-            # the API's mean top probability on the candidates (how sure it is of what it sees)
-            "confidence": float(teacher_probs(t, 1.0, self.pool_probs[-1]).max(1).values.mean()),
+            "labelled": self.uses_answers,
             "queries_total": self.ledger.used,
         }
+        if self.uses_answers:  # the API's mean top probability (how sure it is of what it sees)
+            probs = teacher_probs(t, 1.0, self.pool_probs[-1])
+            record["confidence"] = float(probs.max(1).values.mean())
         self.record_event(APIEvent(self.n_events - 1, episode, record))
 
     def _event(self) -> None:
         api: BlackBoxAPI = self.pool.draw()
-        if not self.ledger.can_afford(self.event_cost(api)):
+        cost = self.event_cost(api)
+        if self.uses_answers:
+            affordable = self.ledger.can_afford(cost)
+        else:  # the control draws as many candidates as the budget would have labelled
+            drawn = sum(x.shape[0] for x in self.pool_x)
+            affordable = self.ledger.budget is None or drawn + cost <= self.ledger.budget
+        if not affordable:
             self.budget_exhausted = True
             return
         if self.cfg.recovery.source != "generator":
@@ -284,7 +321,10 @@ class BBKD(APILearner):
             full = self.union_head(feats)  # (B, every API's classes)
             logits = full[:, cols]
             teacher = t[idx].to(self.device)
-            loss = self.kd(logits, teacher, T=cfg.kd.T, teacher_is_probs=self.pool_probs[i])
+            loss = feats.new_zeros(())
+            if cfg.kd.distill:
+                kd = self.kd(logits, teacher, T=cfg.kd.T, teacher_is_probs=self.pool_probs[i])
+                loss = cfg.kd.distill * kd
             if cfg.kd.union_ce:
                 loss = loss + cfg.kd.union_ce * union_ce(
                     full, teacher, cols, cfg.kd.union_ce_min_prob, self.pool_probs[i]
@@ -295,11 +335,10 @@ class BBKD(APILearner):
             correct += int((logits.argmax(1) == teacher.argmax(1)).sum())
             seen += len(idx)
         assert total is not None
-        return total, {
-            "train_acc": 100.0 * correct / max(seen, 1),
-            "api_events": self.n_events,
-            "queries": self.ledger.used,
-        }
+        metrics: dict[str, Any] = {"api_events": self.n_events, "queries": self.ledger.used}
+        if self.uses_answers:  # top-1 agreement with the APIs (no answers, no agreement)
+            metrics["train_acc"] = 100.0 * correct / max(seen, 1)
+        return total, metrics
 
 
 __all__ = ["BBKD", "classifier_of"]

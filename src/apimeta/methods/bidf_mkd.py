@@ -90,6 +90,11 @@ class BiDfMKD(APILearner):
                 raise ConfigError(
                     f"{section}.{key} ({value}) is for bbkd; set it to 0 for bidf-mkd"
                 )
+        if cfg.kd.distill != 1.0:
+            raise ConfigError(
+                f"kd.distill ({cfg.kd.distill}) is for bbkd; bidf-mkd's KD is its bi-level loss, "
+                "leave kd.distill at 1"
+            )
         self.setup_apis()
         self.memory = TaskMemory(
             cfg.memory.mem_batches, cfg.memory.quantize_uint8, device=self.device

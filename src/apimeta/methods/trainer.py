@@ -156,6 +156,7 @@ def check_run_config(cfg: RunConfig) -> None:
             f"memory.interpolate_alpha must be > 0, got {cfg.memory.interpolate_alpha}",
         ),
         (cfg.kd.union_ce >= 0, f"kd.union_ce must be >= 0 (0 = off), got {cfg.kd.union_ce}"),
+        (cfg.kd.distill >= 0, f"kd.distill must be >= 0 (0 = off), got {cfg.kd.distill}"),
         (
             0 <= cfg.kd.union_ce_min_prob < 1,
             f"kd.union_ce_min_prob must be in [0, 1), got {cfg.kd.union_ce_min_prob}",
