@@ -49,6 +49,10 @@ model, no queries), then labelled by the API with one query each and added to it
 with the API's top class as a hard label, on the images where the API's top probability is
 above ``UNION_CE_P`` (default 0): the per-API KD only ever contrasts an API's own classes, this
 contrasts classes of different APIs too (what MAML on the owners' data does).
+``SUPCON=W`` (with ``SSL``): adds W x a supervised contrastive loss (SupCon) on the same two
+views' projections, where two images are also positives when the API puts both in the same
+class with top probability above ``SUPCON_P`` (default 0.8): the APIs' answers shape the
+contrastive geometry, not only the union head.
 """
 
 from __future__ import annotations
@@ -99,6 +103,17 @@ def meta_val(
                 tag = f"{head} lr={lr:g}" + (f" reinit={reinit}" if reinit else "")
                 parts.append(f"{tag}: {res['1-shot']['mean']:.2f}/{res['5-shot']['mean']:.2f}")
     return "  ".join(parts)
+
+
+def supcon(z1: Tensor, z2: Tensor, labels: Tensor, tau: float) -> Tensor:
+    """SupCon (Khosla et al., 2020) on projections (B, D) of two views of B images; ``labels``
+    (B,): images with the same label are positives of each other (a unique label: only the
+    other view), every other view a negative."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    logp = (z @ z.T / tau).fill_diagonal_(float("-inf")).log_softmax(1)
+    lab = torch.cat([labels, labels])
+    pos = (lab[:, None] == lab[None]).fill_diagonal_(False)
+    return -(logp.masked_fill(~pos, 0).sum(1) / pos.sum(1)).mean()
 
 
 def refine(
@@ -222,6 +237,10 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     }
     union_w = float(os.environ.get("UNION_CE", "0"))  # CE over the whole union head
     union_ce_p = float(os.environ.get("UNION_CE_P", "0"))
+    supcon_w = float(os.environ.get("SUPCON", "0"))  # SupCon with the APIs' confident classes
+    supcon_p = float(os.environ.get("SUPCON_P", "0.8"))
+    if supcon_w and (not ssl_w or ssl_fresh):
+        sys.exit("SUPCON needs SSL > 0 on the KD batch (its views, projection and labels)")
     refine_k = os.environ.get("REFINE")  # surrogate-guided candidates (None: off)
     refine_from = int(os.environ.get("REFINE_FROM", "100"))
     refine_every = int(os.environ.get("REFINE_EVERY", "100"))
@@ -255,6 +274,11 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
                 model(torch.cat(views))
                 f1, f2 = proj(feats[-1]).chunk(2)
                 loss = loss + ssl_w * nt_xent(f1, f2, tau=ssl_t)
+                if supcon_w:
+                    p_top, top = pool_t[i][idx].softmax(1).max(1)
+                    unique = torch.arange(len(idx)) + pool_t[i].shape[1]  # only its other view
+                    labels = torch.where(p_top > supcon_p, top, unique)
+                    loss = loss + supcon_w * supcon(f1, f2, labels, ssl_t)
             if union_w:
                 loss = loss + union_w * union_ce(full, pool_t[i][idx], pool_c[i], union_ce_p)
             agree += int((logits.argmax(1) == pool_t[i][idx].argmax(1)).sum())
