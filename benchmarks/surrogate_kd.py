@@ -53,6 +53,9 @@ contrasts classes of different APIs too (what MAML on the owners' data does).
 views' projections, where two images are also positives when the API puts both in the same
 class with top probability above ``SUPCON_P`` (default 0.8): the APIs' answers shape the
 contrastive geometry, not only the union head.
+``KD_STRONG=W`` (with ``SSL``): adds W x the per-API KD on each of the two strong views (the
+API's answer on the plain image as the target; FixMatch-style consistency, no queries), so the
+features of heavily augmented images must still carry the API's class.
 """
 
 from __future__ import annotations
@@ -239,8 +242,9 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     union_ce_p = float(os.environ.get("UNION_CE_P", "0"))
     supcon_w = float(os.environ.get("SUPCON", "0"))  # SupCon with the APIs' confident classes
     supcon_p = float(os.environ.get("SUPCON_P", "0.8"))
-    if supcon_w and (not ssl_w or ssl_fresh):
-        sys.exit("SUPCON needs SSL > 0 on the KD batch (its views, projection and labels)")
+    kd_strong = float(os.environ.get("KD_STRONG", "0"))  # KD on the strong views too
+    if (supcon_w or kd_strong) and (not ssl_w or ssl_fresh):
+        sys.exit("SUPCON / KD_STRONG need SSL > 0 on the KD batch (its views and labels)")
     refine_k = os.environ.get("REFINE")  # surrogate-guided candidates (None: off)
     refine_from = int(os.environ.get("REFINE_FROM", "100"))
     refine_every = int(os.environ.get("REFINE_EVERY", "100"))
@@ -273,6 +277,10 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
                 feats.clear()
                 model(torch.cat(views))
                 f1, f2 = proj(feats[-1]).chunk(2)
+                if kd_strong:
+                    strong = union(feats[-1])[:, pool_c[i]]  # (2B, the API's classes)
+                    target = pool_t[i][idx].repeat(2, 1)
+                    loss = loss + kd_strong * kd_kl(strong, target, T=kd_t)
                 loss = loss + ssl_w * nt_xent(f1, f2, tau=ssl_t)
                 if supcon_w:
                     p_top, top = pool_t[i][idx].softmax(1).max(1)
