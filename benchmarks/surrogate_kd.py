@@ -56,6 +56,9 @@ contrastive geometry, not only the union head.
 ``KD_STRONG=W`` (with ``SSL``): adds W x the per-API KD on each of the two strong views (the
 API's answer on the plain image as the target; FixMatch-style consistency, no queries), so the
 features of heavily augmented images must still carry the API's class.
+``SHALLOW=W``: adds W x the same KD (and union CE, at ``UNION_CE``'s weight) through a second
+union head on the average-pooled output of feature stage 1 (block 1, the one ``reinit=2`` keeps
+on top of block 0), so the APIs' answers reach the blocks meta-test keeps directly.
 """
 
 from __future__ import annotations
@@ -218,6 +221,15 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         torch.manual_seed(derive_seed(seed, "surrogate-kd", "union-head"))
         union = nn.Linear(head.in_features, len(keys))
         proj = nn.Sequential(nn.Linear(head.in_features, 256), nn.ReLU(), nn.Linear(256, 128))
+        shallow_w = float(os.environ.get("SHALLOW", "0"))  # KD through block 1's pooled output
+        convs = [m for m in feature_stages(model)[1].modules() if isinstance(m, nn.Conv2d)]
+        shallow = nn.Linear(convs[-1].out_channels, len(keys))
+    mid: list[Tensor] = []
+    recording = [False]  # block 1's output is kept only in the KD forward (not at meta-val)
+    # on the stage's last module: a Conv4 stage is a slice of `features`, never called itself
+    [*feature_stages(model)[1].modules()][-1].register_forward_hook(
+        lambda m, i, o: mid.append(o) if recording[0] else None
+    )
     ssl_w = float(os.environ.get("SSL", "0"))
     kd_w = float(os.environ.get("KD", "1"))
     kd_t = float(os.environ.get("KD_T", str(cfg.kd.T)))  # KD temperature
@@ -230,6 +242,7 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         stage.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     extra = [*union.parameters(), *(proj.parameters() if ssl_w else ())]
+    extra += [*shallow.parameters()] if shallow_w else []
     opt = torch.optim.Adam([*trainable, *extra], lr=cfg.outer_lr)
     points = sorted({int(v) for v in eval_at.split(",") if v} | {steps})
     reinits = tuple(int(v) for v in os.environ.get("REINIT", "0").split(","))
@@ -261,8 +274,17 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
             i = int(torch.randint(len(pool_x), (1,), generator=g))
             idx = torch.randperm(len(pool_x[i]), generator=g)[:80]
             feats.clear()
+            mid.clear()
+            recording[0] = bool(shallow_w)
             model(crop_flip(pool_x[i][idx], g))
+            recording[0] = False
             full = union(feats[-1])
+            if shallow_w:
+                s_full = shallow(mid[-1].mean((2, 3)))
+                loss = loss + shallow_w * kd_kl(s_full[:, pool_c[i]], pool_t[i][idx], T=kd_t)
+                if union_w:
+                    s_ce = union_ce(s_full, pool_t[i][idx], pool_c[i], union_ce_p)
+                    loss = loss + shallow_w * union_w * s_ce
             logits = full[:, pool_c[i]]
             if all_apis:  # the same images seen by every API: KD to each on its classes
                 kd = [
