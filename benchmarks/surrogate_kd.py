@@ -59,6 +59,9 @@ features of heavily augmented images must still carry the API's class.
 ``SHALLOW=W``: adds W x the same KD (and union CE, at ``UNION_CE``'s weight) through a second
 union head on the average-pooled output of feature stage 1 (block 1, the one ``reinit=2`` keeps
 on top of block 0), so the APIs' answers reach the blocks meta-test keeps directly.
+``KD_FROM=N``: the KD and union CE are off for the first N steps (the contrastive loss alone,
+as in the control ``KD=0 UNION_CE=0``), then on: the APIs' answers on top of a self-supervised
+start, sequential instead of joint.
 """
 
 from __future__ import annotations
@@ -256,6 +259,7 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     supcon_w = float(os.environ.get("SUPCON", "0"))  # SupCon with the APIs' confident classes
     supcon_p = float(os.environ.get("SUPCON_P", "0.8"))
     kd_strong = float(os.environ.get("KD_STRONG", "0"))  # KD on the strong views too
+    kd_from = int(os.environ.get("KD_FROM", "0"))  # the answers' losses start after N steps
     if (supcon_w or kd_strong) and (not ssl_w or ssl_fresh):
         sys.exit("SUPCON / KD_STRONG need SSL > 0 on the KD batch (its views and labels)")
     refine_k = os.environ.get("REFINE")  # surrogate-guided candidates (None: off)
@@ -270,6 +274,7 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     t0, agree, seen = time.time(), 0, 0
     for step in range(1, steps + 1):
         loss = torch.zeros(())
+        on = float(step > kd_from)  # 0: the answers' losses are off (KD_FROM)
         for _ in range(cfg.meta_batch):  # one batch per API, meta_batch APIs per update
             i = int(torch.randint(len(pool_x), (1,), generator=g))
             idx = torch.randperm(len(pool_x[i]), generator=g)[:80]
@@ -290,9 +295,9 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
                 kd = [
                     kd_kl(full[:, c], t[idx], T=kd_t) for c, t in zip(pool_c, pool_t, strict=True)
                 ]
-                loss = loss + kd_w * torch.stack(kd).mean()
+                loss = loss + on * kd_w * torch.stack(kd).mean()
             else:
-                loss = loss + kd_w * kd_kl(logits, pool_t[i][idx], T=kd_t)
+                loss = loss + on * kd_w * kd_kl(logits, pool_t[i][idx], T=kd_t)
             if ssl_w:
                 src = draw_candidates(name, len(idx), size, 3, g) if ssl_fresh else pool_x[i][idx]
                 views = [color_jitter(resized_crop_flip(src, g), g) for _ in "ab"]
@@ -310,7 +315,7 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
                     labels = torch.where(p_top > supcon_p, top, unique)
                     loss = loss + supcon_w * supcon(f1, f2, labels, ssl_t)
             if union_w:
-                loss = loss + union_w * union_ce(full, pool_t[i][idx], pool_c[i], union_ce_p)
+                loss = loss + on * union_w * union_ce(full, pool_t[i][idx], pool_c[i], union_ce_p)
             agree += int((logits.argmax(1) == pool_t[i][idx].argmax(1)).sum())
             seen += len(idx)
         opt.zero_grad()
