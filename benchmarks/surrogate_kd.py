@@ -225,14 +225,13 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         union = nn.Linear(head.in_features, len(keys))
         proj = nn.Sequential(nn.Linear(head.in_features, 256), nn.ReLU(), nn.Linear(256, 128))
         shallow_w = float(os.environ.get("SHALLOW", "0"))  # KD through block 1's pooled output
-        convs = [m for m in feature_stages(model)[1].modules() if isinstance(m, nn.Conv2d)]
-        shallow = nn.Linear(convs[-1].out_channels, len(keys))
+        block1 = [*feature_stages(model)[1].modules()]
+        convs = [m for m in block1 if isinstance(m, nn.Conv2d)]
+        shallow = nn.Linear(convs[-1].out_channels, len(keys)) if shallow_w else None
     mid: list[Tensor] = []
     recording = [False]  # block 1's output is kept only in the KD forward (not at meta-val)
-    # on the stage's last module: a Conv4 stage is a slice of `features`, never called itself
-    [*feature_stages(model)[1].modules()][-1].register_forward_hook(
-        lambda m, i, o: mid.append(o) if recording[0] else None
-    )
+    if shallow is not None:  # on the stage's last module: a Conv4 stage is a slice, never called
+        block1[-1].register_forward_hook(lambda m, i, o: mid.append(o) if recording[0] else None)
     ssl_w = float(os.environ.get("SSL", "0"))
     kd_w = float(os.environ.get("KD", "1"))
     kd_t = float(os.environ.get("KD_T", str(cfg.kd.T)))  # KD temperature
@@ -245,7 +244,7 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         stage.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     extra = [*union.parameters(), *(proj.parameters() if ssl_w else ())]
-    extra += [*shallow.parameters()] if shallow_w else []
+    extra += [*shallow.parameters()] if shallow is not None else []
     opt = torch.optim.Adam([*trainable, *extra], lr=cfg.outer_lr)
     points = sorted({int(v) for v in eval_at.split(",") if v} | {steps})
     reinits = tuple(int(v) for v in os.environ.get("REINIT", "0").split(","))
@@ -284,7 +283,7 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
             model(crop_flip(pool_x[i][idx], g))
             recording[0] = False
             full = union(feats[-1])
-            if shallow_w:
+            if shallow is not None:
                 s_full = shallow(mid[-1].mean((2, 3)))
                 loss = loss + shallow_w * kd_kl(s_full[:, pool_c[i]], pool_t[i][idx], T=kd_t)
                 if union_w:

@@ -91,7 +91,7 @@ def dead_leaves(
     have density ~ r^-3 between 1.5 px and size / 2 (many small shapes, few large)."""
 
     def paint(x: Tensor, mask: Callable[[Tensor], Tensor], r: Tensor, rand: Callable) -> Tensor:
-        return torch.where(mask(r), rand(n, channels, 1, 1), x)
+        return _paint(x, mask(r), rand(n, channels, 1, 1))
 
     return paint_leaves(n, size, channels, generator, shapes, paint)
 

@@ -203,7 +203,6 @@ class BBKD(APILearner):
         )  # fmt: skip
         # the API sees exactly what the pool keeps: uint8 images (a quarter of float32's memory)
         x = x8.to(self.device).float() / 255.0
-        n_cls = api.info.n_classes
         if self.uses_answers:
             try:
                 t = api.query(x)
@@ -212,8 +211,8 @@ class BBKD(APILearner):
                 return
             y = t.argmax(1)  # the grid of the event shows the candidates by the API's verdict
         else:  # the control: never queried; placeholder targets no loss reads, rows in turn
-            t = torch.zeros(x.shape[0], n_cls, device=self.device)
-            y = torch.arange(x.shape[0], device=self.device) % n_cls
+            t = torch.zeros(x.shape[0], api.info.n_classes, device=self.device)
+            y = torch.arange(x.shape[0], device=self.device) % api.info.n_classes
         self._add_to_pool(api, x8, t)
         episode = APIEpisode(
             api=api.info.name, dataset=api.info.dataset, classes=api.info.classes,
@@ -309,7 +308,8 @@ class BBKD(APILearner):
             )
         g = self.rng("batches")
         total: Tensor | None = None
-        correct = seen = 0
+        correct: Tensor | int = 0  # agreement with the APIs, on the device: one sync per update
+        seen = 0
         for _ in range(cfg.meta_batch):
             i = int(torch.randint(len(self.pool_x), (1,), generator=g))
             x, t = self.pool_x[i], self.pool_t[i]
@@ -332,12 +332,13 @@ class BBKD(APILearner):
             if self.projection is not None:
                 loss = loss + cfg.kd.contrastive * self._contrastive(x[idx], g)
             total = loss if total is None else total + loss
-            correct += int((logits.argmax(1) == teacher.argmax(1)).sum())
-            seen += len(idx)
+            if self.uses_answers:  # the control has no answers to agree with
+                correct = correct + (logits.argmax(1) == teacher.argmax(1)).sum()
+                seen += len(idx)
         assert total is not None
         metrics: dict[str, Any] = {"api_events": self.n_events, "queries": self.ledger.used}
         if self.uses_answers:  # top-1 agreement with the APIs (no answers, no agreement)
-            metrics["train_acc"] = 100.0 * correct / max(seen, 1)
+            metrics["train_acc"] = 100.0 * int(correct) / max(seen, 1)
         return total, metrics
 
 
