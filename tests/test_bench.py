@@ -85,6 +85,10 @@ def test_ablations_change_exactly_one_component():
         "distill": 0.0,
         "union_ce": 0.0,
     }
+    colour = to_dict(_resolved("bbkd:colour-leaves-ink"))  # only the views' colour distortion
+    assert {k for k in li if li[k] != colour[k]} == {"kd"}
+    assert {k for k in li["kd"] if li["kd"][k] != colour["kd"][k]} == {"contrastive_colour"}
+    assert colour["kd"]["contrastive_colour"] is True
     kd, kd0 = to_dict(_resolved("bidf-mkd:no-boundary"))["kd"], base["kd"]
     assert {k for k in kd if kd[k] != kd0[k]} == {"adv"}
     mem = _resolved("bidf-mkd:diverse-memory").memory

@@ -146,3 +146,44 @@ def test_resized_crop_flip_is_seeded_bounded_and_full_area_is_identity_or_flip()
     same = (full - x).abs().amax(dim=(1, 2, 3)) < 1e-5
     mirrored = (full - x.flip(3)).abs().amax(dim=(1, 2, 3)) < 1e-5
     assert bool((same | mirrored).all()) and same.any() and mirrored.any()
+
+
+def test_colour_distort_is_seeded_bounded_and_identity_at_zero_strength() -> None:
+    from apimeta.transforms import colour_distort
+
+    a = colour_distort(x(), g(1))
+    assert a.shape == x().shape and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, colour_distort(x(), g(1))) and not torch.equal(
+        a, colour_distort(x(), g(2))
+    )
+    # no saturation change, no hue turn, never grey: the image back (up to YIQ round-off)
+    assert torch.allclose(colour_distort(x(), g(1), 0.0, 0.0, 0.0), x(), atol=1e-5)
+    grey = torch.rand(4, 1, 8, 8)
+    assert colour_distort(grey, g(1)) is grey  # no colour to change
+    with pytest.raises(ValueError, match="RGB or grey"):
+        colour_distort(torch.rand(2, 2, 4, 4), g(1))
+
+
+def test_colour_distort_greys_with_p_keeps_luma_and_turns_hue() -> None:
+    from apimeta.transforms import colour_distort
+
+    imgs = torch.rand(400, 3, 4, 4) * 0.5 + 0.25  # mid-range: no clamping
+    out = colour_distort(imgs, g(3), saturation=0.0, hue=0.0, grey_p=1.0)
+    assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])
+    luma = 0.299 * imgs[:, 0] + 0.587 * imgs[:, 1] + 0.114 * imgs[:, 2]
+    assert torch.allclose(out[:, 0], luma, atol=1e-5)  # grey is the image's luma
+    part = colour_distort(imgs, g(3), saturation=0.0, hue=0.0, grey_p=0.2)
+    greyed = ((part[:, 0] - part[:, 1]).abs().amax(dim=(1, 2)) < 1e-6).float().mean()
+    assert 0.12 < float(greyed) < 0.28  # about one image in five
+    # a pure hue turn keeps each pixel's luma (pale colours: no clamping) and changes colour
+    pale = 0.5 + 0.2 * (imgs - 0.5)
+    turned = colour_distort(pale, g(4), saturation=0.0, hue=0.1, grey_p=0.0)
+    luma_p = 0.299 * pale[:, 0] + 0.587 * pale[:, 1] + 0.114 * pale[:, 2]
+    luma_t = 0.299 * turned[:, 0] + 0.587 * turned[:, 1] + 0.114 * turned[:, 2]
+    assert torch.allclose(luma_t, luma_p, atol=1e-4)
+    assert (turned - pale).abs().amax() > 0.01
+    red = torch.tensor([0.7, 0.3, 0.3]).view(1, 3, 1, 1).expand(64, 3, 1, 1).contiguous()
+    sat = colour_distort(red, g(5), saturation=0.4, hue=0.0, grey_p=0.0)
+    spread = sat.amax(1) - sat.amin(1)  # chroma: scaled by 0.6..1.4 around 0.4
+    assert float(spread.min()) >= 0.4 * 0.6 - 1e-5 and float(spread.max()) <= 0.4 * 1.4 + 1e-5
+    assert float(spread.max() - spread.min()) > 0.2

@@ -115,6 +115,10 @@ class KDConfig:
     # colour changes, and costs no queries
     contrastive: float = 0.0
     contrastive_tau: float = 0.2
+    # extension (needs contrastive > 0): the views also get the rest of SimCLR's colour
+    # distortion (saturation, hue, grey with p 0.2; transforms.colour_distort), not only
+    # brightness and contrast. RGB images only
+    contrastive_colour: bool = False
     # extension (0 = off; bbkd only): weight of a cross-entropy over the *whole* union head with
     # the API's top class as the label, on the images where the API's top probability exceeds
     # union_ce_min_prob; per-API KD only contrasts an API's own classes, this contrasts classes
@@ -554,6 +558,11 @@ del _name, _source
 # row is what the APIs' answers add (BENCHMARKS.md §6)
 ABLATIONS["ssl-leaves-ink"] = merge(
     ABLATIONS["union-leaves-ink"], {"kd": {"distill": 0.0, "union_ce": 0.0}}
+)
+# extension: union-leaves-ink with the rest of SimCLR's colour distortion (saturation, hue,
+# grey) on the contrastive views
+ABLATIONS["colour-leaves-ink"] = merge(
+    ABLATIONS["union-leaves-ink"], {"kd": {"contrastive_colour": True}}
 )
 
 # extensions, NOT data-free: contrastive-leaves / union-leaves with the candidates drawn from a

@@ -113,6 +113,41 @@ def color_jitter(x: Tensor, generator: torch.Generator, strength: float = 0.4) -
     return ((y - mean) * contrast + mean).clamp(0.0, 1.0)
 
 
+#: RGB -> YIQ (luma Y, chroma I and Q); a hue change is a rotation of (I, Q)
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def colour_distort(
+    x: Tensor,
+    generator: torch.Generator,
+    saturation: float = 0.4,
+    hue: float = 0.1,
+    grey_p: float = 0.2,
+) -> Tensor:
+    """The rest of SimCLR's colour distortion, per image: saturation scaled by a factor in
+    [1 - s, 1 + s] (a blend with the image's luma), hue rotated by up to ``hue`` turns (a
+    rotation of the YIQ chroma plane), then luma alone (grey) with probability ``grey_p``.
+    (B, 3, H, W) in [0, 1] -> the same, clamped to [0, 1]; grey images (C = 1) have no colour
+    to change and are returned as they are."""
+    if x.shape[1] == 1:
+        return x
+    if x.shape[1] != 3:
+        raise ValueError(f"colour_distort needs RGB or grey images, got {tuple(x.shape)}")
+    b = x.shape[0]
+    u = torch.rand(3, b, generator=generator, device=generator.device).to(x.device)
+    yiq = _YIQ.to(x.device, x.dtype)
+    luma = torch.einsum("c,bchw->bhw", yiq[0], x).unsqueeze(1)
+    sat = (1 + saturation * (2 * u[0] - 1)).view(b, 1, 1, 1)
+    x = (luma + sat * (x - luma)).clamp(0.0, 1.0)
+    angle = (2 * u[1] - 1) * hue * 2 * math.pi
+    cos, sin = angle.cos().view(b, 1, 1), angle.sin().view(b, 1, 1)
+    y, i, q = torch.einsum("dc,bchw->bdhw", yiq, x).unbind(1)
+    turned = torch.stack([y, i * cos - q * sin, i * sin + q * cos], 1)
+    x = torch.einsum("dc,bchw->bdhw", torch.linalg.inv(yiq), turned).clamp(0.0, 1.0)
+    grey = torch.einsum("c,bchw->bhw", yiq[0], x).unsqueeze(1).expand_as(x)
+    return torch.where((u[2] < grey_p).view(b, 1, 1, 1), grey, x)
+
+
 def cutout(x: Tensor, generator: torch.Generator, frac: float = 0.25) -> Tensor:
     """Zero one random square of side ``frac`` * H per image (it may reach past the border)."""
     b, _, h, w = x.shape

@@ -578,6 +578,20 @@ def test_bbkd_contrastive_term_costs_no_queries_changes_training_and_resumes_exa
         torch.testing.assert_close(v, c["extra"]["projection"][k], rtol=0, atol=0)
 
 
+def test_contrastive_colour_distorts_the_views_only_and_needs_the_contrastive_term(zoo, tmp_path):
+    plain, _ = train(_leaves(zoo, tmp_path / "plain", 1.0))
+    colour, _ = train(_leaves(zoo, tmp_path / "colour", 1.0, contrastive_colour=True))
+    assert colour.ledger.used == plain.ledger.used  # the views are never sent to an API
+    a, b = (load_checkpoint(r.run.last_checkpoint) for r in (plain, colour))
+    for k in ("pool_x", "pool_t"):  # the same candidates and answers: only the views differ
+        for u, v in zip(a["extra"][k], b["extra"][k], strict=True):
+            assert torch.equal(u, v)
+    assert not torch.equal(a["model"]["net.features.0.weight"], b["model"]["net.features.0.weight"])
+    with pytest.raises(ConfigError, match=r"kd\.contrastive_colour .* set kd\.contrastive > 0"):
+        train(_leaves(zoo, tmp_path / "bad", 0.0, contrastive_colour=True))
+    assert not (tmp_path / "bad" / "last.pt").exists()
+
+
 def test_bbkd_union_ce_costs_no_queries_trains_other_apis_columns_and_resumes_exactly(
     zoo, tmp_path
 ):

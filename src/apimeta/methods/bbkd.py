@@ -20,9 +20,11 @@ many mixups of random pairs of its recovered images (:func:`~apimeta.candidates.
 labelled by the API with one query each and join the event's pool entry.
 
 ``kd.contrastive`` > 0 (an extension): each KD batch's images also give two strong views
-(:func:`~apimeta.transforms.resized_crop_flip`, then colour jitter), and a SimCLR loss
-(:func:`~apimeta.losses.nt_xent`) through a 2-layer projection of the features is added with
-that weight. No extra queries; the projection is dropped with the union head.
+(:func:`~apimeta.transforms.resized_crop_flip`, then colour jitter; with
+``kd.contrastive_colour`` also :func:`~apimeta.transforms.colour_distort`: saturation, hue and
+grey), and a SimCLR loss (:func:`~apimeta.losses.nt_xent`) through a 2-layer projection of the
+features is added with that weight. No extra queries; the projection is dropped with the union
+head.
 
 ``kd.union_ce`` > 0 (an extension): adds that weight x :func:`~apimeta.losses.union_ce`, a
 cross-entropy over the *whole* union head with the API's top class as the label, on the images
@@ -54,7 +56,14 @@ from apimeta.maml import named_params
 from apimeta.methods.api_learner import APILearner
 from apimeta.methods.interface import METHODS
 from apimeta.seeding import derive_seed
-from apimeta.transforms import color_jitter, crop_flip, resize, resized_crop_flip, to_uint8
+from apimeta.transforms import (
+    color_jitter,
+    colour_distort,
+    crop_flip,
+    resize,
+    resized_crop_flip,
+    to_uint8,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +90,8 @@ class BBKD(APILearner):
     name = "bbkd"
     ablations = (
         "dead-leaves", "contrastive-leaves", "union-leaves", "mixup-recovery",
-        "union-strokes", "union-ink", "union-leaves-ink", "ssl-leaves-ink", "public-contrastive",
-        "public-union",
+        "union-strokes", "union-ink", "union-leaves-ink", "ssl-leaves-ink", "colour-leaves-ink",
+        "public-contrastive", "public-union",
     )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
 
@@ -293,6 +302,8 @@ class BBKD(APILearner):
         assert self.projection is not None
         xf = (x.float() / 255.0 if x.dtype == torch.uint8 else x).to(self.device)
         views = [color_jitter(resized_crop_flip(xf, g), g) for _ in range(2)]
+        if self.cfg.kd.contrastive_colour:
+            views = [colour_distort(v, g) for v in views]
         feats = self._features(resize(torch.cat(views), self.cfg.image_size))
         z1, z2 = self.projection(feats).chunk(2)
         return nt_xent(z1, z2, self.cfg.kd.contrastive_tau)

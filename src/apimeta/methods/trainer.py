@@ -138,6 +138,10 @@ def check_run_config(cfg: RunConfig) -> None:
             f"kd.contrastive_tau must be > 0, got {cfg.kd.contrastive_tau}",
         ),
         (
+            not cfg.kd.contrastive_colour or cfg.kd.contrastive > 0,
+            "kd.contrastive_colour distorts the contrastive views: set kd.contrastive > 0 too",
+        ),
+        (
             cfg.recovery.source != FOLDER or bool(cfg.recovery.folder),
             f"recovery.source {FOLDER} needs a folder of unlabelled images: "
             "--set recovery.folder=PATH",
