@@ -62,6 +62,14 @@ on top of block 0), so the APIs' answers reach the blocks meta-test keeps direct
 ``KD_FROM=N``: the KD and union CE are off for the first N steps (the contrastive loss alone,
 as in the control ``KD=0 UNION_CE=0``), then on: the APIs' answers on top of a self-supervised
 start, sequential instead of joint.
+``SSL_COLOR=1``: SimCLR's full colour distortion on the contrastive views: after the
+brightness / contrast jitter, saturation x U(0.6, 1.4), a hue rotation of U(-0.1, 0.1) turns
+(in YIQ) and grey with p 0.2 (``transforms.colour_distort``, the library's
+``kd.contrastive_colour``).
+``SSL_BIG=1``: one NT-Xent over the views of all ``meta_batch`` batches of an update (4 x 80
+images: negatives from every API's candidates) instead of one per batch of 80.
+``ROT=W``: adds W x a rotation prediction loss (RotNet: each KD batch image turned by 0, 90, 180
+or 270 degrees at random, a 4-way head on the features predicts which; no queries).
 """
 
 from __future__ import annotations
@@ -86,7 +94,7 @@ from apimeta.models.meta import load_init, load_run_datasets
 from apimeta.models.stages import feature_stages
 from apimeta.run_config import RunConfig, base_config
 from apimeta.seeding import derive_seed
-from apimeta.transforms import color_jitter, crop_flip, resized_crop_flip
+from apimeta.transforms import color_jitter, colour_distort, crop_flip, resized_crop_flip
 
 
 def screen_config(seed: int, zoo: str) -> RunConfig:
@@ -228,6 +236,8 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         block1 = [*feature_stages(model)[1].modules()]
         convs = [m for m in block1 if isinstance(m, nn.Conv2d)]
         shallow = nn.Linear(convs[-1].out_channels, len(keys)) if shallow_w else None
+        rot_w = float(os.environ.get("ROT", "0"))  # rotation prediction (RotNet)
+        rot_head = nn.Linear(head.in_features, 4) if rot_w else None
     mid: list[Tensor] = []
     recording = [False]  # block 1's output is kept only in the KD forward (not at meta-val)
     if shallow is not None:  # on the stage's last module: a Conv4 stage is a slice, never called
@@ -245,6 +255,7 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     trainable = [p for p in model.parameters() if p.requires_grad]
     extra = [*union.parameters(), *(proj.parameters() if ssl_w else ())]
     extra += [*shallow.parameters()] if shallow is not None else []
+    extra += [*rot_head.parameters()] if rot_head is not None else []
     opt = torch.optim.Adam([*trainable, *extra], lr=cfg.outer_lr)
     points = sorted({int(v) for v in eval_at.split(",") if v} | {steps})
     reinits = tuple(int(v) for v in os.environ.get("REINIT", "0").split(","))
@@ -259,6 +270,15 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     supcon_p = float(os.environ.get("SUPCON_P", "0.8"))
     kd_strong = float(os.environ.get("KD_STRONG", "0"))  # KD on the strong views too
     kd_from = int(os.environ.get("KD_FROM", "0"))  # the answers' losses start after N steps
+    ssl_colour = os.environ.get("SSL_COLOR", "0") == "1"  # SimCLR's full colour distortion
+    ssl_big = os.environ.get("SSL_BIG", "0") == "1"  # one NT-Xent over the whole update
+    if ssl_big and (supcon_w or kd_strong or not ssl_w):
+        sys.exit("SSL_BIG needs SSL > 0 and neither SUPCON nor KD_STRONG")
+
+    def views_of(src: Tensor) -> list[Tensor]:
+        out = [color_jitter(resized_crop_flip(src, g), g) for _ in "ab"]
+        return [colour_distort(v, g) for v in out] if ssl_colour else out
+
     if (supcon_w or kd_strong) and (not ssl_w or ssl_fresh):
         sys.exit("SUPCON / KD_STRONG need SSL > 0 on the KD batch (its views and labels)")
     refine_k = os.environ.get("REFINE")  # surrogate-guided candidates (None: off)
@@ -273,6 +293,7 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     t0, agree, seen = time.time(), 0, 0
     for step in range(1, steps + 1):
         loss = torch.zeros(())
+        big: list[Tensor] = []  # SSL_BIG: every batch's contrastive images of this update
         on = float(step > kd_from)  # 0: the answers' losses are off (KD_FROM)
         for _ in range(cfg.meta_batch):  # one batch per API, meta_batch APIs per update
             i = int(torch.randint(len(pool_x), (1,), generator=g))
@@ -297,9 +318,13 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
                 loss = loss + on * kd_w * torch.stack(kd).mean()
             else:
                 loss = loss + on * kd_w * kd_kl(logits, pool_t[i][idx], T=kd_t)
-            if ssl_w:
+            if ssl_w and ssl_big:
+                big.append(
+                    draw_candidates(name, len(idx), size, 3, g) if ssl_fresh else pool_x[i][idx]
+                )
+            elif ssl_w:
                 src = draw_candidates(name, len(idx), size, 3, g) if ssl_fresh else pool_x[i][idx]
-                views = [color_jitter(resized_crop_flip(src, g), g) for _ in "ab"]
+                views = views_of(src)
                 feats.clear()
                 model(torch.cat(views))
                 f1, f2 = proj(feats[-1]).chunk(2)
@@ -313,10 +338,23 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
                     unique = torch.arange(len(idx)) + pool_t[i].shape[1]  # only its other view
                     labels = torch.where(p_top > supcon_p, top, unique)
                     loss = loss + supcon_w * supcon(f1, f2, labels, ssl_t)
+            if rot_head is not None:
+                k = torch.randint(4, (len(idx),), generator=g)
+                xr = pool_x[i][idx]
+                turns = torch.stack([torch.rot90(xr, r, (2, 3)) for r in range(4)])
+                turned = turns[k, torch.arange(len(idx))]  # (B, C, H, W), image b turned k[b]
+                feats.clear()
+                model(crop_flip(turned, g))
+                loss = loss + rot_w * F.cross_entropy(rot_head(feats[-1]), k)
             if union_w:
                 loss = loss + on * union_w * union_ce(full, pool_t[i][idx], pool_c[i], union_ce_p)
             agree += int((logits.argmax(1) == pool_t[i][idx].argmax(1)).sum())
             seen += len(idx)
+        if big:  # SSL_BIG: one contrastive loss over all of this update's images
+            feats.clear()
+            model(torch.cat(views_of(torch.cat(big))))
+            f1, f2 = proj(feats[-1]).chunk(2)
+            loss = loss + cfg.meta_batch * ssl_w * nt_xent(f1, f2, tau=ssl_t)
         opt.zero_grad()
         loss.backward()
         opt.step()
