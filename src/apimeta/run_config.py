@@ -117,7 +117,7 @@ class KDConfig:
     contrastive_tau: float = 0.2
     # extension (needs contrastive > 0): the views also get the rest of SimCLR's colour
     # distortion (saturation, hue, grey with p 0.2; transforms.colour_distort), not only
-    # brightness and contrast. RGB images only
+    # brightness and contrast (grey images pass unchanged)
     contrastive_colour: bool = False
     # extension (0 = off; bbkd only): weight of a cross-entropy over the *whole* union head with
     # the API's top class as the label, on the images where the API's top probability exceeds
