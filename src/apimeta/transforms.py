@@ -115,6 +115,7 @@ def color_jitter(x: Tensor, generator: torch.Generator, strength: float = 0.4) -
 
 #: RGB -> YIQ (luma Y, chroma I and Q); a hue change is a rotation of (I, Q)
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_RGB = torch.linalg.inv(_YIQ)  # YIQ -> RGB
 
 
 def colour_distort(
@@ -143,7 +144,7 @@ def colour_distort(
     cos, sin = angle.cos().view(b, 1, 1), angle.sin().view(b, 1, 1)
     y, i, q = torch.einsum("dc,bchw->bdhw", yiq, x).unbind(1)
     turned = torch.stack([y, i * cos - q * sin, i * sin + q * cos], 1)
-    x = torch.einsum("dc,bchw->bdhw", torch.linalg.inv(yiq), turned).clamp(0.0, 1.0)
+    x = torch.einsum("dc,bchw->bdhw", _RGB.to(x.device, x.dtype), turned).clamp(0.0, 1.0)
     grey = torch.einsum("c,bchw->bhw", yiq[0], x).unsqueeze(1).expand_as(x)
     return torch.where((u[2] < grey_p).view(b, 1, 1, 1), grey, x)
 
