@@ -318,12 +318,11 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
                 loss = loss + on * kd_w * torch.stack(kd).mean()
             else:
                 loss = loss + on * kd_w * kd_kl(logits, pool_t[i][idx], T=kd_t)
-            if ssl_w and ssl_big:
-                big.append(
-                    draw_candidates(name, len(idx), size, 3, g) if ssl_fresh else pool_x[i][idx]
-                )
-            elif ssl_w:
+            if ssl_w:  # the contrastive images: the KD batch's, or fresh ones (SSL_FRESH)
                 src = draw_candidates(name, len(idx), size, 3, g) if ssl_fresh else pool_x[i][idx]
+            if ssl_w and ssl_big:
+                big.append(src)
+            elif ssl_w:
                 views = views_of(src)
                 feats.clear()
                 model(torch.cat(views))

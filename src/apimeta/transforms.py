@@ -118,6 +118,11 @@ _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.
 _RGB = torch.linalg.inv(_YIQ)  # YIQ -> RGB
 
 
+def _luma(x: Tensor) -> Tensor:
+    """(B, 3, H, W) RGB -> (B, 1, H, W) luma (YIQ's Y)."""
+    return torch.einsum("c,bchw->bhw", _YIQ[0].to(x.device, x.dtype), x).unsqueeze(1)
+
+
 def colour_distort(
     x: Tensor,
     generator: torch.Generator,
@@ -137,7 +142,7 @@ def colour_distort(
     b = x.shape[0]
     u = torch.rand(3, b, generator=generator, device=generator.device).to(x.device)
     yiq = _YIQ.to(x.device, x.dtype)
-    luma = torch.einsum("c,bchw->bhw", yiq[0], x).unsqueeze(1)
+    luma = _luma(x)
     sat = (1 + saturation * (2 * u[0] - 1)).view(b, 1, 1, 1)
     x = (luma + sat * (x - luma)).clamp(0.0, 1.0)
     angle = (2 * u[1] - 1) * hue * 2 * math.pi
@@ -145,7 +150,7 @@ def colour_distort(
     y, i, q = torch.einsum("dc,bchw->bdhw", yiq, x).unbind(1)
     turned = torch.stack([y, i * cos - q * sin, i * sin + q * cos], 1)
     x = torch.einsum("dc,bchw->bdhw", _RGB.to(x.device, x.dtype), turned).clamp(0.0, 1.0)
-    grey = torch.einsum("c,bchw->bhw", yiq[0], x).unsqueeze(1).expand_as(x)
+    grey = _luma(x).expand_as(x)
     return torch.where((u[2] < grey_p).view(b, 1, 1, 1), grey, x)
 
 
