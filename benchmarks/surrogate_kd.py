@@ -66,6 +66,10 @@ start, sequential instead of joint.
 brightness / contrast jitter, saturation x U(0.6, 1.4), a hue rotation of U(-0.1, 0.1) turns
 (in YIQ) and grey with p 0.2 (``transforms.colour_distort``, the library's
 ``kd.contrastive_colour``).
+``SSL_MIN_AREA`` (0.25), ``SSL_JITTER`` (0.4), ``SSL_SAT`` (0.4), ``SSL_HUE`` (0.1),
+``SSL_GREY`` (0.2): the contrastive views' strengths (the crop's smallest area, the brightness /
+contrast jitter, and with ``SSL_COLOR`` the saturation, hue and grey of ``colour_distort``);
+the defaults are the library's.
 ``SSL_BIG=1``: one NT-Xent over the views of all ``meta_batch`` batches of an update (4 x 80
 images: negatives from every API's candidates) instead of one per batch of 80.
 ``ROT=W``: adds W x a rotation prediction loss (RotNet: each KD batch image turned by 0, 90, 180
@@ -275,9 +279,19 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     if ssl_big and (supcon_w or kd_strong or not ssl_w):
         sys.exit("SSL_BIG needs SSL > 0 and neither SUPCON nor KD_STRONG")
 
+    # the views' strengths (SSL_MIN_AREA, SSL_JITTER, SSL_SAT, SSL_HUE, SSL_GREY; the library's)
+    min_area = float(os.environ.get("SSL_MIN_AREA", "0.25"))
+    jitter = float(os.environ.get("SSL_JITTER", "0.4"))
+    sat, hue, grey_p = (
+        float(os.environ.get(k, d))
+        for k, d in (("SSL_SAT", "0.4"), ("SSL_HUE", "0.1"), ("SSL_GREY", "0.2"))
+    )
+
     def views_of(src: Tensor) -> list[Tensor]:
-        out = [color_jitter(resized_crop_flip(src, g), g) for _ in "ab"]
-        return [colour_distort(v, g) for v in out] if ssl_colour else out
+        out = [color_jitter(resized_crop_flip(src, g, min_area), g, jitter) for _ in "ab"]
+        if not ssl_colour:
+            return out
+        return [colour_distort(v, g, sat, hue, grey_p) for v in out]
 
     if (supcon_w or kd_strong) and (not ssl_w or ssl_fresh):
         sys.exit("SUPCON / KD_STRONG need SSL > 0 on the KD batch (its views and labels)")
