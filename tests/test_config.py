@@ -231,13 +231,17 @@ def test_eval_protocol_values_are_checked(overrides: list[str], match: str) -> N
 
 
 def test_a_method_variant_enters_below_direct_options_and_sets() -> None:
-    """The cpu preset names ``bbkd:union-leaves-ink``: its changes sit above the preset and
+    """The cpu preset names ``bbkd:colour-leaves-ink``: its changes sit above the preset and
     below --method / direct options / --set; the resolved config names the plain method."""
     from apimeta.bench import variants
 
     cfg = resolve_config(preset="cpu")
     assert (cfg.method, cfg.recovery.source, cfg.kd.contrastive) == ("bbkd", "leaves-ink", 1.0)
-    assert (cfg.kd.union_ce, cfg.kd.union_ce_min_prob) == (1.0, 0.8)
+    assert (cfg.kd.union_ce, cfg.kd.union_ce_min_prob, cfg.kd.contrastive_colour) == (
+        1.0,
+        0.8,
+        True,
+    )
     assert (cfg.episodes, cfg.query_budget, cfg.eval.reinit) == (4000, 50_000, 2)
     assert cfg.zo.q == 10  # the preset's keys the variant leaves alone
     cfg = resolve_config(preset="cpu", direct={"query_budget": 7}, sets=["eval.reinit=1"])
@@ -249,13 +253,14 @@ def test_a_method_variant_enters_below_direct_options_and_sets() -> None:
         "generator",
     )
     assert paper.query_budget == 5_000_000 and paper.episodes == 8000
+    assert paper.kd.contrastive_colour is False
     named = resolve_config(direct={"method": "bbkd:dead-leaves"})
     assert (named.method, named.recovery.source, named.kd.contrastive) == (
         "bbkd",
         "dead-leaves",
         0.0,
     )
-    assert resolve_config(preset="cpu", expand=False).method == "bbkd:union-leaves-ink"
+    assert resolve_config(preset="cpu", expand=False).method == "bbkd:colour-leaves-ink"
     with pytest.raises(ConfigError, match="no extension named 'nope'"):
         resolve_config(direct={"method": "bbkd:nope"})
     # with the bench's table, a variant must be one its method declares

@@ -430,7 +430,7 @@ def resolve_named(
     ablation flags <- --set (last wins). ``direct`` values of None mean "not given";
     ``ablations`` may set None.
 
-    A method named ``METHOD:NAME`` (e.g. the ``cpu`` preset's ``bbkd:union-leaves-ink``) is a
+    A method named ``METHOD:NAME`` (e.g. the ``cpu`` preset's ``bbkd:colour-leaves-ink``) is a
     variant: its config changes (:func:`split_variant`) enter just below the direct options, so
     ``--query-budget`` or ``--set`` still win and ``--method bidf-mkd`` drops them all; the
     resolved config names the plain method. ``expand=False`` keeps the name as it is (the shared

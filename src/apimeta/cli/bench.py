@@ -41,8 +41,8 @@ def bench_cmd(
         help="NAME=ZOO:DATASET[,DATASET] (repeatable), e.g. SS=runs/zoos/emoji-conv4:emoji.",
     ),
     methods: str = typer.Option(
-        "random,maml-real,maml-zoo,bbkd,bbkd:contrastive-leaves,bbkd:union-leaves-ink,bidf-mkd,"
-        "bidf-mkd:no-boundary,bidf-mkd:no-memory,bidf-mkd:white-box",
+        "random,maml-real,maml-zoo,bbkd,bbkd:contrastive-leaves,bbkd:union-leaves-ink,"
+        "bbkd:colour-leaves-ink,bidf-mkd,bidf-mkd:no-boundary,bidf-mkd:no-memory,bidf-mkd:white-box",
         "--methods",
         help="Comma-separated method variants (rows of the table): " + ", ".join(_variants()) + ".",
     ),
@@ -92,7 +92,7 @@ def bench_cmd(
     bidf-mkd:diverse-pixels (recovery.diversity in features or pixels) and bidf-mkd:large-inner-lr
     (inner_lr=0.1) are default-off extensions.
 
-    A row's config: the preset, then the variant's own changes (bbkd:union-leaves-ink, the cpu
+    A row's config: the preset, then the variant's own changes (bbkd:colour-leaves-ink, the cpu
     preset's method, brings 1,000 updates and a 50 k budget), then every --set, then the
     scenario's zoo and datasets.
 
