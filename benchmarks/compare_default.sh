@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The default (`bbkd:union-leaves-ink`, the cpu preset's method) and its control without the
-# APIs' answers (`bbkd:ssl-leaves-ink`: the same images, never queried) and the candidate
-# `bbkd:colour-leaves-ink` (the contrastive views colour-distorted) against random init, the
+# The default (`bbkd:colour-leaves-ink`, the cpu preset's method), the former default
+# (`bbkd:union-leaves-ink`: the same without the views' colour distortion) and its control without
+# the APIs' answers (`bbkd:ssl-leaves-ink`: the same images, never queried) against random init, the
 # paper's BiDf-MKD, plain bbkd and the zoo oracle (maml-zoo) in one scenario, 3 training seeds,
 # 300 shared meta-test tasks, the fine-tuning protocol chosen on meta-val per run and shot from
 # lr 0.1 x head {learned, random} x reinit {0, 2} (BENCHMARKS.md §6). Every row in one --out, so
