@@ -66,6 +66,9 @@ def test_bench_table_reuses_finished_runs(tmp_path):
     table = (tmp_path / "b" / "results.md").read_text()
     assert "| method | SS 1-shot | SS 5-shot |" in table
     assert "| bidf-mkd |" in table and "| random |" in table
+    # the first table's protocol is each run's own: said, and no tuned section promised
+    assert "meta-tested with its own run config's protocol" in table
+    assert "the section below tunes every row" not in table
     first = (tmp_path / "b" / "SS" / "bidf-mkd" / "eval.json").stat().st_mtime_ns
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -236,6 +239,7 @@ def test_bench_tune_chooses_the_protocol_on_meta_val_and_caches_it(tmp_path, mon
     assert res.exit_code == 0, res.output
     table = (tmp_path / "b" / "results.md").read_text()
     assert "## Fine-tuning protocol chosen on meta-val" in table
+    assert "rows may differ in protocol here; the section below tunes every row" in table
     assert "lr in {0.01, 0.5}, head in {learned, ncc}" in table
     assert "--tune lr=0.01,0.5 --tune head=learned,ncc" in table
     caches = sorted((tmp_path / "b").rglob("tuned.json"))

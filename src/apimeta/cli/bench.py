@@ -190,7 +190,11 @@ def bench_cmd(
             + comparison_table(shown, names_s, shot_list)
             + "\n"
             + legend
-            + "Queries / events / time per scenario.\n\n"
+            + "Queries / events / time per scenario. Each row is meta-tested with its own run "
+            "config's protocol (a config holding a grid, `eval.tune`, with the one its meta-val "
+            "chooses), so rows may differ in protocol here"
+            + ("; the section below tunes every row on one grid" if grid else "")
+            + ".\n\n"
             + (paired + "\n" if paired else "")
             + "## Per dataset\n\n"
             + per_dataset_table(rows, shot_list)
