@@ -1,0 +1,70 @@
+"""Tune finished bench runs again on another protocol grid, without retraining or touching them.
+
+    python benchmarks/retune.py OUT --shots 5 --tune steps=10,25,50 --tune head=learned,random \
+        [--workers 2] NAME=ROW_DIR [NAME=ROW_DIR ...]
+
+Each ROW_DIR is a row of an ``apimeta bench --out`` directory holding ``seed-N/eval.json`` (e.g.
+``runs/ctl/SS/bbkd-colour-leaves-ink``; random init: ``runs/ctl/random-emoji``). Every seed's
+init is tuned with :func:`apimeta.bench.tune_init` (the grid chosen per shot on meta-val, then
+the winner meta-tested on the run's shared task list) and the answer cached in
+``OUT/NAME/seed-N/tuned.json``, the layout ``benchmarks/paired_rows.py`` reads:
+
+    python benchmarks/paired_rows.py default=OUT/default random=OUT/random zoo=OUT/zoo
+
+A finished answer is reused, so a killed retune resumes. One torch thread per worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apimeta.bench import tune_init, with_defaults
+from apimeta.config import from_dict
+from apimeta.evaluate import parse_grid
+from apimeta.run_config import RunConfig
+
+
+def retune(run: str, cache: str, grid: dict[str, list[Any]], shots: list[int]) -> str:
+    """Tune one seed's run (``run``: its directory) into ``cache``; returns ``cache``."""
+    torch.set_num_threads(1)
+    row = json.loads((Path(run) / "eval.json").read_text())
+    cfg = from_dict(RunConfig, with_defaults(row["config"]))
+    ckpt = Path(row["checkpoint"]) if row.get("checkpoint") else None
+    tune_init(cfg, ckpt, grid, shots, row["tasks"], cache=Path(cache))
+    return cache
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("rows", nargs="+", help="NAME=ROW_DIR")
+    p.add_argument("--shots", default="1,5")
+    p.add_argument("--tune", action="append", required=True)
+    p.add_argument("--workers", type=int, default=1)
+    a = p.parse_args()
+    grid = parse_grid(a.tune)
+    shots = [int(s) for s in a.shots.split(",")]
+    jobs = []
+    for spec in a.rows:
+        name, _, d = spec.partition("=")
+        seeds = sorted(Path(d).glob("seed-*/eval.json"))
+        if not name or not seeds:
+            raise SystemExit(f"{spec}: expected NAME=ROW_DIR with seed-*/eval.json")
+        for f in seeds:
+            jobs.append((str(f.parent), str(a.out / name / f.parent.name / "tuned.json")))
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(a.workers, mp_context=ctx) as pool:
+        futures = [pool.submit(retune, run, cache, grid, shots) for run, cache in jobs]
+        for fut in futures:
+            print("done", fut.result(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
