@@ -129,6 +129,11 @@ class KDConfig:
     # 0 with union_ce 0 uses none of the APIs' answers: the candidates are drawn as usual (as
     # many as query_budget would label) but never queried, a control for what the APIs add
     distill: float = 1.0
+    # extension (empty = off; bbkd on a procedural source only): datasets or API names whose
+    # APIs are never queried; their candidates are drawn as a labelled run draws them and teach
+    # through kd.contrastive alone (the control, for those APIs only). For a zoo where some APIs'
+    # answers on the candidates hurt (API-MH's kanji APIs, BENCHMARKS.md §6); choose on meta-val
+    unanswered: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -703,3 +703,70 @@ def test_bbkd_without_the_apis_answers_queries_nothing_and_draws_the_labelled_ru
         train(tiny_cfg(zoo, tmp_path / "d", kd=KDConfig(adv_start=1, distill=0.0)))
     for out in "nmgd":
         assert not (tmp_path / out / "last.pt").exists()
+
+
+def test_bbkd_unanswered_apis_are_never_queried_and_teach_through_the_contrastive_loss(
+    zoo, tmp_path
+):
+    """kd.unanswered: the named APIs' events draw the labelled run's candidates but never query
+    them (the budget counts them as labelled), the others train as usual; naming every API is
+    the control exactly; it resumes exactly; bad names and settings are refused."""
+    budget = 3 * 7
+    base = dict(contrastive=1.0, episodes=8)
+
+    def run(out, **kd):
+        return train(
+            dataclasses.replace(_leaves(zoo, tmp_path / out, **base, **kd), query_budget=budget)
+        )
+
+    labelled, _ = run("a")
+    events = [r for r in labelled.run.read_metrics() if r.get("phase") == "event"]
+    silent = events[0]["api"]
+    assert any(e["api"] != silent for e in events), "the tiny run must meet two APIs"
+    mixed, _ = run("m", unanswered=[silent])
+    got = [r for r in mixed.run.read_metrics() if r.get("phase") == "event"]
+    assert [e["api"] for e in got] == [e["api"] for e in events]
+    assert [e["labelled"] for e in got] == [e["api"] != silent for e in events]
+    assert mixed.pool_answered == [e["api"] != silent for e in events]
+    assert mixed.ledger.used == 7 * sum(e["api"] != silent for e in events)
+    for a, b in zip(labelled.pool_x, mixed.pool_x, strict=True):
+        assert torch.equal(a, b)  # the same candidates, some unlabelled
+    control, _ = run("c", distill=0.0)
+    w = "net.features.0.weight"
+    a, m, c = (
+        load_checkpoint(r.run.last_checkpoint)["model"][w] for r in (labelled, mixed, control)
+    )
+    assert not torch.equal(m, a) and not torch.equal(m, c)
+    # every API unanswered (by dataset name) is the control, weight for weight
+    every, _ = run("e", unanswered=["synthetic"])
+    assert every.ledger.used == 0 and every.n_events == control.n_events
+    e = load_checkpoint(every.run.last_checkpoint)["model"]
+    for k, v in load_checkpoint(control.run.last_checkpoint)["model"].items():
+        torch.testing.assert_close(e[k], v, rtol=0, atol=0)
+    # interrupted and resumed: the same weights
+    part = dataclasses.replace(
+        _leaves(zoo, tmp_path / "p", **base, unanswered=[silent]), query_budget=budget
+    )
+    train(dataclasses.replace(part, episodes=4))
+    resumed, _ = train(part, resume=True)
+    assert resumed.pool_answered == mixed.pool_answered
+    torch.testing.assert_close(
+        load_checkpoint(resumed.run.last_checkpoint)["model"][w], m, rtol=0, atol=0
+    )
+    with pytest.raises(ConfigError, match=r"kd\.unanswered: nope is neither a dataset nor an API"):
+        run("x", unanswered=["nope"])
+    with pytest.raises(ConfigError, match=r"kd\.unanswered needs kd\.contrastive > 0"):
+        train(_leaves(zoo, tmp_path / "y", 0.0, unanswered=[silent]))
+    with pytest.raises(ConfigError, match=r"kd\.unanswered needs a procedural recovery\.source"):
+        train(
+            tiny_cfg(
+                zoo,
+                tmp_path / "g",
+                method="bbkd",
+                kd=KDConfig(contrastive=1.0, unanswered=[silent]),
+            )
+        )
+    with pytest.raises(ConfigError, match=r"kd\.unanswered \(.*\) is for bbkd"):
+        train(tiny_cfg(zoo, tmp_path / "d", kd=KDConfig(adv_start=1, unanswered=[silent])))
+    for out in "xygd":
+        assert not (tmp_path / out / "last.pt").exists()

@@ -35,6 +35,10 @@ API's own classes; this contrasts classes of different APIs as well. No extra qu
 none of the APIs' answers: a procedural source's candidates are drawn exactly as a labelled run
 draws them (as many as ``query_budget`` would label, the same images) but never queried, and the
 model learns from ``kd.contrastive`` alone — the control that says what the APIs' answers add.
+``kd.unanswered`` (datasets or API names) makes that control for some APIs only: their
+candidates are drawn but never queried and teach through ``kd.contrastive`` alone, while the
+other APIs' answers train as usual; the budget counts their candidates as if labelled, so a run
+draws the same number of candidates either way.
 """
 
 from __future__ import annotations
@@ -125,6 +129,7 @@ class BBKD(APILearner):
                 "kd.distill=0 and kd.union_ce=0: the APIs are never queried; the model learns "
                 "from kd.contrastive on the candidates alone (a control, not a learner from APIs)"
             )
+        self.unanswered = self._unanswered_apis()
         keys = sorted({(a.info.dataset, int(c)) for a in self.apis for c in a.info.classes})
         self.column = {k: i for i, k in enumerate(keys)}
         head = classifier_of(self.model)
@@ -153,6 +158,7 @@ class BBKD(APILearner):
         self.pool_t: list[Tensor] = []
         self.pool_cols: list[Tensor] = []
         self.pool_probs: list[bool] = []
+        self.pool_answered: list[bool] = []  # False: drawn, never queried (no KD targets)
         self.budget_exhausted = False
         self.n_events = 0
 
@@ -165,6 +171,7 @@ class BBKD(APILearner):
             "pool_t": list(self.pool_t),
             "pool_cols": list(self.pool_cols),
             "pool_probs": list(self.pool_probs),
+            "pool_answered": list(self.pool_answered),
             "budget_exhausted": self.budget_exhausted,
             "n_events": self.n_events,
         }
@@ -178,8 +185,46 @@ class BBKD(APILearner):
         self.pool_t = list(state["pool_t"])
         self.pool_cols = list(state["pool_cols"])
         self.pool_probs = [bool(b) for b in state["pool_probs"]]
+        # checkpoints from before kd.unanswered: every entry answered as the run did
+        answered = state.get("pool_answered", [self.uses_answers] * len(self.pool_x))
+        self.pool_answered = [bool(b) for b in answered]
         self.budget_exhausted = bool(state["budget_exhausted"])
         self.n_events = int(state["n_events"])
+
+    def _unanswered_apis(self) -> frozenset[str]:
+        """The names of the APIs ``kd.unanswered`` (datasets or API names) leaves unqueried."""
+        cfg = self.cfg
+        wanted = list(cfg.kd.unanswered)
+        if not wanted:
+            return frozenset()
+        datasets = sorted({a.info.dataset for a in self.apis})
+        known = set(datasets) | {a.info.name for a in self.apis}
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise ConfigError(
+                f"kd.unanswered: {', '.join(unknown)} is neither a dataset nor an API of this "
+                f"zoo; its datasets are {', '.join(datasets)} (or name APIs, e.g. "
+                f"{self.apis[0].info.name})"
+            )
+        if cfg.recovery.source == "generator":
+            raise ConfigError(
+                "kd.unanswered needs a procedural recovery.source (e.g. leaves-ink): generator "
+                "recovery needs every API's answers"
+            )
+        if not cfg.kd.contrastive:
+            raise ConfigError(
+                "kd.unanswered needs kd.contrastive > 0: the unanswered APIs' candidates teach "
+                "through it alone"
+            )
+        names = frozenset(
+            a.info.name for a in self.apis if a.info.name in wanted or a.info.dataset in wanted
+        )
+        log.info("kd.unanswered: %d of %d APIs are never queried", len(names), len(self.apis))
+        return names
+
+    def _answered(self, api: BlackBoxAPI) -> bool:
+        """Whether this API's answers are used (it is queried) at its events."""
+        return self.uses_answers and api.info.name not in self.unanswered
 
     def should_stop(self) -> bool:
         return self.budget_exhausted and self.cfg.on_budget_exhausted == "stop"
@@ -192,12 +237,13 @@ class BBKD(APILearner):
             return rc.candidates
         return 2 * (self.recovery_cost(api) + rc.per_class * api.info.n_classes) + rc.mixups
 
-    def _add_to_pool(self, api: BlackBoxAPI, x: Tensor, t: Tensor) -> None:
+    def _add_to_pool(self, api: BlackBoxAPI, x: Tensor, t: Tensor, answered: bool = True) -> None:
         cols = torch.tensor([self.column[(api.info.dataset, int(c))] for c in api.info.classes])
         self.pool_x.append(x.cpu())
         self.pool_t.append(t.cpu())
         self.pool_cols.append(cols)
         self.pool_probs.append(output_kind(api.info.output) != "logits")
+        self.pool_answered.append(answered)
         self.n_events += 1
 
     def _candidate_event(self, api: BlackBoxAPI) -> None:
@@ -212,7 +258,8 @@ class BBKD(APILearner):
         )  # fmt: skip
         # the API sees exactly what the pool keeps: uint8 images (a quarter of float32's memory)
         x = x8.to(self.device).float() / 255.0
-        if self.uses_answers:
+        answered = self._answered(api)
+        if answered:
             try:
                 t = api.query(x)
             except QueryBudgetExceeded:
@@ -222,7 +269,7 @@ class BBKD(APILearner):
         else:  # the control: never queried; placeholder targets no loss reads, rows in turn
             t = torch.zeros(x.shape[0], api.info.n_classes, device=self.device)
             y = torch.arange(x.shape[0], device=self.device) % api.info.n_classes
-        self._add_to_pool(api, x8, t)
+        self._add_to_pool(api, x8, t, answered)
         episode = APIEpisode(
             api=api.info.name, dataset=api.info.dataset, classes=api.info.classes,
             support_x=x, support_y=y, query_x=x, query_y=y,
@@ -233,10 +280,10 @@ class BBKD(APILearner):
             "event": self.n_events - 1,
             "api": api.info.name,
             "source": cfg.recovery.source,
-            "labelled": self.uses_answers,
+            "labelled": answered,
             "queries_total": self.ledger.used,
         }
-        if self.uses_answers:  # the API's mean top probability (how sure it is of what it sees)
+        if answered:  # the API's mean top probability (how sure it is of what it sees)
             probs = teacher_probs(t, 1.0, self.pool_probs[-1])
             record["confidence"] = float(probs.max(1).values.mean())
         self.record_event(APIEvent(self.n_events - 1, episode, record))
@@ -244,12 +291,11 @@ class BBKD(APILearner):
     def _event(self) -> None:
         api: BlackBoxAPI = self.pool.draw()
         cost = self.event_cost(api)
-        if self.uses_answers:
-            affordable = self.ledger.can_afford(cost)
-        else:  # the control draws as many candidates as the budget would have labelled
-            drawn = sum(x.shape[0] for x in self.pool_x)
-            affordable = self.ledger.budget is None or drawn + cost <= self.ledger.budget
-        if not affordable:
+        # unanswered candidates count as if labelled: as many are drawn as the budget would label
+        pool = zip(self.pool_x, self.pool_answered, strict=True)
+        unlabelled = sum(x.shape[0] for x, answered in pool if not answered)
+        budget = self.ledger.budget
+        if budget is not None and self.ledger.used + unlabelled + cost > budget:
             self.budget_exhausted = True
             return
         if self.cfg.recovery.source != "generator":
@@ -333,22 +379,23 @@ class BBKD(APILearner):
             logits = full[:, cols]
             teacher = t[idx].to(self.device)
             loss = feats.new_zeros(())
-            if cfg.kd.distill:
+            answered = self.pool_answered[i]
+            if cfg.kd.distill and answered:
                 kd = self.kd(logits, teacher, T=cfg.kd.T, teacher_is_probs=self.pool_probs[i])
                 loss = cfg.kd.distill * kd
-            if cfg.kd.union_ce:
+            if cfg.kd.union_ce and answered:
                 loss = loss + cfg.kd.union_ce * union_ce(
                     full, teacher, cols, cfg.kd.union_ce_min_prob, self.pool_probs[i]
                 )
             if self.projection is not None:
                 loss = loss + cfg.kd.contrastive * self._contrastive(x[idx], g)
             total = loss if total is None else total + loss
-            if self.uses_answers:  # the control has no answers to agree with
+            if answered:  # unanswered candidates have no answers to agree with
                 correct = correct + (logits.argmax(1) == teacher.argmax(1)).sum()
                 seen += len(idx)
         assert total is not None
         metrics: dict[str, Any] = {"api_events": self.n_events, "queries": self.ledger.used}
-        if self.uses_answers:  # top-1 agreement with the APIs (no answers, no agreement)
+        if seen:  # top-1 agreement with the APIs (no answers, no agreement)
             metrics["train_acc"] = 100.0 * int(correct) / max(seen, 1)
         return total, metrics
 

@@ -90,6 +90,11 @@ class BiDfMKD(APILearner):
                 raise ConfigError(
                     f"{section}.{key} ({value}) is for bbkd; set it to 0 for bidf-mkd"
                 )
+        if cfg.kd.unanswered:
+            raise ConfigError(
+                f"kd.unanswered ({','.join(cfg.kd.unanswered)}) is for bbkd on a procedural "
+                "recovery.source; bidf-mkd learns from every API's answers, leave it empty"
+            )
         if cfg.kd.distill != 1.0:
             raise ConfigError(
                 f"kd.distill ({cfg.kd.distill}) is for bbkd; bidf-mkd's KD is its bi-level loss, "
