@@ -125,6 +125,11 @@ class KDConfig:
     # of different APIs too (what MAML on the owners' data does). No queries
     union_ce: float = 0.0
     union_ce_min_prob: float = 0.0
+    # extension ("all" = every API's classes): the union CE's classes. "dataset": only the
+    # classes of the answering API's own dataset, so a multi-dataset zoo's union CE never
+    # contrasts (say) emoji with kanji classes, which tells them apart by colour alone; the same
+    # as "all" when the zoo has one dataset
+    union_scope: str = "all"
     # bbkd only: weight of the per-API KD (each API distilled into its own union-head columns).
     # 0 with union_ce 0 uses none of the APIs' answers: the candidates are drawn as usual (as
     # many as query_budget would label) but never queried, a control for what the APIs add
@@ -134,6 +139,9 @@ class KDConfig:
     # through kd.contrastive alone (the control, for those APIs only). For a zoo where some APIs'
     # answers on the candidates hurt (API-MH's kanji APIs, BENCHMARKS.md §6); choose on meta-val
     unanswered: list[str] = field(default_factory=list)
+
+
+UNION_SCOPES = ("all", "dataset")  # kd.union_scope
 
 
 @dataclass

@@ -12,7 +12,9 @@ from apimeta.apis.zoo import build_zoo
 from apimeta.checkpoint import load_checkpoint
 from apimeta.errors import CheckpointError, ConfigError
 from apimeta.events import EventSchedule
+from apimeta.losses import union_ce
 from apimeta.methods import METHODS
+from apimeta.methods.bbkd import dataset_spans
 from apimeta.run_config import (
     EvalConfig,
     EventConfig,
@@ -770,3 +772,25 @@ def test_bbkd_unanswered_apis_are_never_queried_and_teach_through_the_contrastiv
         train(tiny_cfg(zoo, tmp_path / "d", kd=KDConfig(adv_start=1, unanswered=[silent])))
     for out in "xygd":
         assert not (tmp_path / out / "last.pt").exists()
+
+
+def test_union_scope_dataset_keeps_the_union_ce_within_the_answering_apis_dataset(zoo, tmp_path):
+    """kd.union_scope: each column's span is its dataset's columns; with one dataset the run is
+    the "all" run weight for weight; an unknown scope is refused."""
+    keys = [("emoji", 3), ("emoji", 9), ("kanji", 1), ("kanji", 4), ("kanji", 7), ("zz", 0)]
+    assert dataset_spans(keys) == [(0, 2), (0, 2), (2, 5), (2, 5), (2, 5), (5, 6)]
+    every, _ = train(_leaves(zoo, tmp_path / "a", 1.0, union_ce=1.0))
+    scoped, _ = train(_leaves(zoo, tmp_path / "d", 1.0, union_ce=1.0, union_scope="dataset"))
+    a, d = (load_checkpoint(r.run.last_checkpoint)["model"] for r in (every, scoped))
+    for k, v in a.items():
+        torch.testing.assert_close(d[k], v, rtol=0, atol=0)
+    # the slice the loss reads: a 2-dataset union of 6 columns, an API of the second dataset
+    full = torch.randn(4, 6, requires_grad=True)
+    lo, hi = dataset_spans(keys)[2]
+    cols = torch.tensor([2, 3, 4])
+    union_ce(full[:, lo:hi], torch.randn(4, 3), cols - lo).backward()
+    assert full.grad is not None and bool((full.grad[:, [0, 1, 5]] == 0).all())
+    assert bool((full.grad[:, 2:5] != 0).any())
+    with pytest.raises(ConfigError, match=r"kd\.union_scope must be one of all, dataset"):
+        train(_leaves(zoo, tmp_path / "x", 1.0, union_ce=1.0, union_scope="api"))
+    assert not (tmp_path / "x" / "last.pt").exists()

@@ -30,6 +30,8 @@ head.
 cross-entropy over the *whole* union head with the API's top class as the label, on the images
 where the API's top probability exceeds ``kd.union_ce_min_prob``. Per-API KD only contrasts an
 API's own classes; this contrasts classes of different APIs as well. No extra queries.
+``kd.union_scope: dataset`` keeps it to the classes of the answering API's dataset (a
+multi-dataset zoo's emoji and kanji classes are never contrasted; one dataset: no change).
 
 ``kd.distill`` weighs the per-API KD (default 1). ``kd.distill: 0`` with ``kd.union_ce: 0`` uses
 none of the APIs' answers: a procedural source's candidates are drawn exactly as a labelled run
@@ -78,6 +80,17 @@ def classifier_of(model: nn.Module) -> nn.Linear:
     if not isinstance(head, nn.Linear):
         raise TypeError("bbkd needs a backbone whose last layer is `net.classifier` (nn.Linear)")
     return head
+
+
+def dataset_spans(keys: list[tuple[str, int]]) -> list[tuple[int, int]]:
+    """Per union column, the [lo, hi) range of the columns of its dataset; ``keys`` are the
+    union's sorted (dataset, class) pairs, so a dataset's columns are contiguous."""
+    first: dict[str, int] = {}
+    end: dict[str, int] = {}
+    for i, (dataset, _) in enumerate(keys):
+        first.setdefault(dataset, i)
+        end[dataset] = i + 1
+    return [(first[d], end[d]) for d, _ in keys]
 
 
 PROJECTION_HIDDEN, PROJECTION_DIM = 256, 128  # SimCLR's projection MLP (kd.contrastive)
@@ -132,6 +145,7 @@ class BBKD(APILearner):
         self.unanswered = self._unanswered_apis()
         keys = sorted({(a.info.dataset, int(c)) for a in self.apis for c in a.info.classes})
         self.column = {k: i for i, k in enumerate(keys)}
+        self.scope_of_column = dataset_spans(keys)  # kd.union_scope "dataset"
         head = classifier_of(self.model)
         # the evaluated model: distilled features + a zero head (uniform logits at meta-test)
         with torch.no_grad():
@@ -384,8 +398,12 @@ class BBKD(APILearner):
                 kd = self.kd(logits, teacher, T=cfg.kd.T, teacher_is_probs=self.pool_probs[i])
                 loss = cfg.kd.distill * kd
             if cfg.kd.union_ce and answered:
+                scope, scope_cols = full, cols
+                if cfg.kd.union_scope == "dataset":
+                    lo, hi = self.scope_of_column[int(self.pool_cols[i][0])]  # CPU: no sync
+                    scope, scope_cols = full[:, lo:hi], cols - lo
                 loss = loss + cfg.kd.union_ce * union_ce(
-                    full, teacher, cols, cfg.kd.union_ce_min_prob, self.pool_probs[i]
+                    scope, teacher, scope_cols, cfg.kd.union_ce_min_prob, self.pool_probs[i]
                 )
             if self.projection is not None:
                 loss = loss + cfg.kd.contrastive * self._contrastive(x[idx], g)
@@ -400,4 +418,4 @@ class BBKD(APILearner):
         return total, metrics
 
 
-__all__ = ["BBKD", "classifier_of"]
+__all__ = ["BBKD", "classifier_of", "dataset_spans"]

@@ -65,7 +65,7 @@ from apimeta.models.meta import load_meta_model, load_run_datasets, meta_model_f
 from apimeta.models.stages import check_reinit
 from apimeta.recovery import ITERATES
 from apimeta.registry import Registry
-from apimeta.run_config import RunConfig, schedule_point
+from apimeta.run_config import UNION_SCOPES, RunConfig, schedule_point
 from apimeta.runs import RunDir
 from apimeta.scenarios import SCENARIOS
 from apimeta.seeding import deterministic_kernels, make_generator
@@ -160,6 +160,10 @@ def check_run_config(cfg: RunConfig) -> None:
             f"memory.interpolate_alpha must be > 0, got {cfg.memory.interpolate_alpha}",
         ),
         (cfg.kd.union_ce >= 0, f"kd.union_ce must be >= 0 (0 = off), got {cfg.kd.union_ce}"),
+        (
+            cfg.kd.union_scope in UNION_SCOPES,
+            f"kd.union_scope must be one of {', '.join(UNION_SCOPES)}, got {cfg.kd.union_scope!r}",
+        ),
         (cfg.kd.distill >= 0, f"kd.distill must be >= 0 (0 = off), got {cfg.kd.distill}"),
         (
             0 <= cfg.kd.union_ce_min_prob < 1,
