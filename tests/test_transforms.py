@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apimeta.transforms import center_or_random_crop, crop_flip, random_crop, random_flip, resize
+from apimeta.transforms import (
+    center_or_random_crop,
+    crop_flip,
+    random_crop,
+    random_flip,
+    random_grey,
+    resize,
+)
 
 
 def g(seed: int = 0) -> torch.Generator:
@@ -187,3 +194,26 @@ def test_colour_distort_greys_with_p_keeps_luma_and_turns_hue() -> None:
     spread = sat.amax(1) - sat.amin(1)  # chroma: scaled by 0.6..1.4 around 0.4
     assert float(spread.min()) >= 0.4 * 0.6 - 1e-5 and float(spread.max()) <= 0.4 * 1.4 + 1e-5
     assert float(spread.max() - spread.min()) > 0.2
+
+
+def test_random_grey_turns_rgb_images_into_their_luma_with_probability_p():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 5, 5, generator=g)
+    all_grey = random_grey(x, torch.Generator().manual_seed(1), 1.0)
+    assert torch.equal(all_grey[:, 0], all_grey[:, 1]) and torch.equal(
+        all_grey[:, 1], all_grey[:, 2]
+    )
+    luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    torch.testing.assert_close(all_grey[:, 0], luma)
+    assert torch.equal(random_grey(x, torch.Generator().manual_seed(1), 0.0), x)
+    some = random_grey(x, torch.Generator().manual_seed(1), 0.5)
+    greyed = (some[:, 0] == some[:, 1]).flatten(1).all(1) & (some[:, 1] == some[:, 2]).flatten(
+        1
+    ).all(1)
+    assert 10 < int(greyed.sum()) < 54  # about half of 64
+    assert torch.equal(some[~greyed], x[~greyed])
+    # grey images pass unchanged and draw nothing
+    g2 = torch.Generator().manual_seed(3)
+    before = g2.get_state()
+    one = torch.rand(4, 1, 5, 5)
+    assert random_grey(one, g2, 1.0) is one and torch.equal(g2.get_state(), before)

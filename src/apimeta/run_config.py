@@ -130,6 +130,11 @@ class KDConfig:
     # contrasts (say) emoji with kanji classes, which tells them apart by colour alone; the same
     # as "all" when the zoo has one dataset
     union_scope: str = "all"
+    # extension (0 = off; bbkd only): the probability that an RGB image of an answered batch
+    # reaches the student as its luma (grey) for the KD and union CE, the API's answer on the
+    # colour image kept as the target; answers then teach shape more than colour (grey APIs'
+    # images are unchanged). No queries
+    grey: float = 0.0
     # bbkd only: weight of the per-API KD (each API distilled into its own union-head columns).
     # 0 with union_ce 0 uses none of the APIs' answers: the candidates are drawn as usual (as
     # many as query_budget would label) but never queried, a control for what the APIs add

@@ -123,6 +123,16 @@ def _luma(x: Tensor) -> Tensor:
     return torch.einsum("c,bchw->bhw", _YIQ[0].to(x.device, x.dtype), x).unsqueeze(1)
 
 
+def random_grey(x: Tensor, generator: torch.Generator, p: float) -> Tensor:
+    """Each (B, 3, H, W) image in [0, 1] replaced by its luma (on all 3 channels) with
+    probability ``p``; grey images (C = 1) are returned as they are, drawing nothing."""
+    if x.shape[1] == 1:
+        return x
+    b = x.shape[0]
+    u = torch.rand(b, generator=generator, device=generator.device).to(x.device)
+    return torch.where((u < p).view(b, 1, 1, 1), _luma(x).expand_as(x), x)
+
+
 def colour_distort(
     x: Tensor,
     generator: torch.Generator,

@@ -794,3 +794,17 @@ def test_union_scope_dataset_keeps_the_union_ce_within_the_answering_apis_datase
     with pytest.raises(ConfigError, match=r"kd\.union_scope must be one of all, dataset"):
         train(_leaves(zoo, tmp_path / "x", 1.0, union_ce=1.0, union_scope="api"))
     assert not (tmp_path / "x" / "last.pt").exists()
+
+
+def test_bbkd_grey_kd_costs_no_queries_changes_training_and_is_refused_elsewhere(zoo, tmp_path):
+    """kd.grey: the same queries, other weights; bidf-mkd and values outside [0, 1] refused."""
+    plain, _ = train(_leaves(zoo, tmp_path / "a", 1.0, union_ce=1.0))
+    grey, _ = train(_leaves(zoo, tmp_path / "g", 1.0, union_ce=1.0, grey=0.5))
+    assert grey.ledger.used == plain.ledger.used == 2 * 7
+    w = "net.features.0.weight"
+    a, b = (load_checkpoint(r.run.last_checkpoint)["model"][w] for r in (plain, grey))
+    assert not torch.equal(a, b)
+    with pytest.raises(ConfigError, match=r"kd\.grey must be in \[0, 1\]"):
+        train(_leaves(zoo, tmp_path / "x", 1.0, grey=1.5))
+    with pytest.raises(ConfigError, match=r"kd\.grey \(0\.5\) is for bbkd"):
+        train(tiny_cfg(zoo, tmp_path / "y", kd=KDConfig(adv_start=1, grey=0.5)))

@@ -66,6 +66,7 @@ from apimeta.transforms import (
     color_jitter,
     colour_distort,
     crop_flip,
+    random_grey,
     resize,
     resized_crop_flip,
     to_uint8,
@@ -387,13 +388,15 @@ class BBKD(APILearner):
             idx = torch.randperm(x.shape[0], generator=g)[: cfg.way * (cfg.shot + cfg.query)]
             xb = x[idx].float() / 255.0 if x.dtype == torch.uint8 else x[idx]
             xb = crop_flip(xb, g).to(self.device)
+            answered = self.pool_answered[i]
+            if cfg.kd.grey and answered:  # the contrastive views keep their colour
+                xb = random_grey(xb, g, cfg.kd.grey)
             feats = self._features(resize(xb, cfg.image_size))
             cols = self.pool_cols[i].to(self.device)
             full = self.union_head(feats)  # (B, every API's classes)
             logits = full[:, cols]
             teacher = t[idx].to(self.device)
             loss = feats.new_zeros(())
-            answered = self.pool_answered[i]
             if cfg.kd.distill and answered:
                 kd = self.kd(logits, teacher, T=cfg.kd.T, teacher_is_probs=self.pool_probs[i])
                 loss = cfg.kd.distill * kd

@@ -84,7 +84,9 @@ class BiDfMKD(APILearner):
                 "class-conditional support and query sets with the generator (recovery.source: "
                 "generator)"
             )
-        for section, key in (("kd", "contrastive"), ("kd", "union_ce"), ("recovery", "mixups")):
+        for section, key in (
+            ("kd", "contrastive"), ("kd", "union_ce"), ("kd", "grey"), ("recovery", "mixups")
+        ):  # fmt: skip
             value = getattr(getattr(cfg, section), key)
             if value:
                 raise ConfigError(

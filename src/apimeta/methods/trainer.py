@@ -164,6 +164,7 @@ def check_run_config(cfg: RunConfig) -> None:
             cfg.kd.union_scope in UNION_SCOPES,
             f"kd.union_scope must be one of {', '.join(UNION_SCOPES)}, got {cfg.kd.union_scope!r}",
         ),
+        (0 <= cfg.kd.grey <= 1, f"kd.grey must be in [0, 1] (0 = off), got {cfg.kd.grey}"),
         (cfg.kd.distill >= 0, f"kd.distill must be >= 0 (0 = off), got {cfg.kd.distill}"),
         (
             0 <= cfg.kd.union_ce_min_prob < 1,
