@@ -141,8 +141,8 @@ class KDConfig:
     distill: float = 1.0
     # extension (empty = off; bbkd on a procedural source only): datasets or API names whose
     # APIs are never queried; their candidates are drawn as a labelled run draws them and teach
-    # through kd.contrastive alone (the control, for those APIs only). For a zoo where some APIs'
-    # answers on the candidates hurt (API-MH's kanji APIs, BENCHMARKS.md §6); choose on meta-val
+    # through kd.contrastive alone (the control, for those APIs only). Screened in API-MH with
+    # the kanji APIs unanswered: kanji got worse (BENCHMARKS.md §6); choose it on meta-val
     unanswered: list[str] = field(default_factory=list)
 
 
