@@ -25,18 +25,15 @@ from typing import Any
 
 import torch
 
-from apimeta.bench import tune_init, with_defaults
-from apimeta.config import from_dict
+from apimeta.bench import row_init, tune_init
 from apimeta.evaluate import parse_grid
-from apimeta.run_config import RunConfig
 
 
 def retune(run: str, cache: str, grid: dict[str, list[Any]], shots: list[int]) -> str:
     """Tune one seed's run (``run``: its directory) into ``cache``; returns ``cache``."""
     torch.set_num_threads(1)
     row = json.loads((Path(run) / "eval.json").read_text())
-    cfg = from_dict(RunConfig, with_defaults(row["config"]))
-    ckpt = Path(row["checkpoint"]) if row.get("checkpoint") else None
+    cfg, ckpt = row_init(row)
     tune_init(cfg, ckpt, grid, shots, row["tasks"], cache=Path(cache))
     return cache
 

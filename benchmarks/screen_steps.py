@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from apimeta.bench import with_defaults
-from apimeta.config import from_dict
+from apimeta.bench import row_init
 from apimeta.evaluate import (
     evaluate_with_config,
     grid_settings,
@@ -28,7 +27,6 @@ from apimeta.evaluate import (
     with_protocol,
 )
 from apimeta.models.meta import load_init, load_run_datasets
-from apimeta.run_config import RunConfig
 
 
 def screen(path: Path, steps: list[int]) -> dict[str, dict[int, float]]:
@@ -36,8 +34,7 @@ def screen(path: Path, steps: list[int]) -> dict[str, dict[int, float]]:
     run's datasets)."""
     row = json.loads((path / "eval.json").read_text())
     tuned = json.loads((path / "tuned.json").read_text())
-    cfg = from_dict(RunConfig, with_defaults(row["config"]))
-    ckpt = Path(row["checkpoint"]) if row.get("checkpoint") else None
+    cfg, ckpt = row_init(row)
     datasets = load_run_datasets(cfg)
     model = load_init(ckpt, cfg, datasets)
     out: dict[str, dict[int, float]] = {}

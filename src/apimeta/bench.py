@@ -320,8 +320,7 @@ def _with_tuned(
     """``row`` with ``"tuned"`` (:func:`tune_init`, cached in ``path/tuned.json``) when a grid
     is given; ``eval.json`` never holds it."""
     if tune:
-        cfg = from_dict(RunConfig, with_defaults(row["config"]))
-        ckpt = Path(row["checkpoint"]) if row.get("checkpoint") else None
+        cfg, ckpt = row_init(row)
         row["tuned"] = tune_init(cfg, ckpt, tune, shots, tasks, cache=path / "tuned.json")
     return row
 
@@ -395,6 +394,13 @@ def with_defaults(trained: dict[str, Any]) -> dict[str, Any]:
     """A stored run config with the keys it lacks (keys added to RunConfig after it was trained)
     filled with their defaults; new keys default to the old behaviour, so they are no difference."""
     return merge(to_dict(RunConfig()), migrate_legacy(trained, quiet=True))
+
+
+def row_init(row: dict[str, Any]) -> tuple[RunConfig, Path | None]:
+    """A finished row's (``eval.json``) run config, defaults filled in, and its evaluated
+    checkpoint (None: the seeded random init)."""
+    cfg = from_dict(RunConfig, with_defaults(row["config"]))
+    return cfg, Path(row["checkpoint"]) if row.get("checkpoint") else None
 
 
 def config_diff(
@@ -689,6 +695,7 @@ __all__ = [
     "protocol_table",
     "reuse_diff",
     "row_config",
+    "row_init",
     "run_cells",
     "run_dir_for",
     "run_one",

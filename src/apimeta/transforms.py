@@ -130,7 +130,12 @@ def random_grey(x: Tensor, generator: torch.Generator, p: float) -> Tensor:
         return x
     b = x.shape[0]
     u = torch.rand(b, generator=generator, device=generator.device).to(x.device)
-    return torch.where((u < p).view(b, 1, 1, 1), _luma(x).expand_as(x), x)
+    return _grey_where(x, u < p)
+
+
+def _grey_where(x: Tensor, mask: Tensor) -> Tensor:
+    """(B, 3, H, W) images with those where the (B,) bool ``mask`` holds replaced by their luma."""
+    return torch.where(mask.view(-1, 1, 1, 1), _luma(x).expand_as(x), x)
 
 
 def colour_distort(
@@ -160,8 +165,7 @@ def colour_distort(
     y, i, q = torch.einsum("dc,bchw->bdhw", yiq, x).unbind(1)
     turned = torch.stack([y, i * cos - q * sin, i * sin + q * cos], 1)
     x = torch.einsum("dc,bchw->bdhw", _RGB.to(x.device, x.dtype), turned).clamp(0.0, 1.0)
-    grey = _luma(x).expand_as(x)
-    return torch.where((u[2] < grey_p).view(b, 1, 1, 1), grey, x)
+    return _grey_where(x, u[2] < grey_p)
 
 
 def cutout(x: Tensor, generator: torch.Generator, frac: float = 0.25) -> Tensor:
