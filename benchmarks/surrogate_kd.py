@@ -74,6 +74,10 @@ the defaults are the library's.
 images: negatives from every API's candidates) instead of one per batch of 80.
 ``ROT=W``: adds W x a rotation prediction loss (RotNet: each KD batch image turned by 0, 90, 180
 or 270 degrees at random, a 4-way head on the features predicts which; no queries).
+``SSL_BN=1``: SimCLR's projection with batch norm (Linear-BN-ReLU-Linear) instead of
+Linear-ReLU-Linear. ``SSL_CROPS=K``: multi-crop (SwAV): K more views per image, crops of
+``SSL_SMALL_AREA`` (0.05) to ``SSL_MIN_AREA`` of it resized to the input size, each contrasted
+with both large views (NT-Xent), the loss averaged over the 1 + K pair groups.
 """
 
 from __future__ import annotations
@@ -236,6 +240,11 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         torch.manual_seed(derive_seed(seed, "surrogate-kd", "union-head"))
         union = nn.Linear(head.in_features, len(keys))
         proj = nn.Sequential(nn.Linear(head.in_features, 256), nn.ReLU(), nn.Linear(256, 128))
+        if os.environ.get("SSL_BN", "0") == "1":  # SimCLR's projection: Linear-BN-ReLU-Linear
+            proj = nn.Sequential(
+                nn.Linear(head.in_features, 256), nn.BatchNorm1d(256), nn.ReLU(),
+                nn.Linear(256, 128),
+            )  # fmt: skip
         shallow_w = float(os.environ.get("SHALLOW", "0"))  # KD through block 1's pooled output
         block1 = [*feature_stages(model)[1].modules()]
         convs = [m for m in block1 if isinstance(m, nn.Conv2d)]
@@ -276,8 +285,8 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     kd_from = int(os.environ.get("KD_FROM", "0"))  # the answers' losses start after N steps
     ssl_colour = os.environ.get("SSL_COLOR", "0") == "1"  # SimCLR's full colour distortion
     ssl_big = os.environ.get("SSL_BIG", "0") == "1"  # one NT-Xent over the whole update
-    if ssl_big and (supcon_w or kd_strong or not ssl_w):
-        sys.exit("SSL_BIG needs SSL > 0 and neither SUPCON nor KD_STRONG")
+    if ssl_big and (supcon_w or kd_strong or not ssl_w or os.environ.get("SSL_CROPS")):
+        sys.exit("SSL_BIG needs SSL > 0 and neither SUPCON, KD_STRONG nor SSL_CROPS")
 
     # the views' strengths (SSL_MIN_AREA, SSL_JITTER, SSL_SAT, SSL_HUE, SSL_GREY; the library's)
     min_area = float(os.environ.get("SSL_MIN_AREA", "0.25"))
@@ -287,11 +296,29 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         for k, d in (("SSL_SAT", "0.4"), ("SSL_HUE", "0.1"), ("SSL_GREY", "0.2"))
     )
 
+    # multi-crop (SwAV): SSL_CROPS small views per image (SSL_SMALL_AREA..min_area of it,
+    # default 0.05), each contrasted with both large views
+    n_small = int(os.environ.get("SSL_CROPS", "0"))
+    small_area = float(os.environ.get("SSL_SMALL_AREA", "0.05"))
+
     def views_of(src: Tensor) -> list[Tensor]:
         out = [color_jitter(resized_crop_flip(src, g, min_area), g, jitter) for _ in "ab"]
+        out += [
+            color_jitter(resized_crop_flip(src, g, small_area, max_area=min_area), g, jitter)
+            for _ in range(n_small)
+        ]
         if not ssl_colour:
             return out
         return [colour_distort(v, g, sat, hue, grey_p) for v in out]
+
+    def contrast(z: Tensor) -> Tensor:
+        """NT-Xent of the two large views, plus each small view against both (multi-crop),
+        averaged over the pairs' groups: (2 + n_small) B projections -> a scalar."""
+        zs = z.chunk(2 + n_small)
+        loss = nt_xent(zs[0], zs[1], tau=ssl_t)
+        for s in zs[2:]:
+            loss = loss + 0.5 * (nt_xent(s, zs[0], tau=ssl_t) + nt_xent(s, zs[1], tau=ssl_t))
+        return loss / (1 + n_small)
 
     if (supcon_w or kd_strong) and (not ssl_w or ssl_fresh):
         sys.exit("SUPCON / KD_STRONG need SSL > 0 on the KD batch (its views and labels)")
@@ -340,12 +367,13 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
                 views = views_of(src)
                 feats.clear()
                 model(torch.cat(views))
-                f1, f2 = proj(feats[-1]).chunk(2)
+                z = proj(feats[-1])
+                f1, f2 = z[: 2 * len(idx)].chunk(2)
                 if kd_strong:
-                    strong = union(feats[-1])[:, pool_c[i]]  # (2B, the API's classes)
+                    strong = union(feats[-1][: 2 * len(idx)])[:, pool_c[i]]  # (2B, classes)
                     target = pool_t[i][idx].repeat(2, 1)
                     loss = loss + kd_strong * kd_kl(strong, target, T=kd_t)
-                loss = loss + ssl_w * nt_xent(f1, f2, tau=ssl_t)
+                loss = loss + ssl_w * contrast(z)
                 if supcon_w:
                     p_top, top = pool_t[i][idx].softmax(1).max(1)
                     unique = torch.arange(len(idx)) + pool_t[i].shape[1]  # only its other view

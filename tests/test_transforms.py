@@ -155,6 +155,22 @@ def test_resized_crop_flip_is_seeded_bounded_and_full_area_is_identity_or_flip()
     assert bool((same | mirrored).all()) and same.any() and mirrored.any()
 
 
+def test_resized_crop_flip_max_area_bounds_the_crop() -> None:
+    from apimeta.transforms import resized_crop_flip
+
+    # a horizontal ramp 0..1: a crop of half the width spans half the ramp
+    ramp = torch.linspace(0, 1, 32).expand(8, 3, 32, 32).contiguous()
+
+    def span(y: torch.Tensor) -> torch.Tensor:
+        return (y[..., 16, :].amax(-1) - y[..., 16, :].amin(-1))[:, 0]
+
+    small = resized_crop_flip(ramp, torch.Generator().manual_seed(5), 0.25, 1.0, max_area=0.25)
+    assert torch.allclose(span(small), torch.full((8,), 0.5), atol=0.05)
+    # the default (max_area 1): crops of 0.25..1 of the area, wider spans too
+    wide = resized_crop_flip(ramp, torch.Generator().manual_seed(5), 0.25, 1.0)
+    assert bool((span(wide) >= 0.45).all()) and span(wide).max() > 0.6
+
+
 def test_colour_distort_is_seeded_bounded_and_identity_at_zero_strength() -> None:
     from apimeta.transforms import colour_distort
 

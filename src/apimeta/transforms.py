@@ -48,14 +48,18 @@ def crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
 
 
 def resized_crop_flip(
-    x: Tensor, generator: torch.Generator, min_area: float = 0.25, max_aspect: float = 4 / 3
+    x: Tensor,
+    generator: torch.Generator,
+    min_area: float = 0.25,
+    max_aspect: float = 4 / 3,
+    max_area: float = 1.0,
 ) -> Tensor:
-    """SimCLR's view: per image a random crop of ``min_area``..1 of the area (aspect
+    """SimCLR's view: per image a random crop of ``min_area``..``max_area`` of the area (aspect
     1/max_aspect..max_aspect; a side that would pass the border is clipped), resized back to the
     input size (bilinear), flipped with p 0.5. (B, C, H, W) -> (B, C, H, W)."""
     b = x.shape[0]
     u = torch.rand(5, b, generator=generator, device=generator.device).to(x.device)
-    area = min_area + (1 - min_area) * u[0]
+    area = min_area + (max_area - min_area) * u[0]
     aspect = torch.exp((u[1] - 0.5) * 2 * math.log(max_aspect))
     sx, sy = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
     flip = torch.where(u[4] < 0.5, -1.0, 1.0)
