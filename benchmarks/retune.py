@@ -16,7 +16,7 @@ A finished answer is reused, so a killed retune resumes. One torch thread per wo
 ``--around``: a coordinate step instead of a whole grid. Per dataset and shot, the grid is the
 setting the run's own tune chose on meta-val (its ``tuned.json``) crossed with the ``--tune``
 keys, e.g. ``--around --tune steps=10,25,50``: the steps chosen on meta-val with lr, head and
-``reinit`` kept as they were chosen (a quarter of the full grid's cost).
+``reinit`` kept as they were chosen (a quarter of the full grid's meta-val cost).
 """
 
 from __future__ import annotations

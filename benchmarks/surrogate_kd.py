@@ -285,7 +285,7 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     kd_from = int(os.environ.get("KD_FROM", "0"))  # the answers' losses start after N steps
     ssl_colour = os.environ.get("SSL_COLOR", "0") == "1"  # SimCLR's full colour distortion
     ssl_big = os.environ.get("SSL_BIG", "0") == "1"  # one NT-Xent over the whole update
-    if ssl_big and (supcon_w or kd_strong or not ssl_w or os.environ.get("SSL_CROPS")):
+    if ssl_big and (supcon_w or kd_strong or not ssl_w or int(os.environ.get("SSL_CROPS", "0"))):
         sys.exit("SSL_BIG needs SSL > 0 and neither SUPCON, KD_STRONG nor SSL_CROPS")
 
     # the views' strengths (SSL_MIN_AREA, SSL_JITTER, SSL_SAT, SSL_HUE, SSL_GREY; the library's)
