@@ -50,8 +50,10 @@ def retune_around(run: str, cache: str, grid: dict[str, list[Any]], shots: list[
     torch.set_num_threads(1)
     out = Path(cache)
     key = {"grid": grid, "around": run, "shots": shots}
-    if out.exists() and {k: json.loads(out.read_text()).get(k) for k in key} == key:
-        return cache
+    if out.exists():
+        stored = json.loads(out.read_text())
+        if {k: stored.get(k) for k in key} == key:
+            return cache
     row = json.loads((Path(run) / "eval.json").read_text())
     tuned = json.loads((Path(run) / "tuned.json").read_text())
     cfg, ckpt = row_init(row)
