@@ -78,6 +78,9 @@ or 270 degrees at random, a 4-way head on the features predicts which; no querie
 Linear-ReLU-Linear. ``SSL_CROPS=K``: multi-crop (SwAV): K more views per image, crops of
 ``SSL_SMALL_AREA`` (0.05) to ``SSL_MIN_AREA`` of it resized to the input size, each contrasted
 with both large views (NT-Xent), the loss averaged over the 1 + K pair groups.
+``OUTER_LR=LR``: Adam's learning rate (default the preset's ``outer_lr``, 0.001).
+``KD_PROJ=1``: the union head (KD, union CE) reads a hidden layer (Linear-ReLU, 256) of the
+features, as the contrastive loss reads its projection, instead of the features themselves.
 """
 
 from __future__ import annotations
@@ -251,6 +254,15 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         shallow = nn.Linear(convs[-1].out_channels, len(keys)) if shallow_w else None
         rot_w = float(os.environ.get("ROT", "0"))  # rotation prediction (RotNet)
         rot_head = nn.Linear(head.in_features, 4) if rot_w else None
+        # KD_PROJ=1: the answers' heads read a 2-layer MLP of the features (as the contrastive
+        # loss's projection does), not the features themselves
+        kd_proj = (
+            nn.Sequential(nn.Linear(head.in_features, 256), nn.ReLU())
+            if os.environ.get("KD_PROJ", "0") == "1"
+            else None
+        )
+        if kd_proj is not None:
+            union = nn.Sequential(kd_proj, nn.Linear(256, len(keys)))
     mid: list[Tensor] = []
     recording = [False]  # block 1's output is kept only in the KD forward (not at meta-val)
     if shallow is not None:  # on the stage's last module: a Conv4 stage is a slice, never called
@@ -269,7 +281,8 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
     extra = [*union.parameters(), *(proj.parameters() if ssl_w else ())]
     extra += [*shallow.parameters()] if shallow is not None else []
     extra += [*rot_head.parameters()] if rot_head is not None else []
-    opt = torch.optim.Adam([*trainable, *extra], lr=cfg.outer_lr)
+    outer_lr = float(os.environ.get("OUTER_LR", str(cfg.outer_lr)))  # Adam's lr
+    opt = torch.optim.Adam([*trainable, *extra], lr=outer_lr)
     points = sorted({int(v) for v in eval_at.split(",") if v} | {steps})
     reinits = tuple(int(v) for v in os.environ.get("REINIT", "0").split(","))
     grid = {
