@@ -468,10 +468,14 @@ def gap_share(method: float, random: float, oracle: float) -> float:
 
 
 def gap_share_table(
-    rows: Sequence[dict[str, Any]], scenarios: Sequence[str], shots: Sequence[int]
+    rows: Sequence[dict[str, Any]],
+    scenarios: Sequence[str],
+    shots: Sequence[int],
+    oracle: str = "maml-zoo",
 ) -> str:
     """Markdown: the gap share of every other row per scenario x shot, when the rows hold both
-    ``random`` and ``maml-zoo`` (else "")."""
+    ``random`` and the ``oracle`` row (``maml-zoo``, or a variant of it such as
+    ``maml-zoo:lr3``; else "")."""
     by = {(r["scenario"], r["variant"]): r for r in rows}
 
     def acc(s: str, v: str, k: int) -> float | None:
@@ -480,23 +484,23 @@ def gap_share_table(
         return cell["mean"] if cell else None
 
     cols = [(s, k) for s in scenarios for k in shots]
-    if not any(acc(s, "random", k) is not None and acc(s, "maml-zoo", k) is not None
+    if not any(acc(s, "random", k) is not None and acc(s, oracle, k) is not None
                for s, k in cols):  # fmt: skip
         return ""
     lines = []
     for v in dict.fromkeys(r["variant"] for r in rows):
-        if v in ("random", "maml-zoo"):
+        if v in ("random", oracle):
             continue
         line = [v]
         for s, k in cols:
-            a, lo, hi = acc(s, v, k), acc(s, "random", k), acc(s, "maml-zoo", k)
+            a, lo, hi = acc(s, v, k), acc(s, "random", k), acc(s, oracle, k)
             line.append(
                 "—" if None in (a, lo, hi) else f"{100 * gap_share(a, lo, hi):.0f}%"  # type: ignore[arg-type]
             )
         lines.append(line)
     header = ["gap share"] + [f"{s} {k}-shot" for s, k in cols]
     return (
-        "Gap share = (method - random) / (maml-zoo - random): how much of what the zoo's own "
+        f"Gap share = (method - random) / ({oracle} - random): how much of what the zoo's own "
         "data teaches a method gets out of the APIs.\n\n" + markdown_table(header, lines)
     )
 
@@ -583,9 +587,13 @@ def paired_table(
 
 
 def comparison_table(
-    rows: Sequence[dict[str, Any]], scenarios: Sequence[str], shots: Sequence[int]
+    rows: Sequence[dict[str, Any]],
+    scenarios: Sequence[str],
+    shots: Sequence[int],
+    oracle: str = "maml-zoo",
 ) -> str:
-    """Markdown: rows = variants; columns = scenario x shot, then queries and wall time."""
+    """Markdown: rows = variants; columns = scenario x shot, then queries and wall time; then
+    the gap shares against the ``oracle`` row (:func:`gap_share_table`)."""
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     by = {(r["scenario"], r["variant"]): r for r in rows}
     header = ["method"] + [f"{s} {k}-shot" for s in scenarios for k in shots]
@@ -613,7 +621,7 @@ def comparison_table(
         if r.get("config_diff")
     ]
     text = markdown_table(header, table)
-    share = gap_share_table(rows, scenarios, shots)
+    share = gap_share_table(rows, scenarios, shots, oracle)
     if share:
         text += "\n" + share
     if notes:

@@ -116,6 +116,10 @@ def test_bench_rejects_bad_scenario_and_variant(tmp_path):
         app, ["bench", "--scenario", f"SS={tmp_path}:synthetic", "--methods", "magic"]
     )
     assert res.exit_code == 2 and "unknown method variant" in res.output
+    res = runner.invoke(
+        app, ["bench", "--scenario", f"SS={tmp_path}:synthetic", "--oracle", "bbkd"]
+    )
+    assert res.exit_code == 2 and "not the zoo oracle" in res.output
 
 
 def test_train_bidf_mkd_then_eval_checkpoint(tmp_path):

@@ -15,6 +15,7 @@ from apimeta.events import EventSchedule
 from apimeta.losses import union_ce
 from apimeta.methods import METHODS
 from apimeta.methods.bbkd import dataset_spans
+from apimeta.models.meta import load_init
 from apimeta.run_config import (
     EvalConfig,
     EventConfig,
@@ -592,6 +593,21 @@ def test_contrastive_colour_distorts_the_views_only_and_needs_the_contrastive_te
     with pytest.raises(ConfigError, match=r"kd\.contrastive_colour .* set kd\.contrastive > 0"):
         train(_leaves(zoo, tmp_path / "bad", 0.0, contrastive_colour=True))
     assert not (tmp_path / "bad" / "last.pt").exists()
+
+
+def test_outer_lr_drives_every_parameter_group_of_bbkd(zoo, tmp_path):
+    """``outer_lr`` (the ``lr3`` rows: 0.003) is Adam's lr for the backbone and for the union
+    head and projection bbkd adds, and a larger one moves the weights further."""
+    slow, _ = train(_leaves(zoo, tmp_path / "slow", 1.0))
+    cfg = _leaves(zoo, tmp_path / "fast", 1.0)
+    fast, _ = train(dataclasses.replace(cfg, outer_lr=0.003))
+    assert len(fast.optimizer.param_groups) == 2
+    assert [g["lr"] for g in fast.optimizer.param_groups] == [0.003, 0.003]
+    assert [g["lr"] for g in slow.optimizer.param_groups] == [0.001, 0.001]
+    init = load_init(None, cfg, fast.datasets).state_dict()
+    a, b = (load_checkpoint(r.run.last_checkpoint)["model"] for r in (slow, fast))
+    k = "net.features.0.weight"
+    assert (b[k] - init[k]).norm() > (a[k] - init[k]).norm()
 
 
 def test_bbkd_union_ce_costs_no_queries_trains_other_apis_columns_and_resumes_exactly(

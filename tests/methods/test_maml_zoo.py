@@ -73,3 +73,8 @@ def test_gap_share():
     table = gap_share_table(rows, ["SS"], [1])
     assert "| bidf-mkd | 60% |" in table and "maml-zoo |" not in table.split("\n", 3)[-1]
     assert gap_share_table(rows[:1] + rows[2:], ["SS"], [1]) == ""  # no oracle row
+    # another oracle row (a maml-zoo variant chosen on meta-val): the shares use it instead
+    rows.append({"scenario": "SS", "variant": "maml-zoo:lr3", "results": res(64.0)})
+    table = gap_share_table(rows, ["SS"], [1], oracle="maml-zoo:lr3")
+    assert "| bidf-mkd | 50% |" in table and "(maml-zoo:lr3 - random)" in table
+    assert "| maml-zoo | 83% |" in table  # the other oracle is a row like any other here

@@ -71,6 +71,13 @@ def bench_cmd(
         help="Training seeds per row (seed, seed+1, ...): cells become the mean over seeds ± "
         "their spread, with paired differences against random and bbkd.",
     ),
+    oracle: str = typer.Option(
+        "maml-zoo",
+        "--oracle",
+        help="The ceiling row of the gap shares: maml-zoo, or a variant of it chosen on "
+        "meta-val (e.g. maml-zoo:lr3, Adam's outer lr 0.003); it must be among --methods to "
+        "print them.",
+    ),
     tune: list[str] = typer.Option(
         [],
         "--tune",
@@ -125,6 +132,11 @@ def bench_cmd(
         names = [m.strip() for m in methods.split(",") if m.strip()]
         for n in names:
             variant(n)
+        if variant(oracle)[0] != "maml-zoo":
+            raise ConfigError(
+                f"--oracle {oracle!r} is not the zoo oracle; pass maml-zoo or one of its "
+                "variants (e.g. maml-zoo:lr3)"
+            )
         shot_list = parse_shots(shots)
         grid = parse_grid(tune)
         all_sets = [*sets, *([f"device={device}"] if device else [])]
@@ -171,6 +183,7 @@ def bench_cmd(
             + [f"--set {x}" for x in sets]
             + [f"--shots {shots}", f"--tasks {tasks}", f"--out {out}"]
             + ([f"--seeds {seeds}"] if seeds > 1 else [])
+            + ([f"--oracle {oracle}"] if oracle != "maml-zoo" else [])
             + [f"--tune {t}" for t in tune]
             + ([f"--workers {workers}"] if workers > 1 else [])
             + (["--ray"] if ray and not ray_address else [])
@@ -187,7 +200,7 @@ def bench_cmd(
         text = (
             f"# Comparison ({tasks} meta-test tasks per shot, 5-way, same episodes for every row)\n\n"
             f"Command: `{cmd}`\n\nMachine: {machine_line()}\n\n"
-            + comparison_table(shown, names_s, shot_list)
+            + comparison_table(shown, names_s, shot_list, oracle)
             + "\n"
             + legend
             + "Queries / events / time per scenario. Each row is meta-tested with its own run "
@@ -208,7 +221,7 @@ def bench_cmd(
                 + ", ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in grid.items())
                 + "; the meta-test tasks are the same as above.\n\n"
                 + comparison_table(
-                    seed_mean_rows(tuned) if seeds > 1 else tuned, names_s, shot_list
+                    seed_mean_rows(tuned) if seeds > 1 else tuned, names_s, shot_list, oracle
                 )
                 + "\n"
                 + legend
