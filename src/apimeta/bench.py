@@ -258,6 +258,7 @@ def run_one(
         accs = all("accs" in r for res in row.get("results", {}).values() for r in res.values())
         if row.get("tasks") == tasks and row.get("shots") == list(shots) and accs:
             row["scenario"] = scenario.name  # zoo-free rows are shared by scenarios
+            row["variant"] = name  # the directory's row, even if a run was copied in from another
             row["config_diff"] = reuse_diff(row.get("config", {}), cfg, name)
             if row["config_diff"]:
                 log.warning(

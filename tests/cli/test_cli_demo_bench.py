@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import yaml
@@ -79,6 +80,16 @@ def test_bench_table_reuses_finished_runs(tmp_path):
     assert res.exit_code == 0, res.output
     table = (tmp_path / "b" / "results.md").read_text()
     assert "SS bidf-mkd: reused run trained with kd.adv_start=0.25 (table: 3)" in table
+    # a run copied into another row's directory is that row (never merged into the one it
+    # was trained as), with its differences from that row's config reported
+    shutil.copytree(
+        tmp_path / "b" / "SS" / "bidf-mkd", tmp_path / "b" / "SS" / "bidf-mkd-no-boundary"
+    )
+    res = runner.invoke(app, [*args[:4], "random,bidf-mkd,bidf-mkd:no-boundary", *args[5:]])
+    assert res.exit_code == 0, res.output
+    table = (tmp_path / "b" / "results.md").read_text()
+    assert "| bidf-mkd:no-boundary |" in table and "| bidf-mkd |" in table
+    assert "SS bidf-mkd:no-boundary: reused run trained with kd.adv=" in table
 
 
 def test_bench_restarts_a_run_killed_before_its_first_checkpoint(tmp_path):
