@@ -254,15 +254,10 @@ def main(source: str, per_api: int, steps: int, seed: int = 2022,
         shallow = nn.Linear(convs[-1].out_channels, len(keys)) if shallow_w else None
         rot_w = float(os.environ.get("ROT", "0"))  # rotation prediction (RotNet)
         rot_head = nn.Linear(head.in_features, 4) if rot_w else None
-        # KD_PROJ=1: the answers' heads read a 2-layer MLP of the features (as the contrastive
-        # loss's projection does), not the features themselves
-        kd_proj = (
-            nn.Sequential(nn.Linear(head.in_features, 256), nn.ReLU())
-            if os.environ.get("KD_PROJ", "0") == "1"
-            else None
-        )
-        if kd_proj is not None:
-            union = nn.Sequential(kd_proj, nn.Linear(256, len(keys)))
+        if os.environ.get("KD_PROJ", "0") == "1":  # the answers' heads read a hidden layer
+            union = nn.Sequential(
+                nn.Linear(head.in_features, 256), nn.ReLU(), nn.Linear(256, len(keys))
+            )
     mid: list[Tensor] = []
     recording = [False]  # block 1's output is kept only in the KD forward (not at meta-val)
     if shallow is not None:  # on the stage's last module: a Conv4 stage is a slice, never called
