@@ -582,8 +582,9 @@ ABLATIONS["ssl-leaves-ink"] = merge(
 ABLATIONS["colour-leaves-ink"] = merge(
     ABLATIONS["union-leaves-ink"], {"kd": {"contrastive_colour": True}}
 )
-# Adam's outer lr at 0.003 instead of the preset's 0.001 (BENCHMARKS.md §6): "lr3" for any
-# method (e.g. the oracle maml-zoo:lr3); colour-leaves-ink-lr3 is the cpu preset's method
+# Adam's outer lr at 0.003 instead of the preset's 0.001 (BENCHMARKS.md §6): "lr3" for the
+# methods that declare it (maml-real, so also the oracle maml-zoo:lr3); colour-leaves-ink-lr3 is
+# the cpu preset's method
 ABLATIONS["lr3"] = {"outer_lr": 0.003}
 ABLATIONS["colour-leaves-ink-lr3"] = merge(ABLATIONS["colour-leaves-ink"], ABLATIONS["lr3"])
 
