@@ -92,8 +92,12 @@ def test_ablations_change_exactly_one_component():
     lr3 = to_dict(_resolved("bbkd:colour-leaves-ink-lr3"))  # only Adam's outer lr
     assert {k for k in colour if colour[k] != lr3[k]} == {"outer_lr"}
     assert (colour["outer_lr"], lr3["outer_lr"]) == (0.001, 0.003)
+    lr5 = to_dict(_resolved("bbkd:colour-leaves-ink-lr5"))
+    assert {k: lr5[k] for k in colour if colour[k] != lr5[k]} == {"outer_lr": 0.005}
     zoo, zoo3 = to_dict(_resolved("maml-zoo")), to_dict(_resolved("maml-zoo:lr3"))
     assert {k: zoo3[k] for k in zoo if zoo[k] != zoo3[k]} == {"outer_lr": 0.003}
+    zoo5 = to_dict(_resolved("maml-zoo:lr5"))
+    assert {k: zoo5[k] for k in zoo if zoo[k] != zoo5[k]} == {"outer_lr": 0.005}
     kd, kd0 = to_dict(_resolved("bidf-mkd:no-boundary"))["kd"], base["kd"]
     assert {k for k in kd if kd[k] != kd0[k]} == {"adv"}
     mem = _resolved("bidf-mkd:diverse-memory").memory

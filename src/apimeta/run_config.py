@@ -587,6 +587,9 @@ ABLATIONS["colour-leaves-ink"] = merge(
 # the cpu preset's method
 ABLATIONS["lr3"] = {"outer_lr": 0.003}
 ABLATIONS["colour-leaves-ink-lr3"] = merge(ABLATIONS["colour-leaves-ink"], ABLATIONS["lr3"])
+# Adam's outer lr at 0.005, a screen above lr3 (BENCHMARKS.md §6): "lr5" for the same methods.
+ABLATIONS["lr5"] = {"outer_lr": 0.005}
+ABLATIONS["colour-leaves-ink-lr5"] = merge(ABLATIONS["colour-leaves-ink"], ABLATIONS["lr5"])
 
 # extensions, NOT data-free: contrastive-leaves / union-leaves with the candidates drawn from a
 # folder of unlabelled images the user brings (--set recovery.folder=PATH), a domain prior

@@ -109,7 +109,7 @@ class BBKD(APILearner):
     ablations = (
         "dead-leaves", "contrastive-leaves", "union-leaves", "mixup-recovery",
         "union-strokes", "union-ink", "union-leaves-ink", "ssl-leaves-ink", "colour-leaves-ink",
-        "colour-leaves-ink-lr3", "public-contrastive", "public-union",
+        "colour-leaves-ink-lr3", "colour-leaves-ink-lr5", "public-contrastive", "public-union",
     )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
 

@@ -24,7 +24,7 @@ class MAMLReal(MetaTrainer):
     """Second-order (or first-order) MAML with CE on real meta-train tasks."""
 
     name = "maml-real"
-    ablations = ("random-head", "lr3")
+    ablations = ("random-head", "lr3", "lr5")
 
     def setup(self) -> None:
         cfg = self.cfg
