@@ -165,7 +165,7 @@ def test_a_bench_row_is_base_then_variant_then_sets_then_scenario(tmp_path):
     the datasets and the method whatever the preset or --set say."""
     from apimeta.bench import ZooScenario, row_config
 
-    assert CPU["method"] == "bbkd:colour-leaves-ink-lr3"  # the preset's variant, not expanded
+    assert CPU["method"] == "bbkd:colour-leaves-ink-lr5"  # the preset's variant, not expanded
     scen = ZooScenario("SS", "zoos/z", "emoji")
     kw = {"shots": (1, 5), "tasks": 7}
     own = row_config(CPU, scen, "bbkd:union-leaves-ink", tmp_path, **kw)

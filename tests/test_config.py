@@ -231,7 +231,7 @@ def test_eval_protocol_values_are_checked(overrides: list[str], match: str) -> N
 
 
 def test_a_method_variant_enters_below_direct_options_and_sets() -> None:
-    """The cpu preset names ``bbkd:colour-leaves-ink-lr3``: its changes sit above the preset and
+    """The cpu preset names ``bbkd:colour-leaves-ink-lr5``: its changes sit above the preset and
     below --method / direct options / --set; the resolved config names the plain method."""
     from apimeta.bench import variants
 
@@ -243,7 +243,7 @@ def test_a_method_variant_enters_below_direct_options_and_sets() -> None:
         True,
     )
     assert (cfg.episodes, cfg.query_budget, cfg.eval.reinit) == (4000, 50_000, 2)
-    assert cfg.outer_lr == 0.003  # the variant's, over the preset's 0.001
+    assert cfg.outer_lr == 0.005  # the variant's, over the preset's 0.001
     assert cfg.zo.q == 10  # the preset's keys the variant leaves alone
     cfg = resolve_config(preset="cpu", direct={"query_budget": 7}, sets=["eval.reinit=1"])
     assert (cfg.query_budget, cfg.eval.reinit, cfg.episodes) == (7, 1, 4000)
@@ -261,7 +261,7 @@ def test_a_method_variant_enters_below_direct_options_and_sets() -> None:
         "dead-leaves",
         0.0,
     )
-    assert resolve_config(preset="cpu", expand=False).method == "bbkd:colour-leaves-ink-lr3"
+    assert resolve_config(preset="cpu", expand=False).method == "bbkd:colour-leaves-ink-lr5"
     with pytest.raises(ConfigError, match="no extension named 'nope'"):
         resolve_config(direct={"method": "bbkd:nope"})
     # with the bench's table, a variant must be one its method declares

@@ -448,7 +448,7 @@ def resolve_named(
     ablation flags <- --set (last wins). ``direct`` values of None mean "not given";
     ``ablations`` may set None.
 
-    A method named ``METHOD:NAME`` (e.g. the ``cpu`` preset's ``bbkd:colour-leaves-ink-lr3``) is a
+    A method named ``METHOD:NAME`` (e.g. the ``cpu`` preset's ``bbkd:colour-leaves-ink-lr5``) is a
     variant: its config changes (:func:`split_variant`) enter just below the direct options, so
     ``--query-budget`` or ``--set`` still win and ``--method bidf-mkd`` drops them all; the
     resolved config names the plain method. ``expand=False`` keeps the name as it is (the shared
@@ -583,11 +583,12 @@ ABLATIONS["colour-leaves-ink"] = merge(
     ABLATIONS["union-leaves-ink"], {"kd": {"contrastive_colour": True}}
 )
 # Adam's outer lr at 0.003 instead of the preset's 0.001 (BENCHMARKS.md §6): "lr3" for the
-# methods that declare it (maml-real, so also the oracle maml-zoo:lr3); colour-leaves-ink-lr3 is
-# the cpu preset's method
+# methods that declare it (maml-real, so also the oracle maml-zoo:lr3, the measured ceiling);
+# colour-leaves-ink-lr3 was the cpu preset's method before colour-leaves-ink-lr5
 ABLATIONS["lr3"] = {"outer_lr": 0.003}
 ABLATIONS["colour-leaves-ink-lr3"] = merge(ABLATIONS["colour-leaves-ink"], ABLATIONS["lr3"])
-# Adam's outer lr at 0.005, a screen above lr3 (BENCHMARKS.md §6): "lr5" for the same methods.
+# Adam's outer lr at 0.005 (BENCHMARKS.md §6): "lr5" for the same methods; colour-leaves-ink-lr5
+# is the cpu preset's method
 ABLATIONS["lr5"] = {"outer_lr": 0.005}
 ABLATIONS["colour-leaves-ink-lr5"] = merge(ABLATIONS["colour-leaves-ink"], ABLATIONS["lr5"])
 

@@ -29,32 +29,32 @@ def test_demo_writes_report_curve_grids_and_table(tmp_path):
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     report = (out / "report.md").read_text()
-    for row in ("bbkd:colour-leaves-ink-lr3", "bidf-mkd", "random"):  # bidf-mkd: --paper
+    for row in ("bbkd:colour-leaves-ink-lr5", "bidf-mkd", "random"):  # bidf-mkd: --paper
         assert f"| {row} |" in report
     # one protocol for every row: the preset's method's (lr 0.1, top two stages re-drawn)
     assert "the same fine-tuning protocol for every initialization: 10 steps at lr 0.1" in report
     assert "the top 2 feature stages re-drawn" in report
     assert "the head (learned or random)" in report and "chosen per shot on meta-val" in report
-    for name in ("bbkd-colour-leaves-ink-lr3", "bidf-mkd", "random-synthetic"):  # the same grid
+    for name in ("bbkd-colour-leaves-ink-lr5", "bidf-mkd", "random-synthetic"):  # the same grid
         res_ = json.loads((out / ("" if name.startswith("random") else "SS") / name / "eval.json")
                           .read_text())["results"]["synthetic"]  # fmt: skip
         assert all(r["setting"]["head"] in ("learned", "random") for r in res_.values()), name
     assert (out / "learning_curve.png").stat().st_size > 1000
-    for name in ("bbkd-colour-leaves-ink-lr3", "bidf-mkd"):
+    for name in ("bbkd-colour-leaves-ink-lr5", "bidf-mkd"):
         run = out / "SS" / name
         assert (run / "config.yaml").exists() and (run / "best.pt").exists()
         assert list((run / "recovered").glob("event-*.png"))
         row = json.loads((run / "eval.json").read_text())
         assert row["queries"] > 0 and set(row["results"]["synthetic"]) == {"1-shot", "5-shot"}
         assert (row["config"]["eval"]["test_lr"], row["config"]["eval"]["reinit"]) == (0.1, 2)
-    leaves = json.loads((out / "SS" / "bbkd-colour-leaves-ink-lr3" / "eval.json").read_text())
+    leaves = json.loads((out / "SS" / "bbkd-colour-leaves-ink-lr5" / "eval.json").read_text())
     assert leaves["config"]["query_budget"] == 50_000  # its own budget; bidf-mkd's is 1 M
     assert (leaves["config"]["recovery"]["source"], leaves["config"]["kd"]["union_ce"]) == (
         "leaves-ink",
         1.0,
     )  # the preset's method, resolved
     assert leaves["config"]["kd"]["contrastive_colour"] is True
-    assert leaves["config"]["outer_lr"] == 0.003
+    assert leaves["config"]["outer_lr"] == 0.005
     assert "the APIs' mean top probability" in report and "mean recovery fidelity" in report
 
 

@@ -42,7 +42,7 @@ def bench_cmd(
     ),
     methods: str = typer.Option(
         "random,maml-real,maml-zoo,bbkd,bbkd:contrastive-leaves,bbkd:union-leaves-ink,"
-        "bbkd:colour-leaves-ink,bbkd:colour-leaves-ink-lr3,bidf-mkd,bidf-mkd:no-boundary,"
+        "bbkd:colour-leaves-ink,bbkd:colour-leaves-ink-lr5,bidf-mkd,bidf-mkd:no-boundary,"
         "bidf-mkd:no-memory,bidf-mkd:white-box",
         "--methods",
         help="Comma-separated method variants (rows of the table): " + ", ".join(_variants()) + ".",
@@ -100,8 +100,8 @@ def bench_cmd(
     bidf-mkd:diverse-pixels (recovery.diversity in features or pixels) and bidf-mkd:large-inner-lr
     (inner_lr=0.1) are default-off extensions.
 
-    A row's config: the preset, then the variant's own changes (bbkd:colour-leaves-ink-lr3, the
-    cpu preset's method, brings 1,000 updates, a 50 k budget and outer lr 0.003), then every
+    A row's config: the preset, then the variant's own changes (bbkd:colour-leaves-ink-lr5, the
+    cpu preset's method, brings 1,000 updates, a 50 k budget and outer lr 0.005), then every
     --set, then the scenario's zoo and datasets.
 
     Runs are stored under OUT/<scenario>/<variant>/ and reused when their eval.json exists, so

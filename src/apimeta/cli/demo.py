@@ -1,7 +1,7 @@
 """``apimeta demo``: the main job on the built-in offline data, end to end.
 
 Renders ``emoji`` (cached), builds a 20-API Conv4 zoo (cached under ``$APIMETA_HOME/zoos``),
-trains the ``cpu`` preset's method (``bbkd:colour-leaves-ink-lr3``; with ``--paper`` also the
+trains the ``cpu`` preset's method (``bbkd:colour-leaves-ink-lr5``; with ``--paper`` also the
 paper's BiDf-MKD), evaluates it and random init on the same meta-test tasks with one
 fine-tuning protocol, and writes a run directory with the resolved configs, metrics (JSONL),
 checkpoints, image grids per API event, a learning curve and ``report.md``.
@@ -154,7 +154,7 @@ def demo_cmd(
         # 3-4. train the preset's method (and with --paper BiDf-MKD), evaluate it and random
         # init on the same test tasks
         base = base_config("cpu", [])
-        default = str(base["method"])  # a variant name, e.g. bbkd:colour-leaves-ink-lr3
+        default = str(base["method"])  # a variant name, e.g. bbkd:colour-leaves-ink-lr5
         scenario = ZooScenario("SS", str(zoo_dir), dataset)
         # every row is fine-tuned with the default row's protocol (its meta-val uses it too)
         protocol = merge(base["eval"], split_variant(default)[1].get("eval", {}))

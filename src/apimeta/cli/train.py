@@ -34,7 +34,7 @@ def _methods_help() -> str:
     return (
         "Method to train: "
         + ", ".join(METHODS.names())
-        + ", or a variant METHOD:NAME of `apimeta bench` (e.g. bbkd:colour-leaves-ink-lr3, the cpu "
+        + ", or a variant METHOD:NAME of `apimeta bench` (e.g. bbkd:colour-leaves-ink-lr5, the cpu "
         "preset's). Default: the config's `method`."
     )
 
