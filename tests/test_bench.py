@@ -94,6 +94,11 @@ def test_ablations_change_exactly_one_component():
     assert (colour["outer_lr"], lr3["outer_lr"]) == (0.001, 0.003)
     lr5 = to_dict(_resolved("bbkd:colour-leaves-ink-lr5"))
     assert {k: lr5[k] for k in colour if colour[k] != lr5[k]} == {"outer_lr": 0.005}
+    cosine = to_dict(_resolved("bbkd:cosine-leaves-ink-lr5"))  # only the cosine union head
+    assert {k for k in lr5 if lr5[k] != cosine[k]} == {"kd"}
+    assert {k: cosine["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != cosine["kd"][k]} == {
+        "cosine_head": 10.0
+    }
     zoo, zoo3 = to_dict(_resolved("maml-zoo")), to_dict(_resolved("maml-zoo:lr3"))
     assert {k: zoo3[k] for k in zoo if zoo[k] != zoo3[k]} == {"outer_lr": 0.003}
     zoo5 = to_dict(_resolved("maml-zoo:lr5"))

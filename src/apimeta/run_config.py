@@ -144,6 +144,11 @@ class KDConfig:
     # through kd.contrastive alone (the control, for those APIs only). Screened in API-MH with
     # the kanji APIs unanswered: kanji got worse (BENCHMARKS.md §6); choose it on meta-val
     unanswered: list[str] = field(default_factory=list)
+    # extension (0 = off, a linear union head; bbkd only): the union head is a cosine classifier
+    # (Baseline++: scale x cosine of the features and each class's weight vector, no bias) whose
+    # scale starts at this value and is learned; the KD and union CE then shape the features'
+    # directions, what nearest-centroid and the first fine-tuning step use at meta-test
+    cosine_head: float = 0.0
 
 
 UNION_SCOPES = ("all", "dataset")  # kd.union_scope
@@ -591,6 +596,11 @@ ABLATIONS["colour-leaves-ink-lr3"] = merge(ABLATIONS["colour-leaves-ink"], ABLAT
 # is the cpu preset's method
 ABLATIONS["lr5"] = {"outer_lr": 0.005}
 ABLATIONS["colour-leaves-ink-lr5"] = merge(ABLATIONS["colour-leaves-ink"], ABLATIONS["lr5"])
+# extension: colour-leaves-ink-lr5 with a cosine union head (Baseline++), its scale starting at
+# 10 and learned (kd.cosine_head)
+ABLATIONS["cosine-leaves-ink-lr5"] = merge(
+    ABLATIONS["colour-leaves-ink-lr5"], {"kd": {"cosine_head": 10.0}}
+)
 
 # extensions, NOT data-free: contrastive-leaves / union-leaves with the candidates drawn from a
 # folder of unlabelled images the user brings (--set recovery.folder=PATH), a domain prior

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from apimeta.errors import CheckpointError, ConfigError
 from apimeta.events import EventSchedule
 from apimeta.losses import union_ce
 from apimeta.methods import METHODS
-from apimeta.methods.bbkd import dataset_spans
+from apimeta.methods.bbkd import CosineHead, dataset_spans
 from apimeta.models.meta import load_init
 from apimeta.run_config import (
     EvalConfig,
@@ -824,3 +825,37 @@ def test_bbkd_grey_kd_costs_no_queries_changes_training_and_is_refused_elsewhere
         train(_leaves(zoo, tmp_path / "x", 1.0, grey=1.5))
     with pytest.raises(ConfigError, match=r"kd\.grey \(0\.5\) is for bbkd"):
         train(tiny_cfg(zoo, tmp_path / "y", kd=KDConfig(adv_start=1, grey=0.5)))
+
+
+def test_cosine_head_bounds_the_union_logits_learns_its_scale_and_resumes_exactly(zoo, tmp_path):
+    """kd.cosine_head: the union head is a bias-free cosine classifier whose logits never
+    exceed its (learned) scale; the same queries, other weights; exact resume; refused by
+    bidf-mkd and below 0."""
+    head = CosineHead(6, 4, 10.0)
+    feats = torch.randn(5, 6) * 100.0  # the features' norm does not reach the logits
+    logits = head(feats)
+    assert logits.abs().max() <= 10.0 + 1e-4
+    torch.testing.assert_close(head(feats * 0.01), logits)
+    linear, _ = train(_leaves(zoo, tmp_path / "a", 1.0, union_ce=1.0))
+    cosine, _ = train(_leaves(zoo, tmp_path / "c", 1.0, union_ce=1.0, cosine_head=10.0))
+    assert isinstance(cosine.union_head, CosineHead)
+    assert cosine.ledger.used == linear.ledger.used == 2 * 7
+    a, b = (load_checkpoint(r.run.last_checkpoint) for r in (linear, cosine))
+    assert set(a["extra"]["union_head"]) == {"weight", "bias"}
+    assert set(b["extra"]["union_head"]) == {"weight", "log_scale"}
+    assert float(b["extra"]["union_head"]["log_scale"]) != pytest.approx(math.log(10.0), abs=0)
+    w = "net.features.0.weight"
+    assert not torch.equal(a["model"][w], b["model"][w])
+    train(_leaves(zoo, tmp_path / "part", 1.0, episodes=2, union_ce=1.0, cosine_head=10.0))
+    resumed, _ = train(
+        _leaves(zoo, tmp_path / "part", 1.0, union_ce=1.0, cosine_head=10.0), resume=True
+    )
+    c = load_checkpoint(resumed.run.last_checkpoint)
+    for k, v in b["model"].items():
+        torch.testing.assert_close(v, c["model"][k], rtol=0, atol=0)
+    for k, v in b["extra"]["union_head"].items():
+        torch.testing.assert_close(v, c["extra"]["union_head"][k], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=r"kd\.cosine_head .* >= 0"):
+        train(_leaves(zoo, tmp_path / "x", 1.0, cosine_head=-1.0))
+    with pytest.raises(ConfigError, match=r"kd\.cosine_head \(10\.0\) is for bbkd"):
+        train(tiny_cfg(zoo, tmp_path / "y", kd=KDConfig(adv_start=1, cosine_head=10.0)))

@@ -33,6 +33,10 @@ API's own classes; this contrasts classes of different APIs as well. No extra qu
 ``kd.union_scope: dataset`` keeps it to the classes of the answering API's dataset (a
 multi-dataset zoo's emoji and kanji classes are never contrasted; one dataset: no change).
 
+``kd.cosine_head`` > 0 (an extension): the union head is a :class:`CosineHead` (Baseline++),
+its scale starting at that value and learned; the KD and union CE then act on the features'
+directions, which nearest-centroid and the zero head's first fine-tuning step use at meta-test.
+
 ``kd.distill`` weighs the per-API KD (default 1). ``kd.distill: 0`` with ``kd.union_ce: 0`` uses
 none of the APIs' answers: a procedural source's candidates are drawn exactly as a labelled run
 draws them (as many as ``query_budget`` would label, the same images) but never queried, and the
@@ -46,6 +50,7 @@ draws the same number of candidates either way.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -97,6 +102,20 @@ def dataset_spans(keys: list[tuple[str, int]]) -> list[tuple[int, int]]:
 PROJECTION_HIDDEN, PROJECTION_DIM = 256, 128  # SimCLR's projection MLP (kd.contrastive)
 
 
+class CosineHead(nn.Module):
+    """A cosine classifier (Baseline++; ``kd.cosine_head``): (B, D) features -> (B, K) logits
+    ``s * cos(f, w_k)``, no bias, the scale ``s`` learned (as its log) from ``scale``."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(nn.Linear(in_features, out_features).weight.detach().clone())
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+
+    def forward(self, feats: Tensor) -> Tensor:
+        w = nn.functional.normalize(self.weight, dim=1)
+        return self.log_scale.exp() * nn.functional.normalize(feats, dim=1) @ w.T
+
+
 def _cpu_state(module: nn.Module | None) -> dict[str, Tensor] | None:
     return None if module is None else {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
@@ -109,7 +128,8 @@ class BBKD(APILearner):
     ablations = (
         "dead-leaves", "contrastive-leaves", "union-leaves", "mixup-recovery",
         "union-strokes", "union-ink", "union-leaves-ink", "ssl-leaves-ink", "colour-leaves-ink",
-        "colour-leaves-ink-lr3", "colour-leaves-ink-lr5", "public-contrastive", "public-union",
+        "colour-leaves-ink-lr3", "colour-leaves-ink-lr5", "cosine-leaves-ink-lr5",
+        "public-contrastive", "public-union",
     )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
 
@@ -155,7 +175,11 @@ class BBKD(APILearner):
         # the zero head gets no gradient here (the loss uses the union head), so Adam skips it
         with torch.random.fork_rng(devices=[]):  # seeded: the global RNG differs per process
             torch.manual_seed(derive_seed(self.cfg.seed, self.name, "union-head"))
-            self.union_head = nn.Linear(head.in_features, len(keys)).to(self.device)
+            self.union_head: nn.Module = (
+                CosineHead(head.in_features, len(keys), kd.cosine_head)
+                if kd.cosine_head
+                else nn.Linear(head.in_features, len(keys))
+            ).to(self.device)
             # the contrastive loss's projection (SimCLR's 2-layer MLP), only when it is on
             self.projection: nn.Module | None = None
             if self.cfg.kd.contrastive:
@@ -421,4 +445,4 @@ class BBKD(APILearner):
         return total, metrics
 
 
-__all__ = ["BBKD", "classifier_of", "dataset_spans"]
+__all__ = ["BBKD", "CosineHead", "classifier_of", "dataset_spans"]

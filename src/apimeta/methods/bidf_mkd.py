@@ -85,7 +85,8 @@ class BiDfMKD(APILearner):
                 "generator)"
             )
         for section, key in (
-            ("kd", "contrastive"), ("kd", "union_ce"), ("kd", "grey"), ("recovery", "mixups")
+            ("kd", "contrastive"), ("kd", "union_ce"), ("kd", "grey"), ("kd", "cosine_head"),
+            ("recovery", "mixups"),
         ):  # fmt: skip
             value = getattr(getattr(cfg, section), key)
             if value:
