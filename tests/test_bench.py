@@ -99,6 +99,11 @@ def test_ablations_change_exactly_one_component():
     assert {k: cosine["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != cosine["kd"][k]} == {
         "cosine_head": 10.0
     }
+    mixup = to_dict(_resolved("bbkd:mixup-leaves-ink-lr5"))  # only manifold mixup of the KD
+    assert {k for k in lr5 if lr5[k] != mixup[k]} == {"kd"}
+    assert {k: mixup["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != mixup["kd"][k]} == {
+        "manifold_mixup": 2.0
+    }
     zoo, zoo3 = to_dict(_resolved("maml-zoo")), to_dict(_resolved("maml-zoo:lr3"))
     assert {k: zoo3[k] for k in zoo if zoo[k] != zoo3[k]} == {"outer_lr": 0.003}
     zoo5 = to_dict(_resolved("maml-zoo:lr5"))

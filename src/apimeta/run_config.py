@@ -149,6 +149,12 @@ class KDConfig:
     # scale starts at this value and is learned; the KD and union CE then shape the features'
     # directions, what nearest-centroid and the first fine-tuning step use at meta-test
     cosine_head: float = 0.0
+    # extension (0 = off; bbkd only): manifold mixup of the KD (S2M2): each answered KD batch
+    # also trains on mixes of its images with a permutation of them, at a depth drawn per batch
+    # (the images or a feature stage's output, interpolation.draw_mix), the weight lam ~
+    # Beta(this, this), against the same mix of the API's answers (probabilities); weighted
+    # like the KD (kd.distill). No queries
+    manifold_mixup: float = 0.0
 
 
 UNION_SCOPES = ("all", "dataset")  # kd.union_scope
@@ -600,6 +606,10 @@ ABLATIONS["colour-leaves-ink-lr5"] = merge(ABLATIONS["colour-leaves-ink"], ABLAT
 # 10 and learned (kd.cosine_head)
 ABLATIONS["cosine-leaves-ink-lr5"] = merge(
     ABLATIONS["colour-leaves-ink-lr5"], {"kd": {"cosine_head": 10.0}}
+)
+# extension: colour-leaves-ink-lr5 with manifold mixup of the KD, lam ~ Beta(2, 2)
+ABLATIONS["mixup-leaves-ink-lr5"] = merge(
+    ABLATIONS["colour-leaves-ink-lr5"], {"kd": {"manifold_mixup": 2.0}}
 )
 
 # extensions, NOT data-free: contrastive-leaves / union-leaves with the candidates drawn from a

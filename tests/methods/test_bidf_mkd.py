@@ -859,3 +859,26 @@ def test_cosine_head_bounds_the_union_logits_learns_its_scale_and_resumes_exactl
         train(_leaves(zoo, tmp_path / "x", 1.0, cosine_head=-1.0))
     with pytest.raises(ConfigError, match=r"kd\.cosine_head \(10\.0\) is for bbkd"):
         train(tiny_cfg(zoo, tmp_path / "y", kd=KDConfig(adv_start=1, cosine_head=10.0)))
+
+
+def test_manifold_mixup_costs_no_queries_changes_training_and_resumes_exactly(zoo, tmp_path):
+    """kd.manifold_mixup: the same candidates and answers, other weights; exact resume; refused
+    by bidf-mkd and below 0."""
+    plain, _ = train(_leaves(zoo, tmp_path / "a", 1.0))
+    mixed, _ = train(_leaves(zoo, tmp_path / "m", 1.0, manifold_mixup=2.0))
+    assert mixed.ledger.used == plain.ledger.used == 2 * 7
+    a, b = (load_checkpoint(r.run.last_checkpoint) for r in (plain, mixed))
+    for k in ("pool_x", "pool_t"):
+        for u, v in zip(a["extra"][k], b["extra"][k], strict=True):
+            assert torch.equal(u, v)
+    w = "net.features.0.weight"
+    assert not torch.equal(a["model"][w], b["model"][w])
+    train(_leaves(zoo, tmp_path / "part", 1.0, episodes=2, manifold_mixup=2.0))
+    resumed, _ = train(_leaves(zoo, tmp_path / "part", 1.0, manifold_mixup=2.0), resume=True)
+    c = load_checkpoint(resumed.run.last_checkpoint)
+    for k, v in b["model"].items():
+        torch.testing.assert_close(v, c["model"][k], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=r"kd\.manifold_mixup .* >= 0"):
+        train(_leaves(zoo, tmp_path / "x", 1.0, manifold_mixup=-1.0))
+    with pytest.raises(ConfigError, match=r"kd\.manifold_mixup \(2\.0\) is for bbkd"):
+        train(tiny_cfg(zoo, tmp_path / "y", kd=KDConfig(adv_start=1, manifold_mixup=2.0)))

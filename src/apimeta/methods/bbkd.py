@@ -37,6 +37,11 @@ multi-dataset zoo's emoji and kanji classes are never contrasted; one dataset: n
 its scale starting at that value and learned; the KD and union CE then act on the features'
 directions, which nearest-centroid and the zero head's first fine-tuning step use at meta-test.
 
+``kd.manifold_mixup`` > 0 (an extension, S2M2's manifold mixup): each answered KD batch also
+trains on mixes of its images with a permutation of them, at a depth drawn per batch (the
+images or one feature stage's output, :func:`~apimeta.interpolation.draw_mix`, lam ~ Beta(a,
+a)), against the same mix of the API's answers as probabilities. No queries.
+
 ``kd.distill`` weighs the per-API KD (default 1). ``kd.distill: 0`` with ``kd.union_ce: 0`` uses
 none of the APIs' answers: a procedural source's candidates are drawn exactly as a labelled run
 draws them (as many as ``query_budget`` would label, the same images) but never queried, and the
@@ -62,10 +67,12 @@ from apimeta.episodes import APIEpisode
 from apimeta.errors import ConfigError, QueryBudgetExceeded
 from apimeta.evaluate import head_features
 from apimeta.events import APIEvent
+from apimeta.interpolation import INPUT, draw_mix, mixing
 from apimeta.losses import nt_xent, output_kind, teacher_probs, union_ce
 from apimeta.maml import named_params
 from apimeta.methods.api_learner import APILearner
 from apimeta.methods.interface import METHODS
+from apimeta.models.stages import feature_stages
 from apimeta.seeding import derive_seed
 from apimeta.transforms import (
     color_jitter,
@@ -129,7 +136,7 @@ class BBKD(APILearner):
         "dead-leaves", "contrastive-leaves", "union-leaves", "mixup-recovery",
         "union-strokes", "union-ink", "union-leaves-ink", "ssl-leaves-ink", "colour-leaves-ink",
         "colour-leaves-ink-lr3", "colour-leaves-ink-lr5", "cosine-leaves-ink-lr5",
-        "public-contrastive", "public-union",
+        "mixup-leaves-ink-lr5", "public-contrastive", "public-union",
     )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
 
@@ -393,6 +400,24 @@ class BBKD(APILearner):
         z1, z2 = self.projection(feats).chunk(2)
         return nt_xent(z1, z2, self.cfg.kd.contrastive_tau)
 
+    def _mixup_kd(
+        self, xb: Tensor, teacher: Tensor, cols: Tensor, is_probs: bool, g: torch.Generator
+    ) -> Tensor:
+        """KD on manifold mixes of the (B, C, H, W) batch ``xb`` (model size) with a permutation
+        of it, against the same mix of the (B, K) answers ``teacher`` (``kd.manifold_mixup``)."""
+        cfg = self.cfg
+        mix = draw_mix(len(feature_stages(self.model)), cfg.kd.manifold_mixup, g)
+        perm = torch.randperm(xb.shape[0], generator=g).to(self.device)
+        p = teacher_probs(teacher, 1.0, is_probs)  # mixed as probabilities, tempered by the KD
+        target = mix.lam * p + (1 - mix.lam) * p[perm]
+        if mix.stage == INPUT:
+            feats = self._features(mix.lam * xb + (1 - mix.lam) * xb[perm])
+        else:  # both halves become the mix after that stage; the first is kept
+            with mixing(self.model, mix):
+                feats = self._features(torch.cat([xb, xb[perm]]))[: xb.shape[0]]
+        logits = self.union_head(feats)[:, cols]
+        return self.kd(logits, target, T=cfg.kd.T, teacher_is_probs=True)
+
     def meta_batch_loss(self, step: int) -> tuple[Tensor, dict[str, Any]]:
         cfg = self.cfg
         if step % max(cfg.events.patience, 1) == 0 and not self.budget_exhausted:
@@ -415,7 +440,8 @@ class BBKD(APILearner):
             answered = self.pool_answered[i]
             if cfg.kd.grey and answered:  # the contrastive views keep their colour
                 xb = random_grey(xb, g, cfg.kd.grey)
-            feats = self._features(resize(xb, cfg.image_size))
+            xb = resize(xb, cfg.image_size)
+            feats = self._features(xb)
             cols = self.pool_cols[i].to(self.device)
             full = self.union_head(feats)  # (B, every API's classes)
             logits = full[:, cols]
@@ -424,6 +450,9 @@ class BBKD(APILearner):
             if cfg.kd.distill and answered:
                 kd = self.kd(logits, teacher, T=cfg.kd.T, teacher_is_probs=self.pool_probs[i])
                 loss = cfg.kd.distill * kd
+                if cfg.kd.manifold_mixup:
+                    mixed = self._mixup_kd(xb, teacher, cols, self.pool_probs[i], g)
+                    loss = loss + cfg.kd.distill * mixed
             if cfg.kd.union_ce and answered:
                 scope, scope_cols = full, cols
                 if cfg.kd.union_scope == "dataset":
