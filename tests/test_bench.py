@@ -99,6 +99,12 @@ def test_ablations_change_exactly_one_component():
     assert {k: cosine["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != cosine["kd"][k]} == {
         "cosine_head": 10.0
     }
+    forget = to_dict(_resolved("bbkd:forget-leaves-ink-lr5"))  # only later-layer forgetting
+    assert {k for k in lr5 if lr5[k] != forget[k]} == {"kd"}
+    assert {k: forget["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != forget["kd"][k]} == {
+        "forget_every": 0.1
+    }
+    assert forget["kd"]["forget_stages"] == 2
     mixup = to_dict(_resolved("bbkd:mixup-leaves-ink-lr5"))  # only manifold mixup of the KD
     assert {k for k in lr5 if lr5[k] != mixup[k]} == {"kd"}
     assert {k: mixup["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != mixup["kd"][k]} == {

@@ -155,6 +155,13 @@ class KDConfig:
     # Beta(this, this), against the same mix of the API's answers (probabilities); weighted
     # like the KD (kd.distill). No queries
     manifold_mixup: float = 0.0
+    # extension (0 = off; bbkd only): later-layer forgetting. Every this many meta-updates (a
+    # value in (0, 1) is that fraction of the run, see schedule_point) the top forget_stages
+    # feature stages are re-drawn in place (each layer's default init, seeded by the step; their
+    # Adam state cleared), as eval.reinit re-draws them at meta-test: the kept low-level stages
+    # learn under ever-fresh top stages. No queries
+    forget_every: float = 0.0
+    forget_stages: int = 2
 
 
 UNION_SCOPES = ("all", "dataset")  # kd.union_scope
@@ -606,6 +613,11 @@ ABLATIONS["colour-leaves-ink-lr5"] = merge(ABLATIONS["colour-leaves-ink"], ABLAT
 # 10 and learned (kd.cosine_head)
 ABLATIONS["cosine-leaves-ink-lr5"] = merge(
     ABLATIONS["colour-leaves-ink-lr5"], {"kd": {"cosine_head": 10.0}}
+)
+# extension: colour-leaves-ink-lr5 whose top two stages (those eval.reinit re-draws at
+# meta-test) are re-drawn every tenth of the run
+ABLATIONS["forget-leaves-ink-lr5"] = merge(
+    ABLATIONS["colour-leaves-ink-lr5"], {"kd": {"forget_every": 0.1, "forget_stages": 2}}
 )
 # extension: colour-leaves-ink-lr5 with manifold mixup of the KD, lam ~ Beta(2, 2)
 ABLATIONS["mixup-leaves-ink-lr5"] = merge(

@@ -17,6 +17,7 @@ from apimeta.losses import union_ce
 from apimeta.methods import METHODS
 from apimeta.methods.bbkd import CosineHead, dataset_spans
 from apimeta.models.meta import load_init
+from apimeta.models.stages import feature_stages, redraw_top_stages
 from apimeta.run_config import (
     EvalConfig,
     EventConfig,
@@ -27,6 +28,7 @@ from apimeta.run_config import (
     ZOConfig,
 )
 from apimeta.runs import RunDir
+from apimeta.seeding import derive_seed
 from apimeta.testing import make_config
 
 B_PER_CLASS, ITERS, Q, WAY = 4, 2, 2, 5
@@ -882,3 +884,43 @@ def test_manifold_mixup_costs_no_queries_changes_training_and_resumes_exactly(zo
         train(_leaves(zoo, tmp_path / "x", 1.0, manifold_mixup=-1.0))
     with pytest.raises(ConfigError, match=r"kd\.manifold_mixup \(2\.0\) is for bbkd"):
         train(tiny_cfg(zoo, tmp_path / "y", kd=KDConfig(adv_start=1, manifold_mixup=2.0)))
+
+
+def test_forget_redraws_the_top_stages_clears_their_adam_state_and_resumes_exactly(zoo, tmp_path):
+    """kd.forget_every: at every multiple of it (not update 0) the top kd.forget_stages stages
+    are re-drawn in place, seeded by the step, with their Adam state cleared; the same queries;
+    exact resume across a re-draw; bad values refused, and by bidf-mkd."""
+    plain, _ = train(_leaves(zoo, tmp_path / "a", 1.0))
+    forget, _ = train(_leaves(zoo, tmp_path / "f", 1.0, forget_every=1.0))  # at update 1
+    assert forget.ledger.used == plain.ledger.used == 2 * 7
+    assert forget.forget_every == 1
+    a, b = (load_checkpoint(r.run.last_checkpoint)["model"] for r in (plain, forget))
+    assert not torch.equal(a["net.features.12.weight"], b["net.features.12.weight"])
+    # the mechanics on the trained learner: top two stages -> the seeded draw, state cleared
+    model = forget.model
+    want = redraw_top_stages(model, 2, derive_seed(forget.cfg.seed, "bbkd", "forget", 9))
+    stages = feature_stages(model)
+    top = {id(p) for s in stages[2:] for p in s.parameters()}
+    low = [p for s in stages[:2] for p in s.parameters()]
+    kept = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) not in top}
+    assert all(p in forget.optimizer.state for p in low)
+    forget._forget(9)
+    for (n, p), q in zip(model.named_parameters(), want.parameters(), strict=True):
+        if id(p) in top:
+            assert torch.equal(p, q), n
+            assert p not in forget.optimizer.state
+        else:
+            assert torch.equal(p, kept[n]), n
+    assert all(p in forget.optimizer.state for p in low)
+    # interrupted before the re-draw and resumed: the same weights
+    train(_leaves(zoo, tmp_path / "part", 1.0, episodes=2, forget_every=1.0))
+    resumed, _ = train(_leaves(zoo, tmp_path / "part", 1.0, forget_every=1.0), resume=True)
+    c = load_checkpoint(resumed.run.last_checkpoint)["model"]
+    for k, v in b.items():
+        torch.testing.assert_close(v, c[k], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=r"kd\.forget_every must be >= 0"):
+        train(_leaves(zoo, tmp_path / "x", 1.0, forget_every=-1.0))
+    with pytest.raises(ConfigError, match=r"kd\.forget_stages must be in 0\.\.4"):
+        train(_leaves(zoo, tmp_path / "z", 1.0, forget_every=1.0, forget_stages=5))
+    with pytest.raises(ConfigError, match=r"kd\.forget_every \(1\.0\) is for bbkd"):
+        train(tiny_cfg(zoo, tmp_path / "y", kd=KDConfig(adv_start=1, forget_every=1.0)))

@@ -8,7 +8,7 @@ from torch import nn
 
 from apimeta.errors import ConfigError
 from apimeta.models import build_backbone
-from apimeta.models.stages import feature_stages, redraw_top_stages
+from apimeta.models.stages import feature_stages, redraw_stages_, redraw_top_stages
 
 
 @pytest.mark.parametrize("name, n", [("conv4", 4), ("resnet10", 5), ("resnet12", 4)])
@@ -51,6 +51,31 @@ def test_redraw_changes_only_the_top_stages_with_a_seeded_default_init():
     assert all(torch.equal(again[n], after[n]) for n in after)
     assert not torch.equal(other["net.features.8.weight"], w)
     assert redraw_top_stages(model, 0, seed=7) is model
+
+
+@pytest.mark.parametrize("name", ["conv4", "resnet10"])
+def test_redraw_in_place_keeps_the_tensors_and_draws_what_the_copy_draws(name):
+    """``redraw_stages_`` (kd.forget_every) changes the same parameter tensors in place to the
+    values ``redraw_top_stages`` gives a copy from the same seed; the rest is untouched."""
+    model = build_backbone(name, num_classes=5, width=8 if name == "conv4" else 0.125)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    want = _params(redraw_top_stages(model, 2, seed=3))
+    before = _params(model)
+    ids = [id(p) for p in model.parameters()]
+    rng = torch.get_rng_state()
+    redraw_stages_(feature_stages(model)[-2:], seed=3)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [id(p) for p in model.parameters()] == ids
+    now = _params(model)
+    assert all(torch.equal(now[n], want[n]) for n in want)
+    assert any(not torch.equal(now[n], before[n]) for n in now)
+    kept = {id(p) for s in feature_stages(model)[:-2] for p in s.parameters()}
+    kept |= {id(p) for p in model.net.classifier.parameters()}
+    for n, p in model.named_parameters():
+        if id(p) in kept:
+            assert torch.equal(now[n], before[n]), n
 
 
 def test_redraw_refuses_more_stages_than_the_backbone_has():

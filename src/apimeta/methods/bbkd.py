@@ -42,6 +42,11 @@ trains on mixes of its images with a permutation of them, at a depth drawn per b
 images or one feature stage's output, :func:`~apimeta.interpolation.draw_mix`, lam ~ Beta(a,
 a)), against the same mix of the API's answers as probabilities. No queries.
 
+``kd.forget_every`` > 0 (an extension, later-layer forgetting): every that many meta-updates
+(a fraction: of the run) the top ``kd.forget_stages`` feature stages are re-drawn in place
+(:func:`~apimeta.models.stages.redraw_stages_`, seeded by the step) and their Adam state is
+cleared, as ``eval.reinit`` re-draws them at meta-test. No queries.
+
 ``kd.distill`` weighs the per-API KD (default 1). ``kd.distill: 0`` with ``kd.union_ce: 0`` uses
 none of the APIs' answers: a procedural source's candidates are drawn exactly as a labelled run
 draws them (as many as ``query_budget`` would label, the same images) but never queried, and the
@@ -72,7 +77,8 @@ from apimeta.losses import nt_xent, output_kind, teacher_probs, union_ce
 from apimeta.maml import named_params
 from apimeta.methods.api_learner import APILearner
 from apimeta.methods.interface import METHODS
-from apimeta.models.stages import feature_stages
+from apimeta.models.stages import check_reinit, feature_stages, redraw_stages_
+from apimeta.run_config import schedule_point
 from apimeta.seeding import derive_seed
 from apimeta.transforms import (
     color_jitter,
@@ -136,7 +142,7 @@ class BBKD(APILearner):
         "dead-leaves", "contrastive-leaves", "union-leaves", "mixup-recovery",
         "union-strokes", "union-ink", "union-leaves-ink", "ssl-leaves-ink", "colour-leaves-ink",
         "colour-leaves-ink-lr3", "colour-leaves-ink-lr5", "cosine-leaves-ink-lr5",
-        "mixup-leaves-ink-lr5", "public-contrastive", "public-union",
+        "mixup-leaves-ink-lr5", "forget-leaves-ink-lr5", "public-contrastive", "public-union",
     )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
 
@@ -207,6 +213,23 @@ class BBKD(APILearner):
         self.pool_answered: list[bool] = []  # False: drawn, never queried (no KD targets)
         self.budget_exhausted = False
         self.n_events = 0
+        self.forget_every = 0
+        if kd.forget_every:
+            try:
+                check_reinit(self.model, kd.forget_stages)
+            except ConfigError as e:
+                raise ConfigError(str(e).replace("eval.reinit", "kd.forget_stages")) from None
+            self.forget_every = schedule_point(kd.forget_every, self.total_updates())
+
+    def _forget(self, step: int) -> None:
+        """Re-draw the top ``kd.forget_stages`` stages in place and clear their Adam state."""
+        stages = feature_stages(self.model)
+        top = stages[len(stages) - self.cfg.kd.forget_stages :]
+        redraw_stages_(top, derive_seed(self.cfg.seed, self.name, "forget", step))
+        for stage in top:
+            for p in stage.parameters():
+                self.optimizer.state.pop(p, None)
+        log.info("kd.forget_every: update %d re-drew the top %d stages", step, len(top))
 
     def extra_state(self) -> dict[str, Any]:
         return {
@@ -420,6 +443,8 @@ class BBKD(APILearner):
 
     def meta_batch_loss(self, step: int) -> tuple[Tensor, dict[str, Any]]:
         cfg = self.cfg
+        if self.forget_every and step > 0 and step % self.forget_every == 0:
+            self._forget(step)
         if step % max(cfg.events.patience, 1) == 0 and not self.budget_exhausted:
             self._event()
         if not self.pool_x:

@@ -167,6 +167,10 @@ def check_run_config(cfg: RunConfig) -> None:
         (0 <= cfg.kd.grey <= 1, f"kd.grey must be in [0, 1] (0 = off), got {cfg.kd.grey}"),
         (cfg.kd.distill >= 0, f"kd.distill must be >= 0 (0 = off), got {cfg.kd.distill}"),
         (
+            cfg.kd.forget_every >= 0,
+            f"kd.forget_every must be >= 0 (0 = off), got {cfg.kd.forget_every}",
+        ),
+        (
             cfg.kd.manifold_mixup >= 0,
             f"kd.manifold_mixup is a Beta(a, a) parameter: >= 0 (0 = off), got "
             f"{cfg.kd.manifold_mixup}",

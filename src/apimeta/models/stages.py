@@ -56,4 +56,22 @@ def redraw_top_stages(model: nn.Module, k: int, seed: int) -> nn.Module:
     return out.to(device)
 
 
-__all__ = ["check_reinit", "feature_stages", "redraw_top_stages"]
+def redraw_stages_(stages: list[nn.Module], seed: int) -> None:
+    """Re-draw ``stages`` in place (the same parameter tensors; kernel-level training use):
+    each layer's default init (``reset_parameters``, batch-norm statistics included) drawn on
+    CPU from the seed ``seed``, then copied in, so the draw is the same on every device and
+    the global RNG is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        for stage in stages:
+            fresh = copy.deepcopy(stage).cpu()
+            for m in fresh.modules():  # (a stage's own layers; containers have none)
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            new = fresh.state_dict()
+            with torch.no_grad():
+                for name, dst in stage.state_dict().items():
+                    dst.copy_(new[name])
+
+
+__all__ = ["check_reinit", "feature_stages", "redraw_stages_", "redraw_top_stages"]
