@@ -99,6 +99,8 @@ def test_ablations_change_exactly_one_component():
     assert {k: cosine["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != cosine["kd"][k]} == {
         "cosine_head": 10.0
     }
+    ssl5 = to_dict(_resolved("bbkd:ssl-leaves-ink-lr5"))  # the control at lr 0.005
+    assert {k: ssl5[k] for k in ssl if ssl[k] != ssl5[k]} == {"outer_lr": 0.005}
     forget = to_dict(_resolved("bbkd:forget-leaves-ink-lr5"))  # only later-layer forgetting
     assert {k for k in lr5 if lr5[k] != forget[k]} == {"kd"}
     assert {k: forget["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != forget["kd"][k]} == {

@@ -609,6 +609,9 @@ ABLATIONS["colour-leaves-ink-lr3"] = merge(ABLATIONS["colour-leaves-ink"], ABLAT
 # is the cpu preset's method
 ABLATIONS["lr5"] = {"outer_lr": 0.005}
 ABLATIONS["colour-leaves-ink-lr5"] = merge(ABLATIONS["colour-leaves-ink"], ABLATIONS["lr5"])
+# the control (no API answers) at the default's outer lr: colour-leaves-ink-lr5 minus this row
+# is what the APIs' answers and the views' colour distortion add at lr 0.005
+ABLATIONS["ssl-leaves-ink-lr5"] = merge(ABLATIONS["ssl-leaves-ink"], ABLATIONS["lr5"])
 # extension: colour-leaves-ink-lr5 with a cosine union head (Baseline++), its scale starting at
 # 10 and learned (kd.cosine_head)
 ABLATIONS["cosine-leaves-ink-lr5"] = merge(

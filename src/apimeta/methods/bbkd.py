@@ -140,9 +140,10 @@ class BBKD(APILearner):
     name = "bbkd"
     ablations = (
         "dead-leaves", "contrastive-leaves", "union-leaves", "mixup-recovery",
-        "union-strokes", "union-ink", "union-leaves-ink", "ssl-leaves-ink", "colour-leaves-ink",
-        "colour-leaves-ink-lr3", "colour-leaves-ink-lr5", "cosine-leaves-ink-lr5",
-        "mixup-leaves-ink-lr5", "forget-leaves-ink-lr5", "public-contrastive", "public-union",
+        "union-strokes", "union-ink", "union-leaves-ink", "ssl-leaves-ink", "ssl-leaves-ink-lr5",
+        "colour-leaves-ink", "colour-leaves-ink-lr3", "colour-leaves-ink-lr5",
+        "cosine-leaves-ink-lr5", "mixup-leaves-ink-lr5", "forget-leaves-ink-lr5",
+        "public-contrastive", "public-union",
     )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
 
