@@ -115,6 +115,31 @@ def cell_dir(out: Path, scenario: ZooScenario, name: str, seed: int | None = Non
     return path / f"seed-{seed}" if seed is not None else path
 
 
+def check_cell_layout(out: Path, scenario: ZooScenario, name: str, seed: int | None) -> None:
+    """ConfigError (one line) if ``--seeds`` does not match the layout of the row's runs already
+    in ``out``: a one-seed bench (``seed`` None: the run in the row's directory itself) over a
+    directory holding ``seed-N`` runs would write beside them, and a restart would discard them."""
+    path = run_dir_for(out, scenario, name)
+    if seed is None and path.is_dir():
+        held = sorted(p.name for p in path.glob("seed-*") if p.is_dir())
+        if held:
+            raise ConfigError(
+                f"{path} holds the runs of {len(held)} training seeds ({', '.join(held)}) of a "
+                f"bench with --seeds {len(held)}; rerun with that --seeds (finished seeds are "
+                "reused) or give another --out"
+            )
+
+
+def _partial_run(path: Path) -> bool:
+    """Whether ``path`` is a run that stopped before its first checkpoint: no checkpoint,
+    results or other run below it, so nothing is lost by starting it over."""
+    return not (
+        any(path.rglob("*.pt"))
+        or any(path.rglob("eval.json"))
+        or any(p.is_dir() and p.name.startswith("seed-") for p in path.iterdir())
+    )
+
+
 def evaluate_init(
     cfg: RunConfig,
     checkpoint: Path | None,
@@ -250,6 +275,7 @@ def run_one(
     with the fine-tuning protocol chosen on meta-val (:func:`tune_init`, cached in
     ``tuned.json``)."""
     method = variant(name)[0]
+    check_cell_layout(out, scenario, name, seed)
     path = cell_dir(out, scenario, name, seed)
     done = path / "eval.json"
     cfg = row_config(base, scenario, name, path, shots=shots, tasks=tasks, seed=seed, sets=sets)
@@ -272,6 +298,11 @@ def run_one(
     if method != "random":
         resume = (path / "last.pt").exists()
         if not resume and path.exists():
+            if not _partial_run(path):  # never delete finished work
+                raise ConfigError(
+                    f"{path} holds runs or results but no last.pt to resume; move it away or "
+                    "give another --out"
+                )
             # stopped before its first checkpoint: nothing to resume, so start it over
             log.warning("discarding %s: it stopped before its first checkpoint", path)
             shutil.rmtree(path)
@@ -692,6 +723,7 @@ __all__ = [
     "ZooScenario",
     "base_config",
     "cell_dir",
+    "check_cell_layout",
     "comparison_table",
     "config_diff",
     "evaluate_init",

@@ -107,6 +107,24 @@ def test_bench_restarts_a_run_killed_before_its_first_checkpoint(tmp_path):
     assert '{"step": 0}' not in (stale / "metrics.jsonl").read_text()
 
 
+def test_bench_never_discards_a_directory_holding_finished_work(tmp_path):
+    """Only a run killed before its first checkpoint is started over; a directory without
+    last.pt that holds a checkpoint or results is refused and left as it is."""
+    zoo = tmp_path / "zoo"
+    build_zoo(["synthetic"], 2, ["conv4"], 5, zoo, epochs=1, conv4_width=8)
+    stale = tmp_path / "b" / "SS" / "bidf-mkd"
+    (stale / "old").mkdir(parents=True)
+    (stale / "metrics.jsonl").write_text('{"step": 0}\n')
+    (stale / "old" / "best.pt").write_bytes(b"weights")
+    args = ["bench", "--scenario", f"SS={zoo}:synthetic", "--methods", "bidf-mkd",
+            "--set", "episodes=4", "--tasks", "3", "--out", str(tmp_path / "b"), *TINY]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code != 0
+    assert "holds runs or results but no last.pt to resume" in res.output
+    assert (stale / "old" / "best.pt").read_bytes() == b"weights"
+    assert (stale / "metrics.jsonl").read_text() == '{"step": 0}\n'
+
+
 def test_zoo_free_rows_are_shared_by_scenarios(tmp_path):
     zoo = tmp_path / "zoo"
     build_zoo(["synthetic"], 2, ["conv4"], 5, zoo, epochs=1, conv4_width=8)
@@ -216,6 +234,15 @@ def test_bench_seeds_gives_means_spreads_and_paired_differences(tmp_path):
     res = runner.invoke(app, args)  # finished runs are reused
     assert res.exit_code == 0, res.output
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "b").rglob("eval.json")} == first
+    # a one-seed bench into the same --out never touches the seeds' runs: refused up front
+    one = [a if a != "2" else "1" for a in args]
+    assert one[one.index("--seeds") + 1] == "1"
+    res = runner.invoke(app, one)
+    assert res.exit_code != 0
+    assert "holds the runs of 2 training seeds (seed-2022, seed-2023)" in res.output
+    assert "rerun with that --seeds" in res.output and "Traceback" not in res.output
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "b").rglob("eval.json")} == first
+    assert len(list((tmp_path / "b").rglob("last.pt"))) == 2  # maml-real's two runs
 
 
 def test_bench_workers_give_the_same_numbers_as_one_process(tmp_path):

@@ -114,6 +114,7 @@ def bench_cmd(
             Cell,
             ZooScenario,
             base_config,
+            check_cell_layout,
             comparison_table,
             machine_line,
             paired_table,
@@ -149,6 +150,9 @@ def bench_cmd(
         seed_list: list[int | None] = (
             [None] if seeds == 1 else [first_seed + i for i in range(seeds)]
         )
+        for s_ in scen:  # before any work: --seeds must match the runs already in --out
+            for n in names:
+                check_cell_layout(out, s_, n, seed_list[0])
         rows = []
         cols = (
             TextColumn("{task.description}"),
