@@ -57,10 +57,10 @@ def redraw_top_stages(model: nn.Module, k: int, seed: int) -> nn.Module:
 
 
 def redraw_stages_(stages: list[nn.Module], seed: int) -> None:
-    """Re-draw ``stages`` in place (the same parameter tensors; kernel-level training use):
-    each layer's default init (``reset_parameters``, batch-norm statistics included) drawn on
-    CPU from the seed ``seed``, then copied in, so the draw is the same on every device and
-    the global RNG is left untouched."""
+    """Re-draw ``stages`` of a model in training in place (the same parameter tensors, so an
+    optimizer keeps them): each layer's default init (``reset_parameters``; batch-norm
+    statistics too) drawn on CPU from the seed ``seed`` and copied in, the values
+    :func:`redraw_top_stages` gives a copy; the same on every device, the global RNG untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         for stage in stages:
