@@ -214,6 +214,8 @@ class BBKD(APILearner):
         self.pool_answered: list[bool] = []  # False: drawn, never queried (no KD targets)
         self.budget_exhausted = False
         self.n_events = 0
+        # kd.manifold_mixup draws a depth per KD batch among the backbone's stages: count once
+        self.n_stages = len(feature_stages(self.model)) if kd.manifold_mixup else 0
         self.forget_every = 0
         if kd.forget_every:
             try:
@@ -430,7 +432,7 @@ class BBKD(APILearner):
         """KD on manifold mixes of the (B, C, H, W) batch ``xb`` (model size) with a permutation
         of it, against the same mix of the (B, K) answers ``teacher`` (``kd.manifold_mixup``)."""
         cfg = self.cfg
-        mix = draw_mix(len(feature_stages(self.model)), cfg.kd.manifold_mixup, g)
+        mix = draw_mix(self.n_stages, cfg.kd.manifold_mixup, g)
         perm = torch.randperm(xb.shape[0], generator=g).to(self.device)
         p = teacher_probs(teacher, 1.0, is_probs)  # mixed as probabilities, tempered by the KD
         target = mix.lam * p + (1 - mix.lam) * p[perm]
