@@ -107,6 +107,15 @@ def test_ablations_change_exactly_one_component():
         "forget_every": 0.1
     }
     assert forget["kd"]["forget_stages"] == 2
+    for row, change in {
+        "bbkd:forget1-leaves-ink-lr5": {"forget_stages": 1},  # only the top stage
+        "bbkd:forget-slow-leaves-ink-lr5": {"forget_every": 0.2},  # half as often
+    }.items():
+        mild = to_dict(_resolved(row))
+        assert {k for k in forget if forget[k] != mild[k]} == {"kd"}
+        assert {k: mild["kd"][k] for k in forget["kd"] if forget["kd"][k] != mild["kd"][k]} == (
+            change
+        )
     mixup = to_dict(_resolved("bbkd:mixup-leaves-ink-lr5"))  # only manifold mixup of the KD
     assert {k for k in lr5 if lr5[k] != mixup[k]} == {"kd"}
     assert {k: mixup["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != mixup["kd"][k]} == {
