@@ -110,6 +110,7 @@ def test_ablations_change_exactly_one_component():
     for row, change in {
         "bbkd:forget1-leaves-ink-lr5": {"forget_stages": 1},  # only the top stage
         "bbkd:forget-slow-leaves-ink-lr5": {"forget_every": 0.2},  # half as often
+        "bbkd:forget-fast-leaves-ink-lr5": {"forget_every": 0.05},  # twice as often
     }.items():
         mild = to_dict(_resolved(row))
         assert {k for k in forget if forget[k] != mild[k]} == {"kd"}

@@ -622,13 +622,16 @@ ABLATIONS["cosine-leaves-ink-lr5"] = merge(
 ABLATIONS["forget-leaves-ink-lr5"] = merge(
     ABLATIONS["colour-leaves-ink-lr5"], {"kd": {"forget_every": 0.1, "forget_stages": 2}}
 )
-# forget-leaves-ink-lr5's settings, milder: only the top stage re-drawn (forget1), or the top
-# two every fifth of the run instead of every tenth (forget-slow)
+# forget-leaves-ink-lr5's settings: only the top stage re-drawn (forget1), or the top two every
+# fifth of the run (forget-slow) or every twentieth (forget-fast) instead of every tenth
 ABLATIONS["forget1-leaves-ink-lr5"] = merge(
     ABLATIONS["forget-leaves-ink-lr5"], {"kd": {"forget_stages": 1}}
 )
 ABLATIONS["forget-slow-leaves-ink-lr5"] = merge(
     ABLATIONS["forget-leaves-ink-lr5"], {"kd": {"forget_every": 0.2}}
+)
+ABLATIONS["forget-fast-leaves-ink-lr5"] = merge(
+    ABLATIONS["forget-leaves-ink-lr5"], {"kd": {"forget_every": 0.05}}
 )
 # extension: colour-leaves-ink-lr5 with manifold mixup of the KD, lam ~ Beta(2, 2)
 ABLATIONS["mixup-leaves-ink-lr5"] = merge(

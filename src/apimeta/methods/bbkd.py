@@ -143,7 +143,7 @@ class BBKD(APILearner):
         "union-strokes", "union-ink", "union-leaves-ink", "ssl-leaves-ink", "ssl-leaves-ink-lr5",
         "colour-leaves-ink", "colour-leaves-ink-lr3", "colour-leaves-ink-lr5",
         "cosine-leaves-ink-lr5", "mixup-leaves-ink-lr5", "forget-leaves-ink-lr5",
-        "forget1-leaves-ink-lr5", "forget-slow-leaves-ink-lr5",
+        "forget1-leaves-ink-lr5", "forget-slow-leaves-ink-lr5", "forget-fast-leaves-ink-lr5",
         "public-contrastive", "public-union",
     )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
