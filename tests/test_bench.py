@@ -112,9 +112,9 @@ def test_ablations_change_exactly_one_component():
         "bbkd:forget-slow-leaves-ink-lr5": {"forget_every": 0.2},  # half as often
         "bbkd:forget-fast-leaves-ink-lr5": {"forget_every": 0.05},  # twice as often
     }.items():
-        mild = to_dict(_resolved(row))
-        assert {k for k in forget if forget[k] != mild[k]} == {"kd"}
-        assert {k: mild["kd"][k] for k in forget["kd"] if forget["kd"][k] != mild["kd"][k]} == (
+        other = to_dict(_resolved(row))
+        assert {k for k in forget if forget[k] != other[k]} == {"kd"}
+        assert {k: other["kd"][k] for k in forget["kd"] if forget["kd"][k] != other["kd"][k]} == (
             change
         )
     mixup = to_dict(_resolved("bbkd:mixup-leaves-ink-lr5"))  # only manifold mixup of the KD
