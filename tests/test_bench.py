@@ -117,6 +117,16 @@ def test_ablations_change_exactly_one_component():
         assert {k: other["kd"][k] for k in forget["kd"] if forget["kd"][k] != other["kd"][k]} == (
             change
         )
+    freeze = to_dict(_resolved("bbkd:freeze-leaves-ink-lr5"))  # only the frozen top stages
+    assert {k for k in lr5 if lr5[k] != freeze[k]} == {"kd"}
+    assert {k: freeze["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != freeze["kd"][k]} == {
+        "freeze_stages": 2
+    }
+    assert freeze["kd"]["freeze_draw"] == "eval"
+    run_draw = to_dict(_resolved("bbkd:freeze-run-leaves-ink-lr5"))  # only the draw's seed
+    assert {k: run_draw["kd"][k] for k in freeze["kd"] if freeze["kd"][k] != run_draw["kd"][k]} == (
+        {"freeze_draw": "run"}
+    )
     mixup = to_dict(_resolved("bbkd:mixup-leaves-ink-lr5"))  # only manifold mixup of the KD
     assert {k for k in lr5 if lr5[k] != mixup[k]} == {"kd"}
     assert {k: mixup["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != mixup["kd"][k]} == {

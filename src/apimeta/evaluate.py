@@ -105,12 +105,16 @@ def predict_non_transductive(
 HEADS = ("learned", "zero", "proto", "random", "ncc")
 
 
+#: the seed of the stages ``eval.reinit`` re-draws (also ``kd.freeze_draw: eval``'s)
+REINIT_SEED = derive_seed(DEFAULT_EVAL_SEED, "reinit")
+
+
 def reinit_stages(model: nn.Module, k: int) -> nn.Module:
     """``model``, or a copy whose last ``k`` feature stages (``eval.reinit``) are re-drawn with
     each layer's default init from one fixed seed: the same new stages for every init of the
     same backbone, so a comparison differs only in the stages kept. Transfers the low-level
     features of an init and leaves the high-level ones fresh."""
-    return redraw_top_stages(model, k, derive_seed(DEFAULT_EVAL_SEED, "reinit"))
+    return redraw_top_stages(model, k, REINIT_SEED)
 
 
 def head_features(model: nn.Module, params: Params, x: Tensor) -> Tensor:
@@ -577,6 +581,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 __all__ = [
     "DEFAULT_EVAL_SEED",
+    "REINIT_SEED",
     "adapt_and_score",
     "check_grid",
     "ci95",

@@ -162,9 +162,18 @@ class KDConfig:
     # learn under ever-fresh top stages. No queries
     forget_every: float = 0.0
     forget_stages: int = 2
+    # extension (0 = off; bbkd only): the top freeze_stages feature stages are drawn once at
+    # setup and never trained (left out of the optimizer); the lower stages learn under them.
+    # freeze_draw "eval": drawn exactly as eval.reinit = freeze_stages re-draws them at
+    # meta-test, so training and meta-test see the same top stages (reinit 0 and reinit
+    # freeze_stages then evaluate the same model); "run": drawn from the run's seed instead (the
+    # control: frozen random stages that meta-test's re-draw replaces). No queries
+    freeze_stages: int = 0
+    freeze_draw: str = "eval"
 
 
 UNION_SCOPES = ("all", "dataset")  # kd.union_scope
+FREEZE_DRAWS = ("eval", "run")  # kd.freeze_draw
 
 
 @dataclass
@@ -632,6 +641,15 @@ ABLATIONS["forget-slow-leaves-ink-lr5"] = merge(
 )
 ABLATIONS["forget-fast-leaves-ink-lr5"] = merge(
     ABLATIONS["forget-leaves-ink-lr5"], {"kd": {"forget_every": 0.05}}
+)
+# extension: colour-leaves-ink-lr5 whose top two stages are drawn once, as eval.reinit=2
+# re-draws them at meta-test, and never trained (freeze); the control freeze-run draws them from
+# the run's seed instead
+ABLATIONS["freeze-leaves-ink-lr5"] = merge(
+    ABLATIONS["colour-leaves-ink-lr5"], {"kd": {"freeze_stages": 2, "freeze_draw": "eval"}}
+)
+ABLATIONS["freeze-run-leaves-ink-lr5"] = merge(
+    ABLATIONS["freeze-leaves-ink-lr5"], {"kd": {"freeze_draw": "run"}}
 )
 # extension: colour-leaves-ink-lr5 with manifold mixup of the KD, lam ~ Beta(2, 2)
 ABLATIONS["mixup-leaves-ink-lr5"] = merge(

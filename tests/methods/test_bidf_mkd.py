@@ -12,6 +12,7 @@ from apimeta.apis.base import QueryLedger
 from apimeta.apis.zoo import build_zoo
 from apimeta.checkpoint import load_checkpoint
 from apimeta.errors import CheckpointError, ConfigError
+from apimeta.evaluate import REINIT_SEED, reinit_stages
 from apimeta.events import EventSchedule
 from apimeta.losses import union_ce
 from apimeta.methods import METHODS
@@ -924,3 +925,53 @@ def test_forget_redraws_the_top_stages_clears_their_adam_state_and_resumes_exact
         train(_leaves(zoo, tmp_path / "z", 1.0, forget_every=1.0, forget_stages=5))
     with pytest.raises(ConfigError, match=r"kd\.forget_every \(1\.0\) is for bbkd"):
         train(tiny_cfg(zoo, tmp_path / "y", kd=KDConfig(adv_start=1, forget_every=1.0)))
+
+
+def test_freeze_keeps_the_top_stages_at_meta_tests_draw_out_of_the_optimizer(zoo, tmp_path):
+    """kd.freeze_stages: the top stages are drawn once (freeze_draw eval: what eval.reinit
+    re-draws at meta-test; run: from the run's seed) and never change, while they still require
+    grad (meta-test fine-tunes them) and stay out of the optimizer; the lower stages train; the
+    same queries; exact resume; bad values refused, and by bidf-mkd."""
+    plain, _ = train(_leaves(zoo, tmp_path / "a", 1.0))
+    frozen, _ = train(_leaves(zoo, tmp_path / "f", 1.0, freeze_stages=2))
+    run_draw, _ = train(_leaves(zoo, tmp_path / "r", 1.0, freeze_stages=2, freeze_draw="run"))
+    assert frozen.ledger.used == plain.ledger.used == 2 * 7
+    a, b, r = (load_checkpoint(x.run.last_checkpoint)["model"] for x in (plain, frozen, run_draw))
+    model = frozen.model
+    stages = feature_stages(model)
+    top = {id(p) for s in stages[2:] for p in s.parameters()}
+    names = {n for n, p in model.named_parameters() if id(p) in top}
+    assert names and all(p.requires_grad for p in model.parameters())
+    in_opt = {id(p) for g in frozen.optimizer.param_groups for p in g["params"]}
+    assert not top & in_opt and all(id(p) in in_opt for s in stages[:2] for p in s.parameters())
+    # eval.reinit=2 re-draws exactly the frozen stages: reinit 0 and 2 are the same model
+    redrawn = dict(reinit_stages(model, 2).named_parameters())
+    want_run = dict(
+        redraw_top_stages(model, 2, derive_seed(run_draw.cfg.seed, "bbkd", "freeze"))
+        .named_parameters()
+    )  # fmt: skip
+    for n in names:
+        assert torch.equal(b[n], redrawn[n]), n
+        assert torch.equal(r[n], want_run[n]), n
+        if b[n].dim() > 1:  # (batch-norm's fresh affine is 1 and 0 in every draw)
+            assert not torch.equal(b[n], r[n]), n
+            assert not torch.equal(a[n], b[n]), n  # the plain run trains them
+    w = "net.features.0.weight"  # the lower stages train, under other top stages
+    assert not torch.equal(a[w], b[w]) and not torch.equal(b[w], r[w])
+    assert derive_seed(run_draw.cfg.seed, "bbkd", "freeze") != REINIT_SEED
+    # interrupted and resumed: the same weights
+    train(_leaves(zoo, tmp_path / "part", 1.0, episodes=2, freeze_stages=2))
+    resumed, _ = train(_leaves(zoo, tmp_path / "part", 1.0, freeze_stages=2), resume=True)
+    c = load_checkpoint(resumed.run.last_checkpoint)["model"]
+    for k, v in b.items():
+        torch.testing.assert_close(v, c[k], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=r"kd\.freeze_stages must be >= 0"):
+        train(_leaves(zoo, tmp_path / "x", 1.0, freeze_stages=-1))
+    with pytest.raises(ConfigError, match=r"kd\.freeze_stages must be in 0\.\.4"):
+        train(_leaves(zoo, tmp_path / "z", 1.0, freeze_stages=5))
+    with pytest.raises(ConfigError, match=r"kd\.freeze_draw must be one of eval, run"):
+        train(_leaves(zoo, tmp_path / "d", 1.0, freeze_stages=2, freeze_draw="test"))
+    with pytest.raises(ConfigError, match=r"turn one off"):
+        train(_leaves(zoo, tmp_path / "o", 1.0, freeze_stages=2, forget_every=1.0))
+    with pytest.raises(ConfigError, match=r"kd\.freeze_stages \(2\) is for bbkd"):
+        train(tiny_cfg(zoo, tmp_path / "y", kd=KDConfig(adv_start=1, freeze_stages=2)))

@@ -47,6 +47,11 @@ a)), against the same mix of the API's answers as probabilities. No queries.
 (:func:`~apimeta.models.stages.redraw_stages_`, seeded by the step) and their Adam state is
 cleared, as ``eval.reinit`` re-draws them at meta-test. No queries.
 
+``kd.freeze_stages`` > 0 (an extension): the top that many feature stages are drawn once, as
+``eval.reinit`` re-draws them at meta-test (``kd.freeze_draw: eval``; ``run``: from the run's
+seed, the control), and never trained: the lower stages learn under exactly the top stages
+meta-test starts from. No queries.
+
 ``kd.distill`` weighs the per-API KD (default 1). ``kd.distill: 0`` with ``kd.union_ce: 0`` uses
 none of the APIs' answers: a procedural source's candidates are drawn exactly as a labelled run
 draws them (as many as ``query_budget`` would label, the same images) but never queried, and the
@@ -70,7 +75,7 @@ from apimeta.apis.base import BlackBoxAPI
 from apimeta.candidates import FOLDER, draw_candidates, folder_images, mixups
 from apimeta.episodes import APIEpisode
 from apimeta.errors import ConfigError, QueryBudgetExceeded
-from apimeta.evaluate import head_features
+from apimeta.evaluate import REINIT_SEED, head_features
 from apimeta.events import APIEvent
 from apimeta.interpolation import INPUT, draw_mix, mixing
 from apimeta.losses import nt_xent, output_kind, teacher_probs, union_ce
@@ -144,6 +149,7 @@ class BBKD(APILearner):
         "colour-leaves-ink", "colour-leaves-ink-lr3", "colour-leaves-ink-lr5",
         "cosine-leaves-ink-lr5", "mixup-leaves-ink-lr5", "forget-leaves-ink-lr5",
         "forget1-leaves-ink-lr5", "forget-slow-leaves-ink-lr5", "forget-fast-leaves-ink-lr5",
+        "freeze-leaves-ink-lr5", "freeze-run-leaves-ink-lr5",
         "public-contrastive", "public-union",
     )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
@@ -224,6 +230,29 @@ class BBKD(APILearner):
             except ConfigError as e:
                 raise ConfigError(str(e).replace("eval.reinit", "kd.forget_stages")) from None
             self.forget_every = schedule_point(kd.forget_every, self.total_updates())
+        self.frozen: list[nn.Parameter] = []
+        if kd.freeze_stages:
+            self._freeze(kd.freeze_stages)
+
+    def _freeze(self, k: int) -> None:
+        """Draw the top ``k`` stages once (``kd.freeze_draw``: as ``eval.reinit = k`` re-draws
+        them, or from the run's seed) and leave them out of the optimizer. They keep requiring
+        grad, so meta-test fine-tunes them like any init's stages; their gradients are dropped
+        each update (:meth:`meta_batch_loss`)."""
+        try:
+            check_reinit(self.model, k)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("eval.reinit", "kd.freeze_stages")) from None
+        stages = feature_stages(self.model)
+        top = stages[len(stages) - k :]
+        draw = self.cfg.kd.freeze_draw
+        seed = REINIT_SEED if draw == "eval" else derive_seed(self.cfg.seed, self.name, "freeze")
+        redraw_stages_(top, seed)
+        self.frozen = [p for stage in top for p in stage.parameters()]
+        ids = {id(p) for p in self.frozen}
+        for group in self.optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        log.info("kd.freeze_stages: the top %d stages are frozen (%s draw)", k, draw)
 
     def _forget(self, step: int) -> None:
         """Re-draw the top ``kd.forget_stages`` stages in place and clear their Adam state."""
@@ -449,6 +478,8 @@ class BBKD(APILearner):
         cfg = self.cfg
         if self.forget_every and step > 0 and step % self.forget_every == 0:
             self._forget(step)
+        for p in self.frozen:  # the last update's gradient (not in the optimizer's zero_grad)
+            p.grad = None
         if step % max(cfg.events.patience, 1) == 0 and not self.budget_exhausted:
             self._event()
         if not self.pool_x:

@@ -86,7 +86,8 @@ class BiDfMKD(APILearner):
             )
         for section, key in (
             ("kd", "contrastive"), ("kd", "union_ce"), ("kd", "grey"), ("kd", "cosine_head"),
-            ("kd", "manifold_mixup"), ("kd", "forget_every"), ("recovery", "mixups"),
+            ("kd", "manifold_mixup"), ("kd", "forget_every"), ("kd", "freeze_stages"),
+            ("recovery", "mixups"),
         ):  # fmt: skip
             value = getattr(getattr(cfg, section), key)
             if value:

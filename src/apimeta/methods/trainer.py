@@ -65,7 +65,7 @@ from apimeta.models.meta import load_meta_model, load_run_datasets, meta_model_f
 from apimeta.models.stages import check_reinit
 from apimeta.recovery import ITERATES
 from apimeta.registry import Registry
-from apimeta.run_config import UNION_SCOPES, RunConfig, schedule_point
+from apimeta.run_config import FREEZE_DRAWS, UNION_SCOPES, RunConfig, schedule_point
 from apimeta.runs import RunDir
 from apimeta.scenarios import SCENARIOS
 from apimeta.seeding import deterministic_kernels, make_generator
@@ -169,6 +169,18 @@ def check_run_config(cfg: RunConfig) -> None:
         (
             cfg.kd.forget_every >= 0,
             f"kd.forget_every must be >= 0 (0 = off), got {cfg.kd.forget_every}",
+        ),
+        (
+            cfg.kd.freeze_stages >= 0,
+            f"kd.freeze_stages must be >= 0 (0 = off), got {cfg.kd.freeze_stages}",
+        ),
+        (
+            cfg.kd.freeze_draw in FREEZE_DRAWS,
+            f"kd.freeze_draw must be one of {', '.join(FREEZE_DRAWS)}, got {cfg.kd.freeze_draw!r}",
+        ),
+        (
+            not (cfg.kd.freeze_stages and cfg.kd.forget_every),
+            "kd.freeze_stages and kd.forget_every both change the top stages; turn one off",
         ),
         (
             cfg.kd.manifold_mixup >= 0,
