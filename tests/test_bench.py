@@ -127,6 +127,12 @@ def test_ablations_change_exactly_one_component():
     assert {k: run_draw["kd"][k] for k in freeze["kd"] if freeze["kd"][k] != run_draw["kd"][k]} == (
         {"freeze_draw": "run"}
     )
+    answers2 = to_dict(_resolved("bbkd:answers2-leaves-ink-lr5"))  # only the answers' weight
+    assert {k for k in lr5 if lr5[k] != answers2[k]} == {"kd"}
+    assert {k: answers2["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != answers2["kd"][k]} == {
+        "distill": 2.0,
+        "union_ce": 2.0,
+    }
     mixup = to_dict(_resolved("bbkd:mixup-leaves-ink-lr5"))  # only manifold mixup of the KD
     assert {k for k in lr5 if lr5[k] != mixup[k]} == {"kd"}
     assert {k: mixup["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != mixup["kd"][k]} == {

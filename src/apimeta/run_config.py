@@ -651,6 +651,11 @@ ABLATIONS["freeze-leaves-ink-lr5"] = merge(
 ABLATIONS["freeze-run-leaves-ink-lr5"] = merge(
     ABLATIONS["freeze-leaves-ink-lr5"], {"kd": {"freeze_draw": "run"}}
 )
+# colour-leaves-ink-lr5 with the APIs' answers at twice the weight (per-API KD and union CE):
+# under Adam the same as half the contrastive loss's weight
+ABLATIONS["answers2-leaves-ink-lr5"] = merge(
+    ABLATIONS["colour-leaves-ink-lr5"], {"kd": {"distill": 2.0, "union_ce": 2.0}}
+)
 # extension: colour-leaves-ink-lr5 with manifold mixup of the KD, lam ~ Beta(2, 2)
 ABLATIONS["mixup-leaves-ink-lr5"] = merge(
     ABLATIONS["colour-leaves-ink-lr5"], {"kd": {"manifold_mixup": 2.0}}

@@ -149,7 +149,7 @@ class BBKD(APILearner):
         "colour-leaves-ink", "colour-leaves-ink-lr3", "colour-leaves-ink-lr5",
         "cosine-leaves-ink-lr5", "mixup-leaves-ink-lr5", "forget-leaves-ink-lr5",
         "forget1-leaves-ink-lr5", "forget-slow-leaves-ink-lr5", "forget-fast-leaves-ink-lr5",
-        "freeze-leaves-ink-lr5", "freeze-run-leaves-ink-lr5",
+        "freeze-leaves-ink-lr5", "freeze-run-leaves-ink-lr5", "answers2-leaves-ink-lr5",
         "public-contrastive", "public-union",
     )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
