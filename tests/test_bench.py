@@ -133,6 +133,8 @@ def test_ablations_change_exactly_one_component():
         "distill": 2.0,
         "union_ce": 2.0,
     }
+    wd = to_dict(_resolved("bbkd:wd-leaves-ink-lr5"))  # only AdamW's weight decay
+    assert {k: wd[k] for k in lr5 if lr5[k] != wd[k]} == {"outer_wd": 0.05}
     mixup = to_dict(_resolved("bbkd:mixup-leaves-ink-lr5"))  # only manifold mixup of the KD
     assert {k for k in lr5 if lr5[k] != mixup[k]} == {"kd"}
     assert {k: mixup["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != mixup["kd"][k]} == {

@@ -282,6 +282,9 @@ class RunConfig:
     episodes: int = 8000
     meta_batch: int = 4
     outer_lr: float = 1e-3
+    # extension (0 = off: Adam, the paper): decoupled weight decay of the outer optimizer
+    # (AdamW: every update scales each weight by 1 - lr x this), on every trained parameter
+    outer_wd: float = 0.0
     # extension (0 = off, the paper): an exponential moving average of the meta-model's weights,
     # w_ema <- ema * w_ema + (1 - ema) * w after every meta-update; meta-val, best.pt and the
     # meta-test use the average (last.pt keeps both, for an exact resume)
@@ -656,6 +659,8 @@ ABLATIONS["freeze-run-leaves-ink-lr5"] = merge(
 ABLATIONS["answers2-leaves-ink-lr5"] = merge(
     ABLATIONS["colour-leaves-ink-lr5"], {"kd": {"distill": 2.0, "union_ce": 2.0}}
 )
+# extension: colour-leaves-ink-lr5 with AdamW's decoupled weight decay 0.05 (outer_wd)
+ABLATIONS["wd-leaves-ink-lr5"] = merge(ABLATIONS["colour-leaves-ink-lr5"], {"outer_wd": 0.05})
 # extension: colour-leaves-ink-lr5 with manifold mixup of the KD, lam ~ Beta(2, 2)
 ABLATIONS["mixup-leaves-ink-lr5"] = merge(
     ABLATIONS["colour-leaves-ink-lr5"], {"kd": {"manifold_mixup": 2.0}}

@@ -975,3 +975,26 @@ def test_freeze_keeps_the_top_stages_at_meta_tests_draw_out_of_the_optimizer(zoo
         train(_leaves(zoo, tmp_path / "o", 1.0, freeze_stages=2, forget_every=1.0))
     with pytest.raises(ConfigError, match=r"kd\.freeze_stages \(2\) is for bbkd"):
         train(tiny_cfg(zoo, tmp_path / "y", kd=KDConfig(adv_start=1, freeze_stages=2)))
+
+
+def test_outer_wd_is_adamws_decoupled_decay_and_changes_training(zoo, tmp_path):
+    """outer_wd > 0: AdamW with that decay (every weight with a gradient shrinks by lr x wd
+    before Adam's step; the zero head, never given a gradient, stays 0); 0: Adam, the paper."""
+    plain, _ = train(_leaves(zoo, tmp_path / "a", 1.0))
+    decayed, _ = train(dataclasses.replace(_leaves(zoo, tmp_path / "w", 1.0), outer_wd=0.05))
+    assert type(plain.optimizer) is torch.optim.Adam
+    assert isinstance(decayed.optimizer, torch.optim.AdamW)
+    assert all(g["weight_decay"] == 0.05 for g in decayed.optimizer.param_groups)
+    assert decayed.ledger.used == plain.ledger.used
+    a, b = (load_checkpoint(r.run.last_checkpoint)["model"] for r in (plain, decayed))
+    w = "net.features.0.weight"
+    assert not torch.equal(a[w], b[w])
+    assert not b["net.classifier.weight"].any()
+    # one step by hand: decay first, then Adam's update, on a fresh parameter
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.5)
+    p.grad = torch.zeros(3)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), 1 - 0.1 * 0.5))
+    with pytest.raises(ConfigError, match=r"outer_wd must be >= 0"):
+        train(dataclasses.replace(_leaves(zoo, tmp_path / "x", 1.0), outer_wd=-1.0))

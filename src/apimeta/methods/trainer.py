@@ -197,6 +197,7 @@ def check_run_config(cfg: RunConfig) -> None:
             f"kd.union_ce_min_prob must be in [0, 1), got {cfg.kd.union_ce_min_prob}",
         ),
         (0.0 <= cfg.ema < 1.0, f"ema must be in [0, 1) (0 = off), got {cfg.ema}"),
+        (cfg.outer_wd >= 0, f"outer_wd must be >= 0 (0 = off), got {cfg.outer_wd}"),
         (cfg.episodes >= 0, f"episodes must be >= 0, got {cfg.episodes}"),
         (cfg.inner_steps >= 0, f"inner_steps must be >= 0, got {cfg.inner_steps}"),
         (cfg.eval.tasks >= 1, f"eval.tasks must be >= 1, got {cfg.eval.tasks}"),
@@ -528,7 +529,13 @@ class MetaTrainer(Method):
             for k in {cfg.eval.reinit, *(cfg.eval.tune or {}).get("reinit", [])}:
                 if k:  # refused now, not at the first meta-val pass or the final meta-test
                     check_reinit(self.model, int(k))
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
+            self.optimizer = (
+                torch.optim.AdamW(
+                    self.model.parameters(), lr=cfg.outer_lr, weight_decay=cfg.outer_wd
+                )
+                if cfg.outer_wd
+                else torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
+            )
             self.ema_model = None
             if cfg.ema > 0:
                 # trainable like the model (evaluation adapts what requires grad); no optimizer
