@@ -133,6 +133,8 @@ def test_ablations_change_exactly_one_component():
         "distill": 2.0,
         "union_ce": 2.0,
     }
+    lr8 = to_dict(_resolved("bbkd:colour-leaves-ink-lr8"))  # only the outer lr
+    assert {k: lr8[k] for k in lr5 if lr5[k] != lr8[k]} == {"outer_lr": 0.008}
     wd = to_dict(_resolved("bbkd:wd-leaves-ink-lr5"))  # only AdamW's weight decay
     assert {k: wd[k] for k in lr5 if lr5[k] != wd[k]} == {"outer_wd": 0.05}
     mixup = to_dict(_resolved("bbkd:mixup-leaves-ink-lr5"))  # only manifold mixup of the KD

@@ -621,6 +621,8 @@ ABLATIONS["colour-leaves-ink-lr3"] = merge(ABLATIONS["colour-leaves-ink"], ABLAT
 # is the cpu preset's method
 ABLATIONS["lr5"] = {"outer_lr": 0.005}
 ABLATIONS["colour-leaves-ink-lr5"] = merge(ABLATIONS["colour-leaves-ink"], ABLATIONS["lr5"])
+# the default's outer lr pushed further, to 0.008 (a screen)
+ABLATIONS["colour-leaves-ink-lr8"] = merge(ABLATIONS["colour-leaves-ink"], {"outer_lr": 0.008})
 # the control (no API answers) at the default's outer lr: colour-leaves-ink-lr5 minus this row
 # is what the APIs' answers and the views' colour distortion add at lr 0.005
 ABLATIONS["ssl-leaves-ink-lr5"] = merge(ABLATIONS["ssl-leaves-ink"], ABLATIONS["lr5"])

@@ -150,7 +150,7 @@ class BBKD(APILearner):
         "cosine-leaves-ink-lr5", "mixup-leaves-ink-lr5", "forget-leaves-ink-lr5",
         "forget1-leaves-ink-lr5", "forget-slow-leaves-ink-lr5", "forget-fast-leaves-ink-lr5",
         "freeze-leaves-ink-lr5", "freeze-run-leaves-ink-lr5", "answers2-leaves-ink-lr5",
-        "wd-leaves-ink-lr5",
+        "wd-leaves-ink-lr5", "colour-leaves-ink-lr8",
         "public-contrastive", "public-union",
     )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
