@@ -564,6 +564,17 @@ def _leaves(zoo, tmp_path, contrastive: float, episodes: int = 4, **kd) -> RunCo
     )  # fmt: skip
 
 
+def _resumes_exactly(zoo, tmp_path, want: dict, **kd) -> dict:
+    """A `_leaves` run stopped after 2 of its 4 updates and resumed ends with the weights
+    ``want`` (the uninterrupted run's model state); returns the resumed run's last checkpoint."""
+    train(_leaves(zoo, tmp_path / "part", 1.0, episodes=2, **kd))
+    resumed, _ = train(_leaves(zoo, tmp_path / "part", 1.0, **kd), resume=True)
+    c = load_checkpoint(resumed.run.last_checkpoint)
+    for k, v in want.items():
+        torch.testing.assert_close(v, c["model"][k], rtol=0, atol=0)
+    return c
+
+
 def test_bbkd_contrastive_term_costs_no_queries_changes_training_and_resumes_exactly(zoo, tmp_path):
     off, _ = train(_leaves(zoo, tmp_path / "off", 0.0))
     on, _ = train(_leaves(zoo, tmp_path / "on", 1.0))
@@ -576,11 +587,7 @@ def test_bbkd_contrastive_term_costs_no_queries_changes_training_and_resumes_exa
     w = "net.features.0.weight"
     assert not torch.equal(a["model"][w], b["model"][w])
     # interrupted and resumed: the same weights, projection included
-    train(_leaves(zoo, tmp_path / "part", 1.0, episodes=2))
-    resumed, _ = train(_leaves(zoo, tmp_path / "part", 1.0), resume=True)
-    c = load_checkpoint(resumed.run.last_checkpoint)
-    for k, v in b["model"].items():
-        torch.testing.assert_close(v, c["model"][k], rtol=0, atol=0)
+    c = _resumes_exactly(zoo, tmp_path, b["model"])
     for k, v in b["extra"]["projection"].items():
         torch.testing.assert_close(v, c["extra"]["projection"][k], rtol=0, atol=0)
 
@@ -876,11 +883,7 @@ def test_manifold_mixup_costs_no_queries_changes_training_and_resumes_exactly(zo
             assert torch.equal(u, v)
     w = "net.features.0.weight"
     assert not torch.equal(a["model"][w], b["model"][w])
-    train(_leaves(zoo, tmp_path / "part", 1.0, episodes=2, manifold_mixup=2.0))
-    resumed, _ = train(_leaves(zoo, tmp_path / "part", 1.0, manifold_mixup=2.0), resume=True)
-    c = load_checkpoint(resumed.run.last_checkpoint)
-    for k, v in b["model"].items():
-        torch.testing.assert_close(v, c["model"][k], rtol=0, atol=0)
+    _resumes_exactly(zoo, tmp_path, b["model"], manifold_mixup=2.0)
     with pytest.raises(ConfigError, match=r"kd\.manifold_mixup .* >= 0"):
         train(_leaves(zoo, tmp_path / "x", 1.0, manifold_mixup=-1.0))
     with pytest.raises(ConfigError, match=r"kd\.manifold_mixup \(2\.0\) is for bbkd"):
@@ -914,11 +917,7 @@ def test_forget_redraws_the_top_stages_clears_their_adam_state_and_resumes_exact
             assert torch.equal(p, kept[n]), n
     assert all(p in forget.optimizer.state for p in low)
     # interrupted before the re-draw and resumed: the same weights
-    train(_leaves(zoo, tmp_path / "part", 1.0, episodes=2, forget_every=1.0))
-    resumed, _ = train(_leaves(zoo, tmp_path / "part", 1.0, forget_every=1.0), resume=True)
-    c = load_checkpoint(resumed.run.last_checkpoint)["model"]
-    for k, v in b.items():
-        torch.testing.assert_close(v, c[k], rtol=0, atol=0)
+    _resumes_exactly(zoo, tmp_path, b, forget_every=1.0)
     with pytest.raises(ConfigError, match=r"kd\.forget_every must be >= 0"):
         train(_leaves(zoo, tmp_path / "x", 1.0, forget_every=-1.0))
     with pytest.raises(ConfigError, match=r"kd\.forget_stages must be in 0\.\.4"):
@@ -960,11 +959,7 @@ def test_freeze_keeps_the_top_stages_at_meta_tests_draw_out_of_the_optimizer(zoo
     assert not torch.equal(a[w], b[w]) and not torch.equal(b[w], r[w])
     assert derive_seed(run_draw.cfg.seed, "bbkd", "freeze") != REINIT_SEED
     # interrupted and resumed: the same weights
-    train(_leaves(zoo, tmp_path / "part", 1.0, episodes=2, freeze_stages=2))
-    resumed, _ = train(_leaves(zoo, tmp_path / "part", 1.0, freeze_stages=2), resume=True)
-    c = load_checkpoint(resumed.run.last_checkpoint)["model"]
-    for k, v in b.items():
-        torch.testing.assert_close(v, c[k], rtol=0, atol=0)
+    _resumes_exactly(zoo, tmp_path, b, freeze_stages=2)
     with pytest.raises(ConfigError, match=r"kd\.freeze_stages must be >= 0"):
         train(_leaves(zoo, tmp_path / "x", 1.0, freeze_stages=-1))
     with pytest.raises(ConfigError, match=r"kd\.freeze_stages must be in 0\.\.4"):
