@@ -24,6 +24,11 @@ def test_white_box_variant_uses_true_gradients_without_early_stop():
     assert cfg.recovery.early_stop_prob is None
 
 
+def _changes(base: dict, other: dict) -> dict:
+    """The entries of ``other`` whose values differ from ``base``'s (the same keys)."""
+    return {k: other[k] for k in base if base[k] != other[k]}
+
+
 def test_ablations_change_exactly_one_component():
     base = to_dict(_resolved("bidf-mkd"))
     for name, changed in [
@@ -81,7 +86,7 @@ def test_ablations_change_exactly_one_component():
     # the control without the APIs' answers: union-leaves-ink with the per-API KD and union CE off
     li, ssl = to_dict(_resolved("bbkd:union-leaves-ink")), to_dict(_resolved("bbkd:ssl-leaves-ink"))
     assert {k for k in li if li[k] != ssl[k]} == {"kd"}
-    assert {k: ssl["kd"][k] for k in li["kd"] if li["kd"][k] != ssl["kd"][k]} == {
+    assert _changes(li["kd"], ssl["kd"]) == {
         "distill": 0.0,
         "union_ce": 0.0,
     }
@@ -93,19 +98,15 @@ def test_ablations_change_exactly_one_component():
     assert {k for k in colour if colour[k] != lr3[k]} == {"outer_lr"}
     assert (colour["outer_lr"], lr3["outer_lr"]) == (0.001, 0.003)
     lr5 = to_dict(_resolved("bbkd:colour-leaves-ink-lr5"))
-    assert {k: lr5[k] for k in colour if colour[k] != lr5[k]} == {"outer_lr": 0.005}
+    assert _changes(colour, lr5) == {"outer_lr": 0.005}
     cosine = to_dict(_resolved("bbkd:cosine-leaves-ink-lr5"))  # only the cosine union head
     assert {k for k in lr5 if lr5[k] != cosine[k]} == {"kd"}
-    assert {k: cosine["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != cosine["kd"][k]} == {
-        "cosine_head": 10.0
-    }
+    assert _changes(lr5["kd"], cosine["kd"]) == {"cosine_head": 10.0}
     ssl5 = to_dict(_resolved("bbkd:ssl-leaves-ink-lr5"))  # the control at lr 0.005
-    assert {k: ssl5[k] for k in ssl if ssl[k] != ssl5[k]} == {"outer_lr": 0.005}
+    assert _changes(ssl, ssl5) == {"outer_lr": 0.005}
     forget = to_dict(_resolved("bbkd:forget-leaves-ink-lr5"))  # only later-layer forgetting
     assert {k for k in lr5 if lr5[k] != forget[k]} == {"kd"}
-    assert {k: forget["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != forget["kd"][k]} == {
-        "forget_every": 0.1
-    }
+    assert _changes(lr5["kd"], forget["kd"]) == {"forget_every": 0.1}
     assert forget["kd"]["forget_stages"] == 2
     for row, change in {
         "bbkd:forget1-leaves-ink-lr5": {"forget_stages": 1},  # only the top stage
@@ -114,38 +115,30 @@ def test_ablations_change_exactly_one_component():
     }.items():
         other = to_dict(_resolved(row))
         assert {k for k in forget if forget[k] != other[k]} == {"kd"}
-        assert {k: other["kd"][k] for k in forget["kd"] if forget["kd"][k] != other["kd"][k]} == (
-            change
-        )
+        assert _changes(forget["kd"], other["kd"]) == change
     freeze = to_dict(_resolved("bbkd:freeze-leaves-ink-lr5"))  # only the frozen top stages
     assert {k for k in lr5 if lr5[k] != freeze[k]} == {"kd"}
-    assert {k: freeze["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != freeze["kd"][k]} == {
-        "freeze_stages": 2
-    }
+    assert _changes(lr5["kd"], freeze["kd"]) == {"freeze_stages": 2}
     assert freeze["kd"]["freeze_draw"] == "eval"
     run_draw = to_dict(_resolved("bbkd:freeze-run-leaves-ink-lr5"))  # only the draw's seed
-    assert {k: run_draw["kd"][k] for k in freeze["kd"] if freeze["kd"][k] != run_draw["kd"][k]} == (
-        {"freeze_draw": "run"}
-    )
+    assert _changes(freeze["kd"], run_draw["kd"]) == {"freeze_draw": "run"}
     answers2 = to_dict(_resolved("bbkd:answers2-leaves-ink-lr5"))  # only the answers' weight
     assert {k for k in lr5 if lr5[k] != answers2[k]} == {"kd"}
-    assert {k: answers2["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != answers2["kd"][k]} == {
+    assert _changes(lr5["kd"], answers2["kd"]) == {
         "distill": 2.0,
         "union_ce": 2.0,
     }
     lr8 = to_dict(_resolved("bbkd:colour-leaves-ink-lr8"))  # only the outer lr
-    assert {k: lr8[k] for k in lr5 if lr5[k] != lr8[k]} == {"outer_lr": 0.008}
+    assert _changes(lr5, lr8) == {"outer_lr": 0.008}
     wd = to_dict(_resolved("bbkd:wd-leaves-ink-lr5"))  # only AdamW's weight decay
-    assert {k: wd[k] for k in lr5 if lr5[k] != wd[k]} == {"outer_wd": 0.05}
+    assert _changes(lr5, wd) == {"outer_wd": 0.05}
     mixup = to_dict(_resolved("bbkd:mixup-leaves-ink-lr5"))  # only manifold mixup of the KD
     assert {k for k in lr5 if lr5[k] != mixup[k]} == {"kd"}
-    assert {k: mixup["kd"][k] for k in lr5["kd"] if lr5["kd"][k] != mixup["kd"][k]} == {
-        "manifold_mixup": 2.0
-    }
+    assert _changes(lr5["kd"], mixup["kd"]) == {"manifold_mixup": 2.0}
     zoo, zoo3 = to_dict(_resolved("maml-zoo")), to_dict(_resolved("maml-zoo:lr3"))
-    assert {k: zoo3[k] for k in zoo if zoo[k] != zoo3[k]} == {"outer_lr": 0.003}
+    assert _changes(zoo, zoo3) == {"outer_lr": 0.003}
     zoo5 = to_dict(_resolved("maml-zoo:lr5"))
-    assert {k: zoo5[k] for k in zoo if zoo[k] != zoo5[k]} == {"outer_lr": 0.005}
+    assert _changes(zoo, zoo5) == {"outer_lr": 0.005}
     kd, kd0 = to_dict(_resolved("bidf-mkd:no-boundary"))["kd"], base["kd"]
     assert {k for k in kd if kd[k] != kd0[k]} == {"adv"}
     mem = _resolved("bidf-mkd:diverse-memory").memory

@@ -226,26 +226,26 @@ class BBKD(APILearner):
         self.n_stages = len(feature_stages(self.model)) if kd.manifold_mixup else 0
         self.forget_every = 0
         if kd.forget_every:
-            try:
-                check_reinit(self.model, kd.forget_stages)
-            except ConfigError as e:
-                raise ConfigError(str(e).replace("eval.reinit", "kd.forget_stages")) from None
+            self._top_stages(kd.forget_stages, "kd.forget_stages")  # refused now, not mid-run
             self.forget_every = schedule_point(kd.forget_every, self.total_updates())
         self.frozen: list[nn.Parameter] = []
         if kd.freeze_stages:
             self._freeze(kd.freeze_stages)
+
+    def _top_stages(self, k: int, key: str) -> list[nn.Module]:
+        """The model's top ``k`` feature stages; ConfigError naming ``key`` when it has fewer."""
+        try:
+            stages = check_reinit(self.model, k)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("eval.reinit", key)) from None
+        return stages[len(stages) - k :]
 
     def _freeze(self, k: int) -> None:
         """Draw the top ``k`` stages once (``kd.freeze_draw``: as ``eval.reinit = k`` re-draws
         them, or from the run's seed) and leave them out of the optimizer. They keep requiring
         grad, so meta-test fine-tunes them like any init's stages; their gradients are dropped
         each update (:meth:`meta_batch_loss`)."""
-        try:
-            check_reinit(self.model, k)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("eval.reinit", "kd.freeze_stages")) from None
-        stages = feature_stages(self.model)
-        top = stages[len(stages) - k :]
+        top = self._top_stages(k, "kd.freeze_stages")
         draw = self.cfg.kd.freeze_draw
         seed = REINIT_SEED if draw == "eval" else derive_seed(self.cfg.seed, self.name, "freeze")
         redraw_stages_(top, seed)
@@ -257,8 +257,7 @@ class BBKD(APILearner):
 
     def _forget(self, step: int) -> None:
         """Re-draw the top ``kd.forget_stages`` stages in place and clear their Adam state."""
-        stages = feature_stages(self.model)
-        top = stages[len(stages) - self.cfg.kd.forget_stages :]
+        top = self._top_stages(self.cfg.kd.forget_stages, "kd.forget_stages")
         redraw_stages_(top, derive_seed(self.cfg.seed, self.name, "forget", step))
         for stage in top:
             for p in stage.parameters():
