@@ -132,6 +132,10 @@ def test_ablations_change_exactly_one_component():
     assert _changes(lr5, lr8) == {"outer_lr": 0.008}
     wd = to_dict(_resolved("bbkd:wd-leaves-ink-lr5"))  # only AdamW's weight decay
     assert _changes(lr5, wd) == {"outer_wd": 0.05}
+    again = to_dict(_resolved("bbkd:again-leaves-ink-lr5"))  # one more generation, 2x updates
+    assert _changes(lr5, again).keys() == {"episodes", "kd"}
+    assert again["episodes"] == 2 * lr5["episodes"]
+    assert _changes(lr5["kd"], again["kd"]) == {"born_again": 1}
     mixup = to_dict(_resolved("bbkd:mixup-leaves-ink-lr5"))  # only manifold mixup of the KD
     assert {k for k in lr5 if lr5[k] != mixup[k]} == {"kd"}
     assert _changes(lr5["kd"], mixup["kd"]) == {"manifold_mixup": 2.0}

@@ -170,6 +170,14 @@ class KDConfig:
     # control: frozen random stages that meta-test's re-draw replaces). No queries
     freeze_stages: int = 0
     freeze_draw: str = "eval"
+    # extension (0 = off; bbkd only): born-again self-distillation. The run's updates are split
+    # into 1 + born_again equal generations; each new generation starts from a fresh seeded
+    # model, union head and projection (Adam state cleared), keeps the pool (no new queries) and
+    # adds born_again_weight x KD (temperature born_again_T) from the last generation's union
+    # logits over every API's classes, on the same batches
+    born_again: int = 0
+    born_again_weight: float = 1.0
+    born_again_T: float = 4.0
 
 
 UNION_SCOPES = ("all", "dataset")  # kd.union_scope
@@ -623,6 +631,13 @@ ABLATIONS["lr5"] = {"outer_lr": 0.005}
 ABLATIONS["colour-leaves-ink-lr5"] = merge(ABLATIONS["colour-leaves-ink"], ABLATIONS["lr5"])
 # the default's outer lr pushed further, to 0.008 (a screen)
 ABLATIONS["colour-leaves-ink-lr8"] = merge(ABLATIONS["colour-leaves-ink"], {"outer_lr": 0.008})
+# extension: colour-leaves-ink-lr5 followed by one born-again generation (kd.born_again): twice
+# the updates, the first half exactly the default's run, the second a fresh model distilled from
+# it and from the APIs' answers on the same pool (no more queries)
+ABLATIONS["again-leaves-ink-lr5"] = merge(
+    ABLATIONS["colour-leaves-ink-lr5"],
+    {"episodes": 2 * ABLATIONS["colour-leaves-ink-lr5"]["episodes"], "kd": {"born_again": 1}},
+)
 # the control (no API answers) at the default's outer lr: colour-leaves-ink-lr5 minus this row
 # is what the APIs' answers and the views' colour distortion add at lr 0.005
 ABLATIONS["ssl-leaves-ink-lr5"] = merge(ABLATIONS["ssl-leaves-ink"], ABLATIONS["lr5"])

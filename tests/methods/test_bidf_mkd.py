@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import signal
+import time
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from apimeta.apis.base import QueryLedger
 from apimeta.apis.zoo import build_zoo
 from apimeta.checkpoint import load_checkpoint
-from apimeta.errors import CheckpointError, ConfigError
+from apimeta.errors import CheckpointError, ConfigError, TrainingInterrupted
 from apimeta.evaluate import REINIT_SEED, reinit_stages
 from apimeta.events import EventSchedule
 from apimeta.losses import union_ce
 from apimeta.methods import METHODS
 from apimeta.methods.bbkd import CosineHead, dataset_spans
-from apimeta.models.meta import load_init
+from apimeta.models.meta import build_from_spec, load_init
 from apimeta.models.stages import feature_stages, redraw_top_stages
 from apimeta.run_config import (
     EvalConfig,
@@ -993,3 +997,81 @@ def test_outer_wd_is_adamws_decoupled_decay_and_changes_training(zoo, tmp_path):
     torch.testing.assert_close(p.detach(), torch.full((3,), 1 - 0.1 * 0.5))
     with pytest.raises(ConfigError, match=r"outer_wd must be >= 0"):
         train(dataclasses.replace(_leaves(zoo, tmp_path / "x", 1.0), outer_wd=-1.0))
+
+
+def test_born_again_distils_a_fresh_student_from_the_last_generation(zoo, tmp_path):
+    """kd.born_again=1 on 4 updates: generation 1 (2 updates) is exactly the run without it and
+    becomes the teacher; generation 2 starts from a fresh seeded draw (zero head) with Adam's
+    state cleared and learns from the teacher's union logits too; the same queries; Ctrl-C in
+    generation 2 resumes exactly (the teacher is checkpointed); bad values refused."""
+
+    def cfg(name: str, episodes: int = 8, **kd) -> RunConfig:  # two events: budget for two
+        return dataclasses.replace(
+            _leaves(zoo, tmp_path / name, 1.0, episodes=episodes, **kd), query_budget=2 * 7
+        )
+
+    half, _ = train(cfg("h", episodes=4))
+    again, _ = train(cfg("a", born_again=1))
+    mute, _ = train(cfg("m", born_again=1, born_again_weight=0.0))
+    assert again.generation == 2 and again.ledger.used == half.ledger.used == 2 * 7
+    h, a, m = (load_checkpoint(r.run.last_checkpoint) for r in (half, again, mute))
+    assert a["extra"]["teacher"] is not None and h["extra"]["teacher"] is None
+    for k, v in h["model"].items():  # the teacher is generation 1: the 2-update run
+        assert torch.equal(a["extra"]["teacher"]["model"][k], v), k
+    for k, v in h["extra"]["union_head"].items():
+        assert torch.equal(a["extra"]["teacher"]["union_head"][k], v), k
+    w = "net.features.0.weight"
+    assert not torch.equal(a["model"][w], m["model"][w])  # the teacher's logits train
+    assert not a["model"]["net.classifier.weight"].any()
+    # the mechanics on the trained learner: the old model becomes the teacher, the new one the
+    # generation's seeded draw (zero head), the union head re-drawn, Adam's state cleared
+    model = again.model
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    old_head = {k: v.clone() for k, v in again.union_head.state_dict().items()}
+    assert again.optimizer.state
+    again._next_generation(2)
+    fresh = build_from_spec(again.spec, seed=derive_seed(again.cfg.seed, "bbkd", "born-again", 2))
+    for k, v in fresh.state_dict().items():
+        want = torch.zeros_like(v) if k.startswith("net.classifier") else v
+        assert torch.equal(model.state_dict()[k], want), k
+        assert torch.equal(again.teacher[0].state_dict()[k], old[k]), k
+    for k, v in again.union_head.state_dict().items():
+        assert torch.equal(again.teacher[1].state_dict()[k], old_head[k]), k
+        assert not torch.equal(v, old_head[k]), k
+    assert not again.optimizer.state and not again.teacher[0].training
+    assert not any(p.requires_grad for p in again.teacher[0].parameters())
+    # Ctrl-C after update 3 (in generation 2), resumed: the uninterrupted run's weights
+    steps = []
+
+    def interrupt_on_third(opt, args, kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+
+    cut = cfg("cut", born_again=1)
+    handle = register_optimizer_step_post_hook(interrupt_on_third)
+    try:
+        with pytest.raises(TrainingInterrupted):
+            train(cut)
+    finally:
+        handle.remove()
+    (last,) = (tmp_path / "cut").rglob("last.pt")
+    assert load_checkpoint(last)["step"] == 3
+    resumed, _ = train(cut, resume=True)
+    r = load_checkpoint(resumed.run.last_checkpoint)
+    for k, v in a["model"].items():
+        assert torch.equal(r["model"][k], v), k
+    for bad, match in (
+        ({"born_again": -1}, r"kd\.born_again must be >= 0"),
+        ({"born_again": 1, "born_again_weight": -1.0}, r"kd\.born_again_weight must be >= 0"),
+        ({"born_again": 1, "born_again_T": 0.0}, r"kd\.born_again_T must be > 0"),
+        ({"born_again": 2}, r"into 3 generations: raise --episodes"),
+        ({"born_again": 1, "freeze_stages": 2}, r"turn one off"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            train(_leaves(zoo, tmp_path / "x", 1.0, **bad))
+    with pytest.raises(ConfigError, match=r"set ema=0"):
+        train(dataclasses.replace(_leaves(zoo, tmp_path / "e", 1.0, born_again=1), ema=0.9))
+    with pytest.raises(ConfigError, match=r"kd\.born_again \(1\) is for bbkd"):
+        train(tiny_cfg(zoo, tmp_path / "y", kd=KDConfig(adv_start=1, born_again=1)))

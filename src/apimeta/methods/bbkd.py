@@ -52,6 +52,13 @@ cleared, as ``eval.reinit`` re-draws them at meta-test. No queries.
 seed, the control), and never trained: the lower stages learn under exactly the top stages
 meta-test starts from. No queries.
 
+``kd.born_again`` > 0 (an extension, born-again self-distillation as in RFS): the run's updates
+are split into ``1 + kd.born_again`` equal generations. Each new generation starts from a fresh
+seeded model, union head and projection (Adam state cleared), keeps the pool (no new queries)
+and adds ``kd.born_again_weight`` x KD at temperature ``kd.born_again_T`` from the previous
+generation's union logits over every API's classes (in eval mode) on the same batches: the
+teacher relates the classes of different APIs, which per-API KD cannot.
+
 ``kd.distill`` weighs the per-API KD (default 1). ``kd.distill: 0`` with ``kd.union_ce: 0`` uses
 none of the APIs' answers: a procedural source's candidates are drawn exactly as a labelled run
 draws them (as many as ``query_budget`` would label, the same images) but never queried, and the
@@ -64,6 +71,7 @@ draws the same number of candidates either way.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from typing import Any
@@ -82,6 +90,7 @@ from apimeta.losses import nt_xent, output_kind, teacher_probs, union_ce
 from apimeta.maml import named_params
 from apimeta.methods.api_learner import APILearner
 from apimeta.methods.interface import METHODS
+from apimeta.models.meta import build_from_spec
 from apimeta.models.stages import check_reinit, feature_stages, redraw_stages_
 from apimeta.run_config import schedule_point
 from apimeta.seeding import derive_seed
@@ -150,7 +159,7 @@ class BBKD(APILearner):
         "cosine-leaves-ink-lr5", "mixup-leaves-ink-lr5", "forget-leaves-ink-lr5",
         "forget1-leaves-ink-lr5", "forget-slow-leaves-ink-lr5", "forget-fast-leaves-ink-lr5",
         "freeze-leaves-ink-lr5", "freeze-run-leaves-ink-lr5", "answers2-leaves-ink-lr5",
-        "wd-leaves-ink-lr5", "colour-leaves-ink-lr8",
+        "wd-leaves-ink-lr5", "colour-leaves-ink-lr8", "again-leaves-ink-lr5",
         "public-contrastive", "public-union",
     )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
@@ -195,21 +204,10 @@ class BBKD(APILearner):
             head.weight.zero_()
             head.bias.zero_()
         # the zero head gets no gradient here (the loss uses the union head), so Adam skips it
-        with torch.random.fork_rng(devices=[]):  # seeded: the global RNG differs per process
-            torch.manual_seed(derive_seed(self.cfg.seed, self.name, "union-head"))
-            self.union_head: nn.Module = (
-                CosineHead(head.in_features, len(keys), kd.cosine_head)
-                if kd.cosine_head
-                else nn.Linear(head.in_features, len(keys))
-            ).to(self.device)
-            # the contrastive loss's projection (SimCLR's 2-layer MLP), only when it is on
-            self.projection: nn.Module | None = None
-            if self.cfg.kd.contrastive:
-                width = head.in_features
-                self.projection = nn.Sequential(
-                    nn.Linear(width, PROJECTION_HIDDEN), nn.ReLU(),
-                    nn.Linear(PROJECTION_HIDDEN, PROJECTION_DIM),
-                ).to(self.device)  # fmt: skip
+        self.n_union = len(keys)
+        self.union_head, self.projection = self._heads(
+            derive_seed(self.cfg.seed, self.name, "union-head")
+        )
         extra = [*self.union_head.parameters()]
         if self.projection is not None:
             extra += [*self.projection.parameters()]
@@ -231,6 +229,71 @@ class BBKD(APILearner):
         self.frozen: list[nn.Parameter] = []
         if kd.freeze_stages:
             self._freeze(kd.freeze_stages)
+        # kd.born_again: the updates of one generation, and the last generation (model, head)
+        self.generation = 0
+        self.teacher: tuple[nn.Module, nn.Module] | None = None
+        if kd.born_again:
+            self.generation = self.total_updates() // (1 + kd.born_again)
+            if self.generation < 1:
+                raise ConfigError(
+                    f"kd.born_again={kd.born_again} splits the run's {self.total_updates()} "
+                    f"meta-updates into {1 + kd.born_again} generations: raise --episodes or "
+                    "lower kd.born_again"
+                )
+
+    def _heads(self, seed: int) -> tuple[nn.Module, nn.Module | None]:
+        """A union head over every API's classes and, with ``kd.contrastive``, the contrastive
+        loss's projection (SimCLR's 2-layer MLP), drawn from ``seed`` (the global RNG, which
+        differs per process, is left untouched)."""
+        kd, width = self.cfg.kd, classifier_of(self.model).in_features
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head: nn.Module = (
+                CosineHead(width, self.n_union, kd.cosine_head)
+                if kd.cosine_head
+                else nn.Linear(width, self.n_union)
+            ).to(self.device)
+            projection = None
+            if kd.contrastive:
+                projection = nn.Sequential(
+                    nn.Linear(width, PROJECTION_HIDDEN), nn.ReLU(),
+                    nn.Linear(PROJECTION_HIDDEN, PROJECTION_DIM),
+                ).to(self.device)  # fmt: skip
+        return head, projection
+
+    def _frozen_copy(self, module: nn.Module) -> nn.Module:
+        """A copy of ``module`` in eval mode with no gradients (a born-again teacher)."""
+        out = copy.deepcopy(module).eval()
+        for p in out.parameters():
+            p.grad = None
+            p.requires_grad_(False)
+        return out
+
+    def _next_generation(self, gen: int) -> None:
+        """``kd.born_again``: the current model and union head become the teacher; the model,
+        union head and projection are re-drawn in place (seeded by the generation; the zero
+        head stays zero) and the Adam state is cleared. The pool is kept."""
+        self.teacher = (self._frozen_copy(self.model), self._frozen_copy(self.union_head))
+        seed = derive_seed(self.cfg.seed, self.name, "born-again", gen)
+        fresh = build_from_spec(self.spec, seed=seed)
+        with torch.no_grad():
+            self.model.load_state_dict(fresh.state_dict())
+            head = classifier_of(self.model)
+            head.weight.zero_()
+            head.bias.zero_()
+        union_head, projection = self._heads(derive_seed(seed, "heads"))
+        self.union_head.load_state_dict(union_head.state_dict())
+        if self.projection is not None and projection is not None:
+            self.projection.load_state_dict(projection.state_dict())
+        self.optimizer.state.clear()
+        log.info("kd.born_again: generation %d starts at update %d", gen, self.step)
+
+    def _teacher_logits(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) model inputs -> (B, union) logits of the born-again teacher."""
+        assert self.teacher is not None
+        model, head = self.teacher
+        with torch.no_grad():
+            return head(head_features(model, named_params(model), x))
 
     def _top_stages(self, k: int, key: str) -> list[nn.Module]:
         """The model's top ``k`` feature stages; ConfigError naming ``key`` when it has fewer."""
@@ -276,6 +339,9 @@ class BBKD(APILearner):
             "pool_answered": list(self.pool_answered),
             "budget_exhausted": self.budget_exhausted,
             "n_events": self.n_events,
+            "teacher": None
+            if self.teacher is None
+            else {"model": _cpu_state(self.teacher[0]), "union_head": _cpu_state(self.teacher[1])},
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -292,6 +358,13 @@ class BBKD(APILearner):
         self.pool_answered = [bool(b) for b in answered]
         self.budget_exhausted = bool(state["budget_exhausted"])
         self.n_events = int(state["n_events"])
+        self.teacher = None
+        teacher = state.get("teacher")  # checkpoints from before kd.born_again: none
+        if teacher is not None:
+            model, head = self._frozen_copy(self.model), self._frozen_copy(self.union_head)
+            model.load_state_dict(teacher["model"])
+            head.load_state_dict(teacher["union_head"])
+            self.teacher = (model, head)
 
     def _unanswered_apis(self) -> frozenset[str]:
         """The names of the APIs ``kd.unanswered`` (datasets or API names) leaves unqueried."""
@@ -478,6 +551,9 @@ class BBKD(APILearner):
         cfg = self.cfg
         if self.forget_every and step > 0 and step % self.forget_every == 0:
             self._forget(step)
+        gen, at = divmod(step, self.generation or 1)
+        if self.generation and step > 0 and at == 0 and gen <= cfg.kd.born_again:
+            self._next_generation(gen)
         for p in self.frozen:  # the last update's gradient (not in the optimizer's zero_grad)
             p.grad = None
         if step % max(cfg.events.patience, 1) == 0 and not self.budget_exhausted:
@@ -520,6 +596,10 @@ class BBKD(APILearner):
                     scope, scope_cols = full[:, lo:hi], cols - lo
                 loss = loss + cfg.kd.union_ce * union_ce(
                     scope, teacher, scope_cols, cfg.kd.union_ce_min_prob, self.pool_probs[i]
+                )
+            if self.teacher is not None and cfg.kd.born_again_weight:
+                loss = loss + cfg.kd.born_again_weight * self.kd(
+                    full, self._teacher_logits(xb), T=cfg.kd.born_again_T
                 )
             if self.projection is not None:
                 loss = loss + cfg.kd.contrastive * self._contrastive(x[idx], g)

@@ -179,6 +179,24 @@ def check_run_config(cfg: RunConfig) -> None:
             f"kd.freeze_draw must be one of {', '.join(FREEZE_DRAWS)}, got {cfg.kd.freeze_draw!r}",
         ),
         (
+            cfg.kd.born_again >= 0,
+            f"kd.born_again must be >= 0 (0 = off), got {cfg.kd.born_again}",
+        ),
+        (
+            cfg.kd.born_again_weight >= 0,
+            f"kd.born_again_weight must be >= 0, got {cfg.kd.born_again_weight}",
+        ),
+        (cfg.kd.born_again_T > 0, f"kd.born_again_T must be > 0, got {cfg.kd.born_again_T}"),
+        (
+            not (cfg.kd.born_again and cfg.kd.freeze_stages),
+            "kd.born_again re-draws every stage, kd.freeze_stages keeps the top ones; turn one off",
+        ),
+        (
+            not (cfg.kd.born_again and cfg.ema),
+            "kd.born_again restarts the model each generation, which an ema of its weights would "
+            "mix across; set ema=0",
+        ),
+        (
             not (cfg.kd.freeze_stages and cfg.kd.forget_every),
             "kd.freeze_stages and kd.forget_every both change the top stages; turn one off",
         ),
