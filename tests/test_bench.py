@@ -132,6 +132,9 @@ def test_ablations_change_exactly_one_component():
     assert _changes(lr5, lr8) == {"outer_lr": 0.008}
     wd = to_dict(_resolved("bbkd:wd-leaves-ink-lr5"))  # only AdamW's weight decay
     assert _changes(lr5, wd) == {"outer_wd": 0.05}
+    low = to_dict(_resolved("bbkd:low-leaves-ink-lr5"))  # only the low stage's NT-Xent
+    assert {k for k in lr5 if lr5[k] != low[k]} == {"kd"}
+    assert _changes(lr5["kd"], low["kd"]) == {"contrastive_low": 1.0}
     again = to_dict(_resolved("bbkd:again-leaves-ink-lr5"))  # one more generation, 2x updates
     assert _changes(lr5, again).keys() == {"episodes", "kd"}
     assert again["episodes"] == 2 * lr5["episodes"]

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from apimeta.episodes import Episode
 from apimeta.errors import EpisodeError
-from apimeta.models.stages import feature_stages
+from apimeta.models.stages import feature_stages, output_module
 
 INPUT = -1  # the depth of a mix of the images themselves
 
@@ -80,14 +80,6 @@ def pair_tasks(a: Episode, b: Episode, mix: Mix) -> Episode:
     )
 
 
-def _output_module(stage: nn.Module) -> nn.Module:
-    """The module whose output is the stage's: a stage may be a slice of a Sequential (Conv4's
-    blocks), a new container the model never calls, so the hook goes on its last layer."""
-    while isinstance(stage, nn.Sequential) and len(stage):
-        stage = stage[-1]
-    return stage
-
-
 @contextlib.contextmanager
 def mixing(model: nn.Module, mix: Mix) -> Iterator[None]:
     """Inside the block, every forward pass of ``model`` on a (2B, ...) batch ``cat([a, b])``
@@ -103,7 +95,7 @@ def mixing(model: nn.Module, mix: Mix) -> Iterator[None]:
         m = mix.lam * h_a + (1 - mix.lam) * h_b
         return torch.cat([m, m])
 
-    handle = _output_module(feature_stages(model)[mix.stage]).register_forward_hook(hook)
+    handle = output_module(feature_stages(model)[mix.stage]).register_forward_hook(hook)
     try:
         yield
     finally:

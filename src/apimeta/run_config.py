@@ -119,6 +119,11 @@ class KDConfig:
     # distortion (saturation, hue, grey with p 0.2; transforms.colour_distort), not only
     # brightness and contrast (grey images pass unchanged)
     contrastive_colour: bool = False
+    # extension (0 = off; bbkd only, needs contrastive > 0): weight of a second NT-Xent on the
+    # same views, on feature stage contrastive_low_stage's output (1 = the first stage) averaged
+    # over space, through its own projection: the stages eval.reinit keeps get a loss of their own
+    contrastive_low: float = 0.0
+    contrastive_low_stage: int = 2
     # extension (0 = off; bbkd only): weight of a cross-entropy over the *whole* union head with
     # the API's top class as the label, on the images where the API's top probability exceeds
     # union_ce_min_prob; per-API KD only contrasts an API's own classes, this contrasts classes
@@ -631,6 +636,11 @@ ABLATIONS["lr5"] = {"outer_lr": 0.005}
 ABLATIONS["colour-leaves-ink-lr5"] = merge(ABLATIONS["colour-leaves-ink"], ABLATIONS["lr5"])
 # the default's outer lr pushed further, to 0.008 (a screen)
 ABLATIONS["colour-leaves-ink-lr8"] = merge(ABLATIONS["colour-leaves-ink"], {"outer_lr": 0.008})
+# extension: colour-leaves-ink-lr5 + a contrastive loss of weight 1 on stage 2's pooled output
+# (the last stage eval.reinit: 2 keeps at meta-test)
+ABLATIONS["low-leaves-ink-lr5"] = merge(
+    ABLATIONS["colour-leaves-ink-lr5"], {"kd": {"contrastive_low": 1.0}}
+)
 # extension: colour-leaves-ink-lr5 followed by one born-again generation (kd.born_again): twice
 # the updates, the first half exactly the default's run, the second a fresh model distilled from
 # it and from the APIs' answers on the same pool (no more queries)

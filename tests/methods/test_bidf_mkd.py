@@ -1075,3 +1075,44 @@ def test_born_again_distils_a_fresh_student_from_the_last_generation(zoo, tmp_pa
         train(dataclasses.replace(_leaves(zoo, tmp_path / "e", 1.0, born_again=1), ema=0.9))
     with pytest.raises(ConfigError, match=r"kd\.born_again \(1\) is for bbkd"):
         train(tiny_cfg(zoo, tmp_path / "y", kd=KDConfig(adv_start=1, born_again=1)))
+
+
+def test_contrastive_low_trains_the_low_stages_through_their_own_projection(zoo, tmp_path):
+    """kd.contrastive_low: a second NT-Xent on the same views at feature stage
+    kd.contrastive_low_stage (pooled over space, its own projection, in the optimizer); its
+    gradient reaches only that stage and those below; no queries; exact resume; refusals."""
+    plain, _ = train(_leaves(zoo, tmp_path / "a", 1.0))
+    low, _ = train(_leaves(zoo, tmp_path / "l", 1.0, contrastive_low=1.0))
+    assert low.ledger.used == plain.ledger.used == 2 * 7
+    a, b = (load_checkpoint(r.run.last_checkpoint) for r in (plain, low))
+    assert a["extra"]["low_projection"] is None
+    stages = feature_stages(low.model)
+    assert low.low_stage is stages[1][-1]  # Conv4's block 2 ends with its pooling
+    width = next(m for m in stages[1].modules() if isinstance(m, torch.nn.Conv2d)).out_channels
+    assert b["extra"]["low_projection"]["0.weight"].shape == (256, width)
+    in_opt = {id(p) for g in low.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in in_opt for p in low.low_projection.parameters())
+    w = "net.features.0.weight"
+    assert not torch.equal(a["model"][w], b["model"][w])
+    # the low term alone (the same views: the same generator state) moves stages 1-2 only
+    x = low.pool_x[0][:16]
+    with_low = low._contrastive(x, torch.Generator().manual_seed(3))
+    head, low.low_projection = low.low_projection, None
+    top_only = low._contrastive(x, torch.Generator().manual_seed(3))
+    low.low_projection = head
+    low.model.zero_grad()
+    (with_low - top_only).backward()
+    grads = [max(float(p.grad.abs().max()) for p in s.parameters()) for s in stages]
+    assert min(grads[:2]) > 1e-4 and max(grads[2:]) < 1e-6, grads
+    _resumes_exactly(zoo, tmp_path, b["model"], contrastive_low=1.0)
+    for bad, match in (
+        ({"contrastive_low": -1.0}, r"kd\.contrastive_low must be >= 0"),
+        (
+            {"contrastive_low": 1.0, "contrastive_low_stage": 5},
+            r"contrastive_low_stage must be in 1\.\.4",
+        ),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            train(_leaves(zoo, tmp_path / "x", 1.0, **bad))
+    with pytest.raises(ConfigError, match=r"set kd\.contrastive > 0 too"):
+        train(_leaves(zoo, tmp_path / "z", 0.0, contrastive_low=1.0))

@@ -33,6 +33,11 @@ API's own classes; this contrasts classes of different APIs as well. No extra qu
 ``kd.union_scope: dataset`` keeps it to the classes of the answering API's dataset (a
 multi-dataset zoo's emoji and kanji classes are never contrasted; one dataset: no change).
 
+``kd.contrastive_low`` > 0 (an extension, needs ``kd.contrastive``): the same views' outputs of
+feature stage ``kd.contrastive_low_stage`` (default 2, the last that ``eval.reinit: 2`` keeps),
+averaged over space, get their own projection and NT-Xent with that weight: the stages
+meta-test keeps learn from a contrastive loss of their own, not only through the stages above.
+
 ``kd.cosine_head`` > 0 (an extension): the union head is a :class:`CosineHead` (Baseline++),
 its scale starting at that value and learned; the KD and union CE then act on the features'
 directions, which nearest-centroid and the zero head's first fine-tuning step use at meta-test.
@@ -91,7 +96,7 @@ from apimeta.maml import named_params
 from apimeta.methods.api_learner import APILearner
 from apimeta.methods.interface import METHODS
 from apimeta.models.meta import build_from_spec
-from apimeta.models.stages import check_reinit, feature_stages, redraw_stages_
+from apimeta.models.stages import check_reinit, feature_stages, output_module, redraw_stages_
 from apimeta.run_config import schedule_point
 from apimeta.seeding import derive_seed
 from apimeta.transforms import (
@@ -129,6 +134,13 @@ def dataset_spans(keys: list[tuple[str, int]]) -> list[tuple[int, int]]:
 PROJECTION_HIDDEN, PROJECTION_DIM = 256, 128  # SimCLR's projection MLP (kd.contrastive)
 
 
+def _projection(width: int) -> nn.Module:
+    """SimCLR's 2-layer projection MLP: (B, width) -> (B, PROJECTION_DIM)."""
+    return nn.Sequential(
+        nn.Linear(width, PROJECTION_HIDDEN), nn.ReLU(), nn.Linear(PROJECTION_HIDDEN, PROJECTION_DIM)
+    )
+
+
 class CosineHead(nn.Module):
     """A cosine classifier (Baseline++; ``kd.cosine_head``): (B, D) features -> (B, K) logits
     ``s * cos(f, w_k)``, no bias, the scale ``s`` learned (as its log) from ``scale``."""
@@ -160,6 +172,7 @@ class BBKD(APILearner):
         "forget1-leaves-ink-lr5", "forget-slow-leaves-ink-lr5", "forget-fast-leaves-ink-lr5",
         "freeze-leaves-ink-lr5", "freeze-run-leaves-ink-lr5", "answers2-leaves-ink-lr5",
         "wd-leaves-ink-lr5", "colour-leaves-ink-lr8", "again-leaves-ink-lr5",
+        "low-leaves-ink-lr5",
         "public-contrastive", "public-union",
     )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
@@ -205,12 +218,18 @@ class BBKD(APILearner):
             head.bias.zero_()
         # the zero head gets no gradient here (the loss uses the union head), so Adam skips it
         self.n_union = len(keys)
-        self.union_head, self.projection = self._heads(
-            derive_seed(self.cfg.seed, self.name, "union-head")
-        )
-        extra = [*self.union_head.parameters()]
-        if self.projection is not None:
-            extra += [*self.projection.parameters()]
+        # kd.contrastive_low: the stage whose pooled output gets its own NT-Xent, and its width
+        self.low_stage: nn.Module | None = None
+        self.low_width = 0
+        if kd.contrastive_low:
+            stage = self._stage(kd.contrastive_low_stage, "kd.contrastive_low_stage")
+            self.low_stage = output_module(stage)  # (hooked: its output is the stage's)
+            self.low_width = self._stage_width(self.low_stage)
+        heads = self._heads(derive_seed(self.cfg.seed, self.name, "union-head"))
+        self.union_head: nn.Module = heads["union_head"]  # type: ignore[assignment]
+        self.projection = heads["projection"]
+        self.low_projection = heads["low_projection"]
+        extra = [p for m in heads.values() if m is not None for p in m.parameters()]
         self.optimizer.add_param_group({"params": extra})
         # recovered pool: per event (images in [0,1], API outputs on their augmented view)
         self.pool_x: list[Tensor] = []
@@ -241,10 +260,11 @@ class BBKD(APILearner):
                     "lower kd.born_again"
                 )
 
-    def _heads(self, seed: int) -> tuple[nn.Module, nn.Module | None]:
-        """A union head over every API's classes and, with ``kd.contrastive``, the contrastive
-        loss's projection (SimCLR's 2-layer MLP), drawn from ``seed`` (the global RNG, which
-        differs per process, is left untouched)."""
+    def _heads(self, seed: int) -> dict[str, nn.Module | None]:
+        """The trained modules beside the model, drawn from ``seed`` in this order (the global
+        RNG, which differs per process, is left untouched): ``union_head`` over every API's
+        classes; with ``kd.contrastive`` the contrastive loss's ``projection`` (SimCLR's
+        2-layer MLP); with ``kd.contrastive_low`` the ``low_projection`` of the low stage."""
         kd, width = self.cfg.kd, classifier_of(self.model).in_features
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -253,13 +273,34 @@ class BBKD(APILearner):
                 if kd.cosine_head
                 else nn.Linear(width, self.n_union)
             ).to(self.device)
-            projection = None
-            if kd.contrastive:
-                projection = nn.Sequential(
-                    nn.Linear(width, PROJECTION_HIDDEN), nn.ReLU(),
-                    nn.Linear(PROJECTION_HIDDEN, PROJECTION_DIM),
-                ).to(self.device)  # fmt: skip
-        return head, projection
+            projection = _projection(width).to(self.device) if kd.contrastive else None
+            low = _projection(self.low_width).to(self.device) if kd.contrastive_low else None
+        return {"union_head": head, "projection": projection, "low_projection": low}
+
+    def _stage(self, k: int, key: str) -> nn.Module:
+        """The model's feature stage ``k`` (1 = the first); ConfigError naming ``key``."""
+        stages = feature_stages(self.model)
+        if not 1 <= k <= len(stages):
+            raise ConfigError(f"{key} must be in 1..{len(stages)} (the backbone's stages); got {k}")
+        return stages[k - 1]
+
+    def _stage_width(self, stage: nn.Module) -> int:
+        """The channels of ``stage``'s output, from one forward pass of two blank images in eval
+        mode (batch-norm statistics untouched)."""
+        out: list[Tensor] = []
+        handle = stage.register_forward_hook(lambda mod, args, y: out.append(y))
+        training = self.model.training
+        try:
+            self.model.eval()
+            size = self.cfg.image_size
+            with torch.no_grad():
+                self.model(
+                    torch.zeros(2, int(self.spec["in_channels"]), size, size).to(self.device)
+                )
+        finally:
+            handle.remove()
+            self.model.train(training)
+        return int(out[0].shape[1])
 
     def _frozen_copy(self, module: nn.Module) -> nn.Module:
         """A copy of ``module`` in eval mode with no gradients (a born-again teacher)."""
@@ -281,10 +322,9 @@ class BBKD(APILearner):
             head = classifier_of(self.model)
             head.weight.zero_()
             head.bias.zero_()
-        union_head, projection = self._heads(derive_seed(seed, "heads"))
-        self.union_head.load_state_dict(union_head.state_dict())
-        if self.projection is not None and projection is not None:
-            self.projection.load_state_dict(projection.state_dict())
+        for name, module in self._heads(derive_seed(seed, "heads")).items():
+            if module is not None:
+                getattr(self, name).load_state_dict(module.state_dict())
         self.optimizer.state.clear()
         log.info("kd.born_again: generation %d starts at update %d", gen, self.step)
 
@@ -332,6 +372,7 @@ class BBKD(APILearner):
             **self.api_state(),
             "union_head": _cpu_state(self.union_head),
             "projection": _cpu_state(self.projection),
+            "low_projection": _cpu_state(self.low_projection),
             "pool_x": list(self.pool_x),
             "pool_t": list(self.pool_t),
             "pool_cols": list(self.pool_cols),
@@ -349,6 +390,8 @@ class BBKD(APILearner):
         self.union_head.load_state_dict(state["union_head"])
         if self.projection is not None:  # a switched kd.contrastive fails at the optimizer
             self.projection.load_state_dict(state["projection"])
+        if self.low_projection is not None:
+            self.low_projection.load_state_dict(state["low_projection"])
         self.pool_x = list(state["pool_x"])
         self.pool_t = list(state["pool_t"])
         self.pool_cols = list(state["pool_cols"])
@@ -518,16 +561,31 @@ class BBKD(APILearner):
         return head_features(self.model, named_params(self.model), x)
 
     def _contrastive(self, x: Tensor, g: torch.Generator) -> Tensor:
-        """NT-Xent between two strong views of the (B, C, H, W) pool images ``x`` (uint8 or
-        float in [0, 1]), one forward pass of both through the model and the projection."""
+        """``kd.contrastive`` x NT-Xent between two strong views of the (B, C, H, W) pool images
+        ``x`` (uint8 or float in [0, 1]), one forward pass of both through the model and the
+        projection; with ``kd.contrastive_low``, plus that weight x NT-Xent of the low stage's
+        spatially pooled outputs (the same pass) through their own projection."""
         assert self.projection is not None
+        kd = self.cfg.kd
         xf = (x.float() / 255.0 if x.dtype == torch.uint8 else x).to(self.device)
         views = [color_jitter(resized_crop_flip(xf, g), g) for _ in range(2)]
-        if self.cfg.kd.contrastive_colour:
+        if kd.contrastive_colour:
             views = [colour_distort(v, g) for v in views]
-        feats = self._features(resize(torch.cat(views), self.cfg.image_size))
+        low: list[Tensor] = []
+        handle = None
+        if self.low_stage is not None:
+            handle = self.low_stage.register_forward_hook(lambda mod, args, y: low.append(y))
+        try:
+            feats = self._features(resize(torch.cat(views), self.cfg.image_size))
+        finally:
+            if handle is not None:
+                handle.remove()
         z1, z2 = self.projection(feats).chunk(2)
-        return nt_xent(z1, z2, self.cfg.kd.contrastive_tau)
+        loss = kd.contrastive * nt_xent(z1, z2, kd.contrastive_tau)
+        if self.low_projection is not None:
+            l1, l2 = self.low_projection(low[-1].mean((2, 3))).chunk(2)
+            loss = loss + kd.contrastive_low * nt_xent(l1, l2, kd.contrastive_tau)
+        return loss
 
     def _mixup_kd(
         self, xb: Tensor, teacher: Tensor, cols: Tensor, is_probs: bool, g: torch.Generator
@@ -602,7 +660,7 @@ class BBKD(APILearner):
                     full, self._teacher_logits(xb), T=cfg.kd.born_again_T
                 )
             if self.projection is not None:
-                loss = loss + cfg.kd.contrastive * self._contrastive(x[idx], g)
+                loss = loss + self._contrastive(x[idx], g)
             total = loss if total is None else total + loss
             if answered:  # unanswered candidates have no answers to agree with
                 correct = correct + (logits.argmax(1) == teacher.argmax(1)).sum()

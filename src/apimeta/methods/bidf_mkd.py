@@ -87,7 +87,7 @@ class BiDfMKD(APILearner):
         for section, key in (
             ("kd", "contrastive"), ("kd", "union_ce"), ("kd", "grey"), ("kd", "cosine_head"),
             ("kd", "manifold_mixup"), ("kd", "forget_every"), ("kd", "freeze_stages"),
-            ("kd", "born_again"), ("recovery", "mixups"),
+            ("kd", "born_again"), ("kd", "contrastive_low"), ("recovery", "mixups"),
         ):  # fmt: skip
             value = getattr(getattr(cfg, section), key)
             if value:

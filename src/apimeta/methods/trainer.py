@@ -179,6 +179,14 @@ def check_run_config(cfg: RunConfig) -> None:
             f"kd.freeze_draw must be one of {', '.join(FREEZE_DRAWS)}, got {cfg.kd.freeze_draw!r}",
         ),
         (
+            cfg.kd.contrastive_low >= 0,
+            f"kd.contrastive_low must be >= 0 (0 = off), got {cfg.kd.contrastive_low}",
+        ),
+        (
+            not cfg.kd.contrastive_low or cfg.kd.contrastive > 0,
+            "kd.contrastive_low adds a loss on the contrastive views: set kd.contrastive > 0 too",
+        ),
+        (
             cfg.kd.born_again >= 0,
             f"kd.born_again must be >= 0 (0 = off), got {cfg.kd.born_again}",
         ),

@@ -27,6 +27,15 @@ def feature_stages(model: nn.Module) -> list[nn.Module]:
     )
 
 
+def output_module(stage: nn.Module) -> nn.Module:
+    """The module whose output is the stage's, for a forward hook: a stage may be a slice of a
+    Sequential (Conv4's blocks), a new container the model never calls, so the hook goes on
+    its last layer."""
+    while isinstance(stage, nn.Sequential) and len(stage):
+        stage = stage[-1]
+    return stage
+
+
 def check_reinit(model: nn.Module, k: int) -> list[nn.Module]:
     """The feature stages of ``model``; ConfigError (one line) unless 0 <= ``k`` <= their count."""
     stages = feature_stages(model)
@@ -74,4 +83,4 @@ def redraw_stages_(stages: list[nn.Module], seed: int) -> None:
                     dst.copy_(new[name])
 
 
-__all__ = ["check_reinit", "feature_stages", "redraw_stages_", "redraw_top_stages"]
+__all__ = ["check_reinit", "feature_stages", "output_module", "redraw_stages_", "redraw_top_stages"]
