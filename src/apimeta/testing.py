@@ -5,13 +5,16 @@ Used by the test suite and `benchmarks/` (`from apimeta.testing import FaultyPro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import signal
 import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ import httpx
 import numpy as np
 import torch
 import uvicorn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from apimeta.apis import APIInfo, LocalAPI
 from apimeta.config import from_dict, merge, to_dict
@@ -352,6 +356,28 @@ def foreign_v2_app(
     infer.__annotations__["request"] = Request  # a real class (annotations here are strings)
     app.post("/v2/models/{name}/infer")(infer)
     return app
+
+
+@contextlib.contextmanager
+def ctrl_c_after_steps(n: int) -> Iterator[None]:
+    """Inside the block, Ctrl-C (SIGINT to this process) lands inside the ``n``-th
+    ``optimizer.step()`` of any optimizer and raises KeyboardInterrupt as in a terminal (also
+    in a process started with SIGINT ignored); hook and handler are restored on leaving."""
+    steps: list[int] = []
+
+    def hook(opt: Any, args: Any, kwargs: Any) -> None:
+        steps.append(1)
+        if len(steps) == n:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # a Python handler runs here, between bytecodes
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        signal.signal(signal.SIGINT, old)
 
 
 def make_config(base: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import signal
-import time
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from apimeta.apis.base import QueryLedger
 from apimeta.apis.zoo import build_zoo
@@ -34,7 +30,7 @@ from apimeta.run_config import (
 )
 from apimeta.runs import RunDir
 from apimeta.seeding import derive_seed
-from apimeta.testing import make_config
+from apimeta.testing import ctrl_c_after_steps, make_config
 
 B_PER_CLASS, ITERS, Q, WAY = 4, 2, 2, 5
 B = B_PER_CLASS * WAY
@@ -1041,21 +1037,9 @@ def test_born_again_distils_a_fresh_student_from_the_last_generation(zoo, tmp_pa
     assert not again.optimizer.state and not again.teacher[0].training
     assert not any(p.requires_grad for p in again.teacher[0].parameters())
     # Ctrl-C after update 3 (in generation 2), resumed: the uninterrupted run's weights
-    steps = []
-
-    def interrupt_on_third(opt, args, kwargs):
-        steps.append(1)
-        if len(steps) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.01)
-
     cut = cfg("cut", born_again=1)
-    handle = register_optimizer_step_post_hook(interrupt_on_third)
-    try:
-        with pytest.raises(TrainingInterrupted):
-            train(cut)
-    finally:
-        handle.remove()
+    with ctrl_c_after_steps(3), pytest.raises(TrainingInterrupted):
+        train(cut)
     (last,) = (tmp_path / "cut").rglob("last.pt")
     assert load_checkpoint(last)["step"] == 3
     resumed, _ = train(cut, resume=True)

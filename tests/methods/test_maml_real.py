@@ -10,7 +10,6 @@ import time
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from apimeta.checkpoint import load_checkpoint, save_checkpoint
 from apimeta.errors import CheckpointError, ConfigError, TrainingInterrupted
@@ -25,7 +24,7 @@ from apimeta.models.meta import (
 )
 from apimeta.run_config import EvalConfig, RunConfig
 from apimeta.runs import RunDir
-from apimeta.testing import make_config
+from apimeta.testing import ctrl_c_after_steps, make_config
 
 TINY = dict(
     method="maml-real",
@@ -227,21 +226,9 @@ def test_an_interrupt_during_the_optimizer_step_checkpoints_that_step(tmp_path, 
     run's weights (were the interrupt raised inside the step, the checkpoint would say step 1
     with step 2's weights, and the resumed run would have one update too many)."""
     full, _ = _train(_cfg(tmp_path, "full", episodes=8))
-    steps = []
-
-    def interrupt_on_second(opt, args, kwargs):
-        steps.append(1)
-        if len(steps) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.01)
-
     cut = _cfg(tmp_path, "cut", episodes=8)
-    handle = register_optimizer_step_post_hook(interrupt_on_second)
-    try:
-        with pytest.raises(TrainingInterrupted) as err:
-            _train(cut)
-    finally:
-        handle.remove()
+    with ctrl_c_after_steps(2), pytest.raises(TrainingInterrupted) as err:
+        _train(cut)
     assert err.value.step == 2
     ckpt = load_checkpoint(tmp_path / "cut" / "last.pt")
     run = RunDir(tmp_path / "cut")
