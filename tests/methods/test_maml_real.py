@@ -220,7 +220,7 @@ def test_held_interrupts_delivers_a_signal_after_the_block(ctrl_c):
         signal.signal(signal.SIGTERM, old)
 
 
-def test_an_interrupt_during_the_optimizer_step_checkpoints_that_step(tmp_path, ctrl_c):
+def test_an_interrupt_during_the_optimizer_step_checkpoints_that_step(tmp_path):
     """Ctrl-C landing inside ``optimizer.step()`` of meta-update 2: the step completes and is
     counted, ``last.pt`` holds step 2 with its 2 records, and resuming gives the uninterrupted
     run's weights (were the interrupt raised inside the step, the checkpoint would say step 1
