@@ -142,6 +142,11 @@ def test_ablations_change_exactly_one_component():
     mixup = to_dict(_resolved("bbkd:mixup-leaves-ink-lr5"))  # only manifold mixup of the KD
     assert {k for k in lr5 if lr5[k] != mixup[k]} == {"kd"}
     assert _changes(lr5["kd"], mixup["kd"]) == {"manifold_mixup": 2.0}
+    vicreg = to_dict(_resolved("bbkd:vicreg-leaves-ink-lr5"))  # only the views' objective
+    assert {k for k in lr5 if lr5[k] != vicreg[k]} == {"kd"}
+    assert _changes(lr5["kd"], vicreg["kd"]) == {"contrastive_loss": "vicreg"}
+    lowlr = to_dict(_resolved("bbkd:lowlr-leaves-ink-lr5"))  # only the low stages' outer lr
+    assert _changes(lr5, lowlr) == {"outer_lr_stages": [2.0, 2.0]}
     zoo, zoo3 = to_dict(_resolved("maml-zoo")), to_dict(_resolved("maml-zoo:lr3"))
     assert _changes(zoo, zoo3) == {"outer_lr": 0.003}
     zoo5 = to_dict(_resolved("maml-zoo:lr5"))

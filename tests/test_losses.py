@@ -167,3 +167,27 @@ def test_union_ce_labels_the_union_column_of_the_api_top_class_where_it_is_sure(
     # nothing sure enough: zero loss, zero gradient
     none = union_ce(union, teacher, cols, min_prob=0.999999)
     assert none.item() == 0.0
+
+
+def test_vicreg_is_zero_for_equal_decorrelated_views_and_penalises_collapse():
+    from apimeta.losses import vicreg
+
+    b, d = 8, 4
+    a = torch.randn(b, d, generator=torch.Generator().manual_seed(0))
+    q, _ = torch.linalg.qr(a - a.mean(0))  # orthonormal columns, each of zero mean
+    z = q * math.sqrt(b - 1)  # zero mean, unit variance, zero covariance
+    assert vicreg(z, z.clone()).item() == pytest.approx(0.0, abs=1e-3)
+    # invariance: the views' mean squared distance adds as it is
+    shifted = z + 0.5
+    assert vicreg(z, shifted).item() == pytest.approx(0.25, abs=1e-3)
+    # collapse: every image the same vector; std 0 -> the hinge (1 - sqrt(1e-4)) per view
+    c = torch.ones(b, d, requires_grad=True)
+    assert vicreg(c, c.detach()).item() == pytest.approx(0.99, abs=1e-4)
+    # correlated dimensions: the covariance term, cov x sum of squared off-diagonals / d
+    twin = torch.cat([z[:, :1], z[:, :1]], 1)
+    off = 2 * 1.0**2  # the two dimensions' covariance, twice
+    want = 0.5 * 2 * 0.04 * off / 2
+    assert vicreg(twin, twin.clone()).item() == pytest.approx(want, rel=1e-3)
+    z1 = torch.randn(8, 5, requires_grad=True)
+    vicreg(z1, torch.randn(8, 5)).backward()
+    assert z1.grad is not None and z1.grad.abs().sum() > 0

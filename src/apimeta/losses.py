@@ -204,6 +204,27 @@ def nt_xent(z1: Tensor, z2: Tensor, tau: float = 0.2) -> Tensor:
     return F.cross_entropy(sim, target)
 
 
+def vicreg(z1: Tensor, z2: Tensor, var: float = 1.0, cov: float = 0.04) -> Tensor:
+    """VICReg's loss for projections (B, D) of two views of B images (B >= 2), no negatives:
+    the views' mean squared distance (invariance), plus ``var`` x the hinge of each dimension's
+    standard deviation below 1 (variance: no collapse), plus ``cov`` x the squared off-diagonal
+    covariances / D (decorrelated dimensions), each view's terms averaged. VICReg's weights 25 :
+    25 : 1 divided by 25, so the loss starts near NT-Xent's scale."""
+    d = z1.shape[1]
+    loss = F.mse_loss(z1, z2)
+    for z in (z1, z2):
+        z = z - z.mean(0)
+        std = torch.sqrt(z.var(0) + 1e-4)
+        c = (z.T @ z) / (z.shape[0] - 1)
+        off = c.pow(2).sum() - c.diagonal().pow(2).sum()
+        loss = loss + 0.5 * (var * F.relu(1.0 - std).mean() + cov * off / d)
+    return loss
+
+
+#: the kd.contrastive objectives between two views' projections (kd.contrastive_loss)
+CONTRASTIVE_LOSSES = ("nt-xent", "vicreg")
+
+
 def union_ce(
     union_logits: Tensor,
     teacher_scores: Tensor,

@@ -115,6 +115,10 @@ class KDConfig:
     # colour changes, and costs no queries
     contrastive: float = 0.0
     contrastive_tau: float = 0.2
+    # extension ("nt-xent" = SimCLR's): the objective between the two views' projections;
+    # "vicreg": VICReg's invariance + variance + covariance terms (no negatives; losses.vicreg),
+    # and the temperature contrastive_tau is unused
+    contrastive_loss: str = "nt-xent"
     # extension (needs contrastive > 0): the views also get the rest of SimCLR's colour
     # distortion (saturation, hue, grey with p 0.2; transforms.colour_distort), not only
     # brightness and contrast (grey images pass unchanged)
@@ -298,6 +302,10 @@ class RunConfig:
     # extension (0 = off: Adam, the paper): decoupled weight decay of the outer optimizer
     # (AdamW: every update scales each weight by 1 - lr x this), on every trained parameter
     outer_wd: float = 0.0
+    # extension (empty = off: one outer lr): a multiplier of the outer lr per feature stage,
+    # from the input up (e.g. [2, 2] doubles it for the two lowest stages, those eval.reinit: 2
+    # keeps); the stages not named, the heads and any method's extra parameters keep the outer lr
+    outer_lr_stages: list[float] = field(default_factory=list)
     # extension (0 = off, the paper): an exponential moving average of the meta-model's weights,
     # w_ema <- ema * w_ema + (1 - ema) * w after every meta-update; meta-val, best.pt and the
     # meta-test use the average (last.pt keeps both, for an exact resume)
@@ -691,6 +699,15 @@ ABLATIONS["wd-leaves-ink-lr5"] = merge(ABLATIONS["colour-leaves-ink-lr5"], {"out
 # extension: colour-leaves-ink-lr5 with manifold mixup of the KD, lam ~ Beta(2, 2)
 ABLATIONS["mixup-leaves-ink-lr5"] = merge(
     ABLATIONS["colour-leaves-ink-lr5"], {"kd": {"manifold_mixup": 2.0}}
+)
+# extension: colour-leaves-ink-lr5 with VICReg's loss instead of NT-Xent on the same views
+ABLATIONS["vicreg-leaves-ink-lr5"] = merge(
+    ABLATIONS["colour-leaves-ink-lr5"], {"kd": {"contrastive_loss": "vicreg"}}
+)
+# extension: colour-leaves-ink-lr5 with twice the outer lr (0.01) for the two lowest stages, the
+# ones eval.reinit: 2 keeps at meta-test (outer_lr_stages)
+ABLATIONS["lowlr-leaves-ink-lr5"] = merge(
+    ABLATIONS["colour-leaves-ink-lr5"], {"outer_lr_stages": [2.0, 2.0]}
 )
 
 # extensions, NOT data-free: contrastive-leaves / union-leaves with the candidates drawn from a

@@ -1100,3 +1100,72 @@ def test_contrastive_low_trains_the_low_stages_through_their_own_projection(zoo,
             train(_leaves(zoo, tmp_path / "x", 1.0, **bad))
     with pytest.raises(ConfigError, match=r"set kd\.contrastive > 0 too"):
         train(_leaves(zoo, tmp_path / "z", 0.0, contrastive_low=1.0))
+
+
+def test_contrastive_loss_vicreg_replaces_nt_xent_on_the_same_views(zoo, tmp_path, monkeypatch):
+    """kd.contrastive_loss: vicreg: the views' projections go to losses.vicreg instead of
+    NT-Xent (no queries, the same candidates); it needs kd.contrastive; bad names refused."""
+    import apimeta.methods.bbkd as bbkd
+    from apimeta.losses import vicreg
+
+    plain, _ = train(_leaves(zoo, tmp_path / "a", 1.0))
+    vic, _ = train(_leaves(zoo, tmp_path / "v", 1.0, contrastive_loss="vicreg"))
+    assert vic.ledger.used == plain.ledger.used == 2 * 7
+    a, b = (load_checkpoint(r.run.last_checkpoint) for r in (plain, vic))
+    assert torch.equal(a["extra"]["pool_x"][0], b["extra"]["pool_x"][0])
+    w = "net.features.0.weight"
+    assert not torch.equal(a["model"][w], b["model"][w])
+    calls: dict[str, list] = {"vicreg": [], "nt_xent": []}
+    for name in calls:
+        real = getattr(bbkd, name)
+        monkeypatch.setattr(
+            bbkd, name, lambda *args, _r=real, _n=name: calls[_n].append(args) or _r(*args)
+        )
+    x = vic.pool_x[0][:6]
+    got = vic._contrastive(x, torch.Generator().manual_seed(1))
+    ((z1, z2),) = calls["vicreg"]
+    assert not calls["nt_xent"] and z1.shape == z2.shape == (6, 128)
+    torch.testing.assert_close(got, vicreg(z1, z2))  # kd.contrastive 1 x VICReg's loss
+    plain._contrastive(x, torch.Generator().manual_seed(1))
+    assert len(calls["nt_xent"]) == 1 and len(calls["vicreg"]) == 1
+    with pytest.raises(ConfigError, match=r"kd\.contrastive_loss 'vicreg' .* set kd\.contrastive"):
+        train(_leaves(zoo, tmp_path / "x", 0.0, contrastive_loss="vicreg"))
+    with pytest.raises(ConfigError, match=r"kd\.contrastive_loss must be one of nt-xent, vicreg"):
+        train(_leaves(zoo, tmp_path / "y", 1.0, contrastive_loss="byol"))
+
+
+def test_outer_lr_stages_scales_each_named_stages_outer_lr(zoo, tmp_path):
+    """outer_lr_stages: one Adam group per named feature stage at outer_lr x its multiplier (the
+    rest of the model and the method's heads at outer_lr); all 1 is the plain run bit for bit; a
+    0 leaves that stage at its initial draw; exact resume; more multipliers than stages refused."""
+    from apimeta.models.meta import load_run_datasets, meta_model_for_datasets
+
+    def cfg(name: str, scales: list[float], episodes: int = 4) -> RunConfig:
+        c = _leaves(zoo, tmp_path / name, 1.0, episodes=episodes)
+        return dataclasses.replace(c, outer_lr_stages=scales)
+
+    plain, _ = train(cfg("a", []))
+    ones, _ = train(cfg("o", [1.0, 1.0]))
+    scaled, _ = train(cfg("s", [0.0, 2.0]))
+    lr = scaled.cfg.outer_lr
+    assert [g["lr"] for g in scaled.optimizer.param_groups] == [0.0, 2 * lr, lr, lr]
+    assert scaled.ledger.used == plain.ledger.used
+    a, o, s = (load_checkpoint(r.run.last_checkpoint)["model"] for r in (plain, ones, scaled))
+    for k, v in a.items():
+        assert torch.equal(o[k], v), k
+    init, _ = meta_model_for_datasets(scaled.cfg, load_run_datasets(scaled.cfg))
+    drawn, kept = (feature_stages(m)[0] for m in (init, scaled.model))
+    for p0, p1 in zip(drawn.parameters(), kept.parameters(), strict=True):
+        assert torch.equal(p0, p1)  # multiplier 0: the initial draw
+    trained = [n for n in s if n.startswith("net.features.4.") and n.endswith("weight")]
+    assert trained and all(not torch.equal(s[n], a[n]) for n in trained)  # 2x lr: not plain's
+    partial = cfg("r", [0.5, 2.0], episodes=2)
+    train(partial)
+    resumed, _ = train(dataclasses.replace(partial, episodes=4), resume=True)
+    whole, _ = train(cfg("w", [0.5, 2.0]))
+    r, w = (load_checkpoint(x.run.last_checkpoint)["model"] for x in (resumed, whole))
+    for k, v in w.items():
+        assert torch.equal(r[k], v), k
+    with pytest.raises(ConfigError, match=r"outer_lr_stages names 5 stages"):
+        train(cfg("x", [1.0] * 5))
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").rglob("last.pt"))

@@ -84,3 +84,22 @@ def test_redraw_refuses_more_stages_than_the_backbone_has():
         redraw_top_stages(model, 5, seed=0)
     with pytest.raises(ConfigError, match="declares no feature stages"):
         feature_stages(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_stage_param_groups_partition_the_parameters_with_a_scale_per_named_stage():
+    from apimeta.models.stages import stage_param_groups
+
+    model = build_backbone("conv4", num_classes=5, width=8)
+    stages = feature_stages(model)
+    (one,) = stage_param_groups(model, [])
+    assert one["lr_scale"] == 1.0 and len(one["params"]) == len(list(model.parameters()))
+    groups = stage_param_groups(model, [2.0, 0.5])
+    assert [g["lr_scale"] for g in groups] == [2.0, 0.5, 1.0]
+    for g, stage in zip(groups[:2], stages[:2], strict=True):
+        assert {id(p) for p in g["params"]} == {id(p) for p in stage.parameters()}
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each exactly once
+    with pytest.raises(ConfigError, match=r"names 5 stages; the backbone has 4"):
+        stage_param_groups(model, [1.0] * 5)
+    with pytest.raises(ConfigError, match=r"multipliers >= 0"):
+        stage_param_groups(model, [-1.0])

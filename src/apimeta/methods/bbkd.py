@@ -23,7 +23,8 @@ labelled by the API with one query each and join the event's pool entry.
 (:func:`~apimeta.transforms.resized_crop_flip`, then colour jitter; with
 ``kd.contrastive_colour`` also :func:`~apimeta.transforms.colour_distort`: saturation, hue and
 grey), and a SimCLR loss (:func:`~apimeta.losses.nt_xent`) through a 2-layer projection of the
-features is added with that weight. No extra queries; the projection is dropped with the union
+features is added with that weight (``kd.contrastive_loss: vicreg``: VICReg's loss,
+:func:`~apimeta.losses.vicreg`, instead). No extra queries; the projection is dropped with the union
 head.
 
 ``kd.union_ce`` > 0 (an extension): adds that weight x :func:`~apimeta.losses.union_ce`, a
@@ -91,7 +92,7 @@ from apimeta.errors import ConfigError, QueryBudgetExceeded
 from apimeta.evaluate import REINIT_SEED, head_features
 from apimeta.events import APIEvent
 from apimeta.interpolation import INPUT, draw_mix, mixing
-from apimeta.losses import nt_xent, output_kind, teacher_probs, union_ce
+from apimeta.losses import nt_xent, output_kind, teacher_probs, union_ce, vicreg
 from apimeta.maml import named_params
 from apimeta.methods.api_learner import APILearner
 from apimeta.methods.interface import METHODS
@@ -172,7 +173,7 @@ class BBKD(APILearner):
         "forget1-leaves-ink-lr5", "forget-slow-leaves-ink-lr5", "forget-fast-leaves-ink-lr5",
         "freeze-leaves-ink-lr5", "freeze-run-leaves-ink-lr5", "answers2-leaves-ink-lr5",
         "wd-leaves-ink-lr5", "colour-leaves-ink-lr8", "again-leaves-ink-lr5",
-        "low-leaves-ink-lr5",
+        "low-leaves-ink-lr5", "vicreg-leaves-ink-lr5", "lowlr-leaves-ink-lr5",
         "public-contrastive", "public-union",
     )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
@@ -561,7 +562,7 @@ class BBKD(APILearner):
         return head_features(self.model, named_params(self.model), x)
 
     def _contrastive(self, x: Tensor, g: torch.Generator) -> Tensor:
-        """``kd.contrastive`` x NT-Xent between two strong views of the (B, C, H, W) pool images
+        """``kd.contrastive`` x NT-Xent (or ``kd.contrastive_loss``) between two strong views of the (B, C, H, W) pool images
         ``x`` (uint8 or float in [0, 1]), one forward pass of both through the model and the
         projection; with ``kd.contrastive_low``, plus that weight x NT-Xent of the low stage's
         spatially pooled outputs (the same pass) through their own projection."""
@@ -581,11 +582,17 @@ class BBKD(APILearner):
             if handle is not None:
                 handle.remove()
         z1, z2 = self.projection(feats).chunk(2)
-        loss = kd.contrastive * nt_xent(z1, z2, kd.contrastive_tau)
+        loss = kd.contrastive * self._views_loss(z1, z2)
         if self.low_projection is not None:
             l1, l2 = self.low_projection(low[-1].mean((2, 3))).chunk(2)
-            loss = loss + kd.contrastive_low * nt_xent(l1, l2, kd.contrastive_tau)
+            loss = loss + kd.contrastive_low * self._views_loss(l1, l2)
         return loss
+
+    def _views_loss(self, z1: Tensor, z2: Tensor) -> Tensor:
+        """``kd.contrastive_loss`` between two views' (B, D) projections."""
+        if self.cfg.kd.contrastive_loss == "vicreg":
+            return vicreg(z1, z2)
+        return nt_xent(z1, z2, self.cfg.kd.contrastive_tau)
 
     def _mixup_kd(
         self, xb: Tensor, teacher: Tensor, cols: Tensor, is_probs: bool, g: torch.Generator

@@ -57,12 +57,12 @@ from apimeta.evaluate import (
     summary_score,
 )
 from apimeta.events import TRIGGERS, APIEvent, EventHook, save_recovered_grid
-from apimeta.losses import KD_LOSSES
+from apimeta.losses import CONTRASTIVE_LOSSES, KD_LOSSES
 from apimeta.maml import TRAIN_HEADS, named_params, start_inner_head
 from apimeta.methods.interface import Method, ProgressFn, TrainResult
 from apimeta.models import BACKBONES
 from apimeta.models.meta import load_meta_model, load_run_datasets, meta_model_for_datasets
-from apimeta.models.stages import check_reinit
+from apimeta.models.stages import check_reinit, stage_param_groups
 from apimeta.recovery import ITERATES
 from apimeta.registry import Registry
 from apimeta.run_config import FREEZE_DRAWS, UNION_SCOPES, RunConfig, schedule_point
@@ -91,6 +91,7 @@ CHOICES: dict[str, Callable[[RunConfig], tuple[str, Any]]] = {
     "zo.estimator": lambda c: (c.zo.estimator, ESTIMATORS),
     "zo.directions": lambda c: (c.zo.directions, DIRECTIONS),
     "kd.loss": lambda c: (c.kd.loss, KD_LOSSES),
+    "kd.contrastive_loss": lambda c: (c.kd.contrastive_loss, CONTRASTIVE_LOSSES),
     "events.trigger": lambda c: (c.events.trigger, TRIGGERS),
     "eval.select_split": lambda c: (c.eval.select_split, ("val", "test")),
     "eval.head": lambda c: (c.eval.head, HEADS),
@@ -185,6 +186,11 @@ def check_run_config(cfg: RunConfig) -> None:
         (
             not cfg.kd.contrastive_low or cfg.kd.contrastive > 0,
             "kd.contrastive_low adds a loss on the contrastive views: set kd.contrastive > 0 too",
+        ),
+        (
+            cfg.kd.contrastive_loss == "nt-xent" or cfg.kd.contrastive > 0,
+            f"kd.contrastive_loss {cfg.kd.contrastive_loss!r} is the contrastive loss's "
+            "objective: set kd.contrastive > 0 too",
         ),
         (
             cfg.kd.born_again >= 0,
@@ -555,12 +561,14 @@ class MetaTrainer(Method):
             for k in {cfg.eval.reinit, *(cfg.eval.tune or {}).get("reinit", [])}:
                 if k:  # refused now, not at the first meta-val pass or the final meta-test
                     check_reinit(self.model, int(k))
+            # outer_lr_stages: a group per named feature stage, each lr set per update below
+            groups = stage_param_groups(self.model, list(cfg.outer_lr_stages))
+            for group in groups:
+                group["lr"] = cfg.outer_lr * group["lr_scale"]
             self.optimizer = (
-                torch.optim.AdamW(
-                    self.model.parameters(), lr=cfg.outer_lr, weight_decay=cfg.outer_wd
-                )
+                torch.optim.AdamW(groups, lr=cfg.outer_lr, weight_decay=cfg.outer_wd)
                 if cfg.outer_wd
-                else torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
+                else torch.optim.Adam(groups, lr=cfg.outer_lr)
             )
             self.ema_model = None
             if cfg.ema > 0:
@@ -624,8 +632,8 @@ class MetaTrainer(Method):
             )
         loss.backward()
         factor = OUTER_LR_SCHEDULES[cfg.outer_lr_schedule](st.step, total)
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.outer_lr * factor
+        for group in self.optimizer.param_groups:  # a method's own groups: scale 1
+            group["lr"] = cfg.outer_lr * factor * group.get("lr_scale", 1.0)
         dt = time.perf_counter() - t0
         # the record is written while the update can still be rolled back (an interrupt drops
         # it with the update), so a checkpoint at step N never lacks record N

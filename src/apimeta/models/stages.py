@@ -46,6 +46,30 @@ def check_reinit(model: nn.Module, k: int) -> list[nn.Module]:
     return stages
 
 
+def stage_param_groups(model: nn.Module, scales: list[float]) -> list[dict]:
+    """Optimizer parameter groups of ``model`` with an ``lr_scale`` each: one group per feature
+    stage named by ``scales`` (input first), then one of every other parameter at scale 1 (the
+    stages not named, the head). ``scales`` empty: one group. ConfigError (one line) when
+    ``scales`` names more stages than the backbone has or a scale is negative."""
+    if not scales:
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    stages = feature_stages(model)
+    if len(scales) > len(stages):
+        raise ConfigError(
+            f"outer_lr_stages names {len(scales)} stages; the backbone has {len(stages)}: "
+            "give at most that many multipliers"
+        )
+    if any(float(s) < 0 for s in scales):
+        raise ConfigError(f"outer_lr_stages must be multipliers >= 0, got {list(scales)}")
+    groups = [
+        {"params": list(st.parameters()), "lr_scale": float(s)}
+        for s, st in zip(scales, stages[: len(scales)], strict=True)
+    ]
+    named = {id(p) for g in groups for p in g["params"]}
+    rest = [p for p in model.parameters() if id(p) not in named]
+    return [*groups, {"params": rest, "lr_scale": 1.0}]
+
+
 def redraw_top_stages(model: nn.Module, k: int, seed: int) -> nn.Module:
     """A copy of ``model`` whose last ``k`` feature stages are re-drawn with PyTorch's default
     init of each layer (``reset_parameters``) from the seed ``seed``; the other stages and
