@@ -24,8 +24,8 @@ labelled by the API with one query each and join the event's pool entry.
 ``kd.contrastive_colour`` also :func:`~apimeta.transforms.colour_distort`: saturation, hue and
 grey), and a SimCLR loss (:func:`~apimeta.losses.nt_xent`) through a 2-layer projection of the
 features is added with that weight (``kd.contrastive_loss: vicreg``: VICReg's loss,
-:func:`~apimeta.losses.vicreg`, instead). No extra queries; the projection is dropped with the union
-head.
+:func:`~apimeta.losses.vicreg`, instead). No extra queries; the projection is dropped with the
+union head.
 
 ``kd.union_ce`` > 0 (an extension): adds that weight x :func:`~apimeta.losses.union_ce`, a
 cross-entropy over the *whole* union head with the API's top class as the label, on the images
@@ -562,10 +562,11 @@ class BBKD(APILearner):
         return head_features(self.model, named_params(self.model), x)
 
     def _contrastive(self, x: Tensor, g: torch.Generator) -> Tensor:
-        """``kd.contrastive`` x NT-Xent (or ``kd.contrastive_loss``) between two strong views of the (B, C, H, W) pool images
-        ``x`` (uint8 or float in [0, 1]), one forward pass of both through the model and the
-        projection; with ``kd.contrastive_low``, plus that weight x NT-Xent of the low stage's
-        spatially pooled outputs (the same pass) through their own projection."""
+        """``kd.contrastive`` x NT-Xent (``kd.contrastive_loss``) between two strong views of the
+        (B, C, H, W) pool images ``x`` (uint8 or float in [0, 1]), one forward pass of both
+        through the model and the projection; with ``kd.contrastive_low``, plus that weight x
+        the same loss of the low stage's spatially pooled outputs (the same pass) through their
+        own projection."""
         assert self.projection is not None
         kd = self.cfg.kd
         xf = (x.float() / 255.0 if x.dtype == torch.uint8 else x).to(self.device)
