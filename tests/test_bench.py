@@ -145,6 +145,8 @@ def test_ablations_change_exactly_one_component():
     vicreg = to_dict(_resolved("bbkd:vicreg-leaves-ink-lr5"))  # only the views' objective
     assert {k for k in lr5 if lr5[k] != vicreg[k]} == {"kd"}
     assert _changes(lr5["kd"], vicreg["kd"]) == {"contrastive_loss": "vicreg"}
+    vicreg5 = to_dict(_resolved("bbkd:vicreg5-leaves-ink-lr5"))  # and its weight
+    assert _changes(vicreg["kd"], vicreg5["kd"]) == {"contrastive": 5.0}
     lowlr = to_dict(_resolved("bbkd:lowlr-leaves-ink-lr5"))  # only the low stages' outer lr
     assert _changes(lr5, lowlr) == {"outer_lr_stages": [2.0, 2.0]}
     zoo, zoo3 = to_dict(_resolved("maml-zoo")), to_dict(_resolved("maml-zoo:lr3"))

@@ -704,6 +704,11 @@ ABLATIONS["mixup-leaves-ink-lr5"] = merge(
 ABLATIONS["vicreg-leaves-ink-lr5"] = merge(
     ABLATIONS["colour-leaves-ink-lr5"], {"kd": {"contrastive_loss": "vicreg"}}
 )
+# the same at five times the weight (kd.contrastive: 5): VICReg's gradients are smaller than
+# NT-Xent's at weight 1
+ABLATIONS["vicreg5-leaves-ink-lr5"] = merge(
+    ABLATIONS["vicreg-leaves-ink-lr5"], {"kd": {"contrastive": 5.0}}
+)
 # extension: colour-leaves-ink-lr5 with twice the outer lr (0.01) for the two lowest stages, the
 # ones eval.reinit: 2 keeps at meta-test (outer_lr_stages)
 ABLATIONS["lowlr-leaves-ink-lr5"] = merge(
