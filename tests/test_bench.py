@@ -147,6 +147,8 @@ def test_ablations_change_exactly_one_component():
     assert _changes(lr5["kd"], vicreg["kd"]) == {"contrastive_loss": "vicreg"}
     vicreg5 = to_dict(_resolved("bbkd:vicreg5-leaves-ink-lr5"))  # and its weight
     assert _changes(vicreg["kd"], vicreg5["kd"]) == {"contrastive": 5.0}
+    vicreg25 = to_dict(_resolved("bbkd:vicreg25-leaves-ink-lr5"))  # VICReg's own weights
+    assert _changes(vicreg["kd"], vicreg25["kd"]) == {"contrastive": 25.0}
     lowlr = to_dict(_resolved("bbkd:lowlr-leaves-ink-lr5"))  # only the low stages' outer lr
     assert _changes(lr5, lowlr) == {"outer_lr_stages": [2.0, 2.0]}
     zoo, zoo3 = to_dict(_resolved("maml-zoo")), to_dict(_resolved("maml-zoo:lr3"))

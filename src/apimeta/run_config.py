@@ -709,6 +709,10 @@ ABLATIONS["vicreg-leaves-ink-lr5"] = merge(
 ABLATIONS["vicreg5-leaves-ink-lr5"] = merge(
     ABLATIONS["vicreg-leaves-ink-lr5"], {"kd": {"contrastive": 5.0}}
 )
+# and at 25 times the weight: VICReg's own weights (25 : 25 : 1 for the three terms)
+ABLATIONS["vicreg25-leaves-ink-lr5"] = merge(
+    ABLATIONS["vicreg-leaves-ink-lr5"], {"kd": {"contrastive": 25.0}}
+)
 # extension: colour-leaves-ink-lr5 with twice the outer lr (0.01) for the two lowest stages, the
 # ones eval.reinit: 2 keeps at meta-test (outer_lr_stages)
 ABLATIONS["lowlr-leaves-ink-lr5"] = merge(
