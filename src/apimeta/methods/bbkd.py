@@ -174,8 +174,7 @@ class BBKD(APILearner):
         "freeze-leaves-ink-lr5", "freeze-run-leaves-ink-lr5", "answers2-leaves-ink-lr5",
         "wd-leaves-ink-lr5", "colour-leaves-ink-lr8", "again-leaves-ink-lr5",
         "low-leaves-ink-lr5", "vicreg-leaves-ink-lr5", "vicreg5-leaves-ink-lr5",
-        "vicreg25-leaves-ink-lr5",
-        "lowlr-leaves-ink-lr5",
+        "vicreg25-leaves-ink-lr5", "lowlr-leaves-ink-lr5",
         "public-contrastive", "public-union",
     )  # fmt: skip
     reads = ("recovery", "zo", "kd", "events", "http", "eval")
